@@ -1,0 +1,30 @@
+"""torchslim: learn structured sparsity, then cut it out; ternary gradients for DDP.
+
+The public API is what this module exports; everything else is private.
+"""
+
+from torchslim.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetNotFound,
+    ShapeMismatch,
+    TorchSlimError,
+    UnsupportedOperation,
+    VerificationError,
+)
+from torchslim.groups import Group
+from torchslim.layers import LoweredConv2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetNotFound",
+    "Group",
+    "LoweredConv2d",
+    "ShapeMismatch",
+    "TorchSlimError",
+    "UnsupportedOperation",
+    "VerificationError",
+]

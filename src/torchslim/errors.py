@@ -1,0 +1,31 @@
+"""The library's exception types: every error a user can cause is one of these."""
+
+from __future__ import annotations
+
+
+class TorchSlimError(Exception):
+    """Base class of every error torchslim raises on purpose."""
+
+
+class UnsupportedOperation(TorchSlimError):
+    """A layer or operation whose channel semantics torchslim cannot follow."""
+
+
+class ShapeMismatch(TorchSlimError, ValueError):
+    """Inputs, parameters or checkpoints whose shapes do not fit the model."""
+
+
+class VerificationError(TorchSlimError):
+    """A transformed model whose outputs differ from the original's."""
+
+
+class DatasetNotFound(TorchSlimError, FileNotFoundError):
+    """A dataset that is not where it was looked for."""
+
+
+class CheckpointError(TorchSlimError):
+    """A checkpoint that is corrupt, truncated or written for another model."""
+
+
+class ConfigError(TorchSlimError, ValueError):
+    """A recipe or an argument with a bad value."""

@@ -1,0 +1,145 @@
+"""Groups: parameter slices that are regularized as one and removed as one.
+
+A *family* is a set of stripes that repeat with a period: member ``k`` of a family covers indices
+``[k * width, (k + 1) * width)`` along ``dim`` of every stripe's parameter. One family describes all
+channels of a layer (or all shape fibers of a kernel) with a handful of integers, so the regularizer
+works on whole tensors at once and never builds one Python object per weight. A :class:`Group` is
+member ``k`` of a family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+Kind = Literal["channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "rank"]
+KINDS: tuple[str, ...] = ("channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "rank")
+Role = Literal["out", "in", "state"]
+
+
+@dataclass(frozen=True)
+class Stripe:
+    """A periodic slice of one parameter: member ``k`` is ``view[k*width:(k+1)*width]`` along ``dim``.
+
+    ``flat=True`` indexes ``param.flatten(dim)`` instead of ``param``: a shape fiber ``W[:, c, i, j]``
+    of a conv weight ``(N, C, kh, kw)`` is index ``c*kh*kw + i*kw + j`` of ``W.flatten(1)``.
+    ``role`` tells compaction which side of the channel the slice is on: ``"out"`` slices produce the
+    channel (filter rows, bias, BatchNorm entries), ``"in"`` slices consume it (input columns), and
+    ``"state"`` slices are buffers (BatchNorm running statistics) that are cut with the channel but
+    are not weights: they count in no norm and are never zeroed.
+    """
+
+    param: str
+    dim: int
+    width: int = 1
+    flat: bool = False
+    role: Role = "out"
+
+    def view(self, p: Tensor) -> Tensor:
+        """``p`` reshaped to ``(members * width, rest)`` with this stripe's dim first."""
+        v = p.flatten(self.dim) if self.flat else p
+        return v.movedim(self.dim, 0).reshape(v.shape[self.dim], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    """``size`` groups of one kind that share a stripe pattern (e.g. all output channels of conv1).
+
+    ``zero_preserving`` is False when a channel whose producers are zero may still carry a non-zero
+    value (through a sigmoid, say); such a channel is removable only when its consumers are zero.
+    """
+
+    kind: str
+    label: str
+    size: int
+    stripes: tuple[Stripe, ...]
+    params: Mapping[str, Tensor] = field(repr=False)
+    zero_preserving: bool = True
+
+    def row_sq(self, role: Role | None = None) -> Tensor:
+        """Squared L2 norm of every member, shape ``(size,)``; ``role`` restricts to one side."""
+        total = None
+        for s in self.stripes:
+            if s.role == "state" or (role is not None and s.role != role):
+                continue
+            sq = s.view(self.params[s.param]).pow(2).sum(1).view(self.size, s.width).sum(1)
+            total = sq if total is None else total + sq
+        if total is None:
+            return torch.zeros(self.size)
+        return total
+
+    def weight_stripes(self) -> tuple[Stripe, ...]:
+        return tuple(s for s in self.stripes if s.role != "state")
+
+    def numel_per_member(self) -> int:
+        return sum(s.view(self.params[s.param]).shape[1] * s.width for s in self.weight_stripes())
+
+    def zero_members_(self, members: Tensor) -> None:
+        """Set members ``members`` (a LongTensor of member indices) to zero in place."""
+        for s in self.weight_stripes():
+            rows = (members[:, None] * s.width + torch.arange(s.width)).flatten()
+            with torch.no_grad():
+                p = self.params[s.param]
+                v = p.flatten(s.dim) if s.flat else p
+                v.index_fill_(s.dim, rows.to(p.device), 0.0)
+                if s.flat:  # flatten() may have copied (non-contiguous p); write back
+                    p.copy_(v.view_as(p))
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """Member ``index`` of a :class:`Family`: one filter, channel, shape fiber, neuron...
+
+    Attributes:
+        kind: ``"channel"``, ``"filter"``, ``"in_channel"``, ``"shape"``, ``"neuron"`` ...
+        name: readable, e.g. ``"conv2:channel[7]"``.
+    """
+
+    family: Family
+    index: int
+
+    @property
+    def kind(self) -> str:
+        return self.family.kind
+
+    @property
+    def name(self) -> str:
+        return f"{self.family.label}:{self.kind}[{self.index}]"
+
+    @property
+    def slices(self) -> list[tuple[str, int, Tensor]]:
+        """``(param name, dim, indices)`` of each slice (``flat`` stripes index ``p.flatten(dim)``)."""
+        return [
+            (s.param, s.dim, torch.arange(self.index * s.width, (self.index + 1) * s.width))
+            for s in self.family.weight_stripes()
+        ]
+
+    def numel(self) -> int:
+        """Number of weights in the group, ``|g|``."""
+        return self.family.numel_per_member()
+
+    def norm(self) -> Tensor:
+        """``||w_g||_2``, a 0-d tensor."""
+        return self.family.row_sq()[self.index].sqrt()
+
+    def is_zero(self) -> bool:
+        return bool(self.norm() == 0)
+
+    def zero_(self) -> "Group":
+        """Set every slice of the group to zero, in place."""
+        self.family.zero_members_(torch.tensor([self.index]))
+        return self
+
+    def __repr__(self) -> str:
+        return f"Group({self.name}, numel={self.numel()})"
+
+
+def families_of(groups: list[Group]) -> dict[Family, Tensor]:
+    """Bucket groups by family: ``{family: LongTensor of member indices}``, order preserved."""
+    out: dict[Family, list[int]] = {}
+    for g in groups:
+        out.setdefault(g.family, []).append(g.index)
+    return {f: torch.tensor(ix, dtype=torch.long) for f, ix in out.items()}

@@ -1,0 +1,82 @@
+"""The one non-torch.nn layer compaction may emit: a convolution lowered to a column-gathered GEMM.
+
+SSL's shape-wise sparsity zeroes columns of the lowered weight matrix ``W: (N, C*kh*kw)`` (the
+paper's ``LOWERED_CCNMM``). Where the zero columns are not whole kernel rows or columns (which
+shrink an ordinary ``Conv2d``), this layer keeps only the ``K`` live columns: unfold, gather, matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class LoweredConv2d(nn.Module):
+    """``Conv2d`` computed as ``W[:, columns] @ unfold(x)[:, columns]``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation: as ``nn.Conv2d``
+            (``groups=1``, zero padding).
+        columns: LongTensor ``(K,)``, the live columns of the lowered weight, indices into
+            ``C * kh * kw`` in ``Conv2d.weight.flatten(1)`` order.
+        bias: whether the layer has a bias.
+
+    Shapes: ``weight (out_channels, K)``, input ``(B, C, H, W)``, output ``(B, out_channels, H', W')``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        columns: Tensor,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.register_buffer("columns", torch.as_tensor(columns, dtype=torch.long).clone())
+        self.weight = nn.Parameter(torch.empty(out_channels, len(self.columns)))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, columns: Tensor) -> "LoweredConv2d":
+        """The lowered form of ``conv`` keeping ``columns`` of ``conv.weight.flatten(1)``."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, columns,
+            conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight.flatten(1)[:, layer.columns])
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C*kh*kw, L)
+        cols = cols.index_select(1, self.columns)  # (B, K, L)
+        y = torch.matmul(self.weight, cols)  # (B, N, L)
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.view(b, self.out_channels, h_out, w_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"columns={len(self.columns)}/{self.in_channels * self.kernel_size[0] * self.kernel_size[1]}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )

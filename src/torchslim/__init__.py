@@ -12,8 +12,12 @@ from torchslim.errors import (
     UnsupportedOperation,
     VerificationError,
 )
+from torchslim.compaction import VerifyReport, compact, verify
 from torchslim.groups import Group
+from torchslim.lasso import GroupLasso
 from torchslim.layers import LoweredConv2d
+from torchslim.masking import ZeroMask
+from torchslim.tracing import structures
 
 __version__ = "0.1.0"
 
@@ -22,9 +26,15 @@ __all__ = [
     "ConfigError",
     "DatasetNotFound",
     "Group",
+    "GroupLasso",
     "LoweredConv2d",
     "ShapeMismatch",
     "TorchSlimError",
     "UnsupportedOperation",
     "VerificationError",
+    "VerifyReport",
+    "ZeroMask",
+    "compact",
+    "structures",
+    "verify",
 ]

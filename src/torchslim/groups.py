@@ -121,6 +121,7 @@ class Group:
         """Number of weights in the group, ``|g|``."""
         return self.family.numel_per_member()
 
+    @torch.no_grad()
     def norm(self) -> Tensor:
         """``||w_g||_2``, a 0-d tensor."""
         return self.family.row_sq()[self.index].sqrt()

@@ -1,0 +1,255 @@
+"""Cut learned zeros out: a physically smaller model of standard layers that computes the same function."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from torchslim.errors import ConfigError, ShapeMismatch, VerificationError
+from torchslim.groups import Family
+from torchslim.layers import LoweredConv2d
+from torchslim.tracing import channel_graph, coupled_families
+
+log = logging.getLogger(__name__)
+
+Shapes = Literal["off", "crop", "lowered", "auto"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """How far two models' outputs are apart on the same inputs (eval mode)."""
+
+    max_abs_diff: float
+    scale: float  # max |output| of the reference model
+    tolerance: float
+    ok: bool
+
+    def __str__(self) -> str:
+        verdict = "equal" if self.ok else "DIFFERENT"
+        return f"{verdict}: max |a - b| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, tolerance {self.tolerance:.3g})"
+
+
+def _as_tuple(inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    was_training = model.training
+    model.eval()
+    try:
+        return [t for t in tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
+    finally:
+        model.train(was_training)
+
+
+def verify(a: nn.Module, b: nn.Module, inputs: Tensor | Sequence[Tensor], *, atol: float = 1e-5) -> VerifyReport:
+    """Compare ``a(*inputs)`` with ``b(*inputs)`` in eval mode.
+
+    ``ok`` when ``max |a − b| ≤ atol · max(1, max |a|)``: absolute for outputs within ±1, relative to
+    the output's scale beyond (float sums of fewer terms round differently).
+
+    Raises:
+        ShapeMismatch: the models' outputs differ in number or shape.
+    """
+    inputs = _as_tuple(inputs)
+    ya, yb = _outputs(a, inputs), _outputs(b, inputs)
+    if len(ya) != len(yb) or any(p.shape != q.shape for p, q in zip(ya, yb)):
+        raise ShapeMismatch(
+            f"outputs differ in shape: {[tuple(t.shape) for t in ya]} vs {[tuple(t.shape) for t in yb]}"
+        )
+    diff = max((float((p.float() - q.float()).abs().max()) for p, q in zip(ya, yb) if p.numel()), default=0.0)
+    scale = max((float(p.float().abs().max()) for p in ya if p.numel()), default=0.0)
+    tol = atol * max(1.0, scale)
+    return VerifyReport(diff, scale, tol, diff <= tol)
+
+
+# -- channel removal ---------------------------------------------------------------------------
+
+def _live_members(fam: Family) -> Tensor:
+    """Members that must stay: not unread (consumers zero) and not silent (producers zero)."""
+    has_in = any(s.role == "in" for s in fam.stripes)
+    unread = fam.row_sq("in") == 0 if has_in else torch.ones(fam.size, dtype=torch.bool)
+    silent = (fam.row_sq("out") == 0) & fam.zero_preserving
+    live = torch.nonzero(~(unread.cpu() | silent.cpu())).flatten()
+    return live if len(live) else torch.zeros(1, dtype=torch.long)  # keep one: no 0-width layers
+
+
+def _get(model: nn.Module, name: str) -> Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _set(model: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner)
+    old = getattr(mod, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        mod._buffers[attr] = value
+
+
+def _cut(model: nn.Module, fam: Family, keep: Tensor) -> None:
+    for s in fam.stripes:
+        t = _get(model, s.param)
+        idx = (keep[:, None] * s.width + torch.arange(s.width)).flatten().to(t.device)
+        _set(model, s.param, t.detach().index_select(s.dim, idx).clone())
+
+
+def _sync_sizes(model: nn.Module) -> None:
+    """Make each layer's size attributes agree with its (cut) parameters."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d) and not isinstance(mod, LoweredConv2d):
+            mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1] * mod.groups
+        elif isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            ref = mod.weight if mod.weight is not None else mod.running_mean
+            mod.num_features = ref.shape[0]
+
+
+def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple[int, int]]:
+    """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``."""
+    graph, _ = channel_graph(model, inputs)
+    plan = [(fam, _live_members(fam)) for fam in coupled_families(model, graph)]  # decide, then cut
+    cuts = {}
+    for fam, keep in plan:
+        if len(keep) < fam.size:
+            _cut(model, fam, keep)
+            cuts[fam.label] = (fam.size, len(keep))
+    _sync_sizes(model)
+    return cuts
+
+
+# -- shape-wise: smaller kernels, lowered convolutions -------------------------------------------
+
+def _span(alive: Tensor) -> tuple[int, int]:
+    """Zero entries cut from the start and the end of a 1-d boolean ``alive``."""
+    ix = torch.nonzero(alive).flatten()
+    return int(ix[0]), int(len(alive) - 1 - ix[-1])
+
+
+def _cropped(conv: nn.Conv2d) -> nn.Module:
+    """``conv`` with its all-zero outer kernel rows and columns cut; padding adjusted."""
+    w = conv.weight.detach()
+    alive = w.abs().sum(0) != 0  # (C, kh, kw): live shape fibers
+    (ct, cb), (cl, cr) = _span(alive.any(2).any(0)), _span(alive.any(1).any(0))
+    if ct + cb + cl + cr == 0:
+        return conv
+    (kh, kw), (ph, pw), (dh, dw) = conv.kernel_size, conv.padding, conv.dilation
+    pads = (pw - dw * cl, pw - dw * cr, ph - dh * ct, ph - dh * cb)  # (left, right, top, bottom)
+    symmetric = pads[0] == pads[1] >= 0 and pads[2] == pads[3] >= 0
+    small = nn.Conv2d(
+        conv.in_channels, conv.out_channels, (kh - ct - cb, kw - cl - cr), conv.stride,
+        padding=(pads[2], pads[0]) if symmetric else 0, dilation=conv.dilation, bias=conv.bias is not None,
+    ).to(w.device)
+    with torch.no_grad():
+        small.weight.copy_(w[:, :, ct:kh - cb, cl:kw - cr])
+        if conv.bias is not None:
+            small.bias.copy_(conv.bias)
+    return small if symmetric else nn.Sequential(nn.ZeroPad2d(pads), small)  # negative pad = crop
+
+
+def _lowered(layer: nn.Module) -> nn.Module | None:
+    """The lowered form of a (cropped) conv whose kernels still hold zero fibers, else None."""
+    pad, conv = (layer[0], layer[1]) if isinstance(layer, nn.Sequential) else (None, layer)
+    columns = torch.nonzero(conv.weight.detach().flatten(1).abs().sum(0)).flatten()
+    if len(columns) == conv.weight[0].numel():
+        return None
+    lowered = LoweredConv2d.from_conv(conv, columns.cpu())
+    return nn.Sequential(pad, lowered) if pad is not None else lowered
+
+
+def _median_ms(layer: nn.Module, x: Tensor, repeats: int = 15) -> float:
+    with torch.inference_mode():
+        layer(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _conv_inputs(model: nn.Module, inputs: tuple[Tensor, ...], names: list[str]) -> dict[str, Tensor]:
+    seen: dict[str, Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, a[0].detach())) for n in names]
+    try:
+        _outputs(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def shrink_kernels(model: nn.Module, inputs: tuple[Tensor, ...], shapes: Shapes) -> dict[str, str]:
+    """Replace convs with zero shape fibers in place; ``{name: what it became}``."""
+    convs = [n for n, m in model.named_modules()
+             if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and m.weight.any()]
+    samples = _conv_inputs(model, inputs, convs) if shapes == "auto" else {}
+    changes = {}
+    for name in convs:
+        conv = model.get_submodule(name)
+        choice = _cropped(conv)
+        if shapes in ("lowered", "auto"):
+            lowered = _lowered(choice)
+            if lowered is not None and (shapes == "lowered" or name not in samples
+                                        or _median_ms(lowered, samples[name]) < _median_ms(choice, samples[name])):
+                choice = lowered
+        if choice is not conv:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, choice)
+            changes[name] = type(choice).__name__ if not isinstance(choice, nn.Sequential) \
+                else "+".join(type(m).__name__ for m in choice)
+    return changes
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    shapes: Shapes = "crop",
+    atol: float = 1e-5,
+) -> nn.Module:
+    """A physically smaller copy of ``model`` without its all-zero removable structures.
+
+    Removes every zero ``channel``/``neuron`` group (a channel is removed when all the weights that
+    read it are zero, or when all that produce it are zero and every operation on its way maps 0 to 0),
+    then, by ``shapes``:
+
+    * ``"crop"``: cut all-zero outer kernel rows/columns (a smaller standard ``Conv2d``, padding adjusted);
+    * ``"lowered"``: also turn convs with zero shape fibers left into :class:`LoweredConv2d`;
+    * ``"auto"``: lowered only where it is measured faster on ``example_inputs``;
+    * ``"off"``: channels only.
+
+    The result is checked with :func:`verify` on ``example_inputs`` and on random inputs of the same
+    shape, and is returned in eval mode; ``model`` is not changed.
+
+    Raises:
+        VerificationError: the smaller model's outputs differ (a bug; please report it).
+    """
+    if shapes not in ("off", "crop", "lowered", "auto"):
+        raise ConfigError(f"shapes must be one of 'off', 'crop', 'lowered', 'auto', got {shapes!r}")
+    inputs = _as_tuple(example_inputs)
+    small = copy.deepcopy(model).eval()
+    cuts = remove_channels(small, inputs)
+    log.info("removed channels: %s", cuts)
+    if shapes != "off":
+        log.info("kernels: %s", shrink_kernels(small, inputs, shapes))
+    gen = torch.Generator().manual_seed(0)
+    randoms = tuple(torch.randn(t.shape, generator=gen).to(t) if t.is_floating_point() else t for t in inputs)
+    for probe in (inputs, randoms):
+        report = verify(model, small, probe, atol=atol)
+        if not report.ok:
+            raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
+    return small
+

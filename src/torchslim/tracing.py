@@ -1,0 +1,405 @@
+"""Model → channel-dependency graph → groups.
+
+We trace with ``torch.fx.symbolic_trace`` (module calls stay visible as ``call_module`` nodes named
+like the model's attributes, which is what group names and compaction need) and propagate shapes
+with the example inputs. Every tensor that carries channels is tagged with a *space*: the channel
+dimension some Conv2d/Linear produced. Operations that keep channels apart (activations, pooling,
+BatchNorm, flatten) pass the space on; a residual addition unites the spaces of its operands, since
+channel ``k`` of both must go together; consumers (the next Conv2d/Linear) record which of their
+input columns read channel ``k``. A space that reaches the network's output, comes from its input,
+or meets an operation we cannot follow is *fixed*: none of its channels becomes a group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from torchslim.errors import UnsupportedOperation
+from torchslim.groups import KINDS, Family, Group, Stripe
+
+log = logging.getLogger(__name__)
+
+# Per-channel operations: output channel k depends only on input channel k.
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Mish,
+    nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+)
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+)
+_NOT_ZERO_PRESERVING: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+_ELEMENTWISE_FUNCTIONS: dict[Any, bool] = {  # target -> maps 0 to 0
+    F.relu: True, torch.relu: True, F.relu6: True, F.leaky_relu: True, F.gelu: True, F.silu: True,
+    F.hardswish: True, torch.tanh: True, F.dropout: True, F.elu: True,
+    torch.sigmoid: False, F.sigmoid: False, F.hardsigmoid: False,
+    "relu": True, "relu_": True, "tanh": True, "sigmoid": False, "contiguous": True, "clone": True,
+}
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+}
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, torch.sub, "sub"}
+_RESHAPE_TARGETS = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+
+
+@dataclass(frozen=True)
+class _Chan:
+    """How a tensor carries a space: channel ``k`` is entries ``[k*width, (k+1)*width)`` of ``dim``."""
+
+    space: int
+    dim: int
+    width: int = 1
+
+
+@dataclass
+class _Space:
+    size: int
+    stripes: list[Stripe] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)
+    producer_kind: set[str] = field(default_factory=set)  # "conv" / "linear"
+    fixed: str | None = None  # why its channels cannot be removed
+    zero_preserving: bool = True
+
+
+class _DependencyGraph:
+    """Union-find over channel spaces, filled in by walking the traced graph."""
+
+    def __init__(self, strict: bool) -> None:
+        self.spaces: list[_Space] = []
+        self.parent: list[int] = []
+        self.strict = strict
+
+    def new(self, size: int, fixed: str | None = None) -> int:
+        self.spaces.append(_Space(size, fixed=fixed))
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+        return ra
+
+    def fix(self, i: int, why: str) -> None:
+        s = self.spaces[i]
+        if s.fixed is None:
+            s.fixed = why
+
+    def classes(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for i in range(len(self.spaces)):
+            out.setdefault(self.find(i), []).append(i)
+        return out
+
+
+def _tensor_shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+class _Walker:
+    """Walks a shape-propagated GraphModule and fills a :class:`_DependencyGraph`."""
+
+    def __init__(self, gm: fx.GraphModule, strict: bool) -> None:
+        self.gm = gm
+        self.graph = _DependencyGraph(strict)
+        self.info: dict[fx.Node, _Chan] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _inputs(self, node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+        return found
+
+    def _unknown(self, node: fx.Node, what: str) -> None:
+        tracked = [n for n in self._inputs(node) if n in self.info]
+        if not tracked:
+            return
+        where = f"'{node.name}'" + (f" (module '{node.target}')" if node.op == "call_module" else "")
+        why = f"cannot follow channels through {what} at {where}"
+        if self.graph.strict:
+            raise UnsupportedOperation(
+                f"{why}. Its input channels stay unremovable; pass strict=False to skip them, "
+                "or kinds=('filter', 'in_channel', 'shape') for uncoupled per-layer groups."
+            )
+        log.info("%s; its channels are kept", why)
+        for n in tracked:
+            self.graph.fix(self.info[n].space, why)
+
+    def _consume(self, x: fx.Node, param: str, dim: int, channel_dim: int) -> None:
+        """Record that ``param``'s ``dim`` reads the channels of ``x`` (if ``x`` carries any)."""
+        chan = self.info.get(x)
+        if chan is None:
+            return
+        if chan.dim != channel_dim:
+            self.graph.fix(chan.space, f"'{param}' reads a dimension other than the channels")
+            return
+        self.graph.spaces[chan.space].stripes.append(Stripe(param, dim, chan.width, role="in"))
+
+    def _produce(self, node: fx.Node, name: str, size: int, kind: str, has_bias: bool, dim: int) -> None:
+        sid = self.graph.new(size)
+        space = self.graph.spaces[sid]
+        space.stripes.append(Stripe(f"{name}.weight", 0))
+        if has_bias:
+            space.stripes.append(Stripe(f"{name}.bias", 0))
+        space.producers.append(name)
+        space.producer_kind.add(kind)
+        self.info[node] = _Chan(sid, dim)
+
+    def _pass(self, node: fx.Node, src: fx.Node, zero_preserving: bool = True, channel_dim: int | None = None) -> None:
+        chan = self.info.get(src)
+        if chan is None:
+            return
+        if channel_dim is not None and chan.dim != channel_dim:
+            self._unknown(node, f"{node.target} over a non-channel dimension")
+            return
+        if not zero_preserving:
+            self.graph.spaces[chan.space].zero_preserving = False
+        self.info[node] = chan
+
+    # -- node kinds --------------------------------------------------------------------------
+    def run(self) -> _DependencyGraph:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                shape = _tensor_shape(node)
+                if shape is not None and len(shape) >= 2:
+                    sid = self.graph.new(shape[1], fixed=f"network input '{node.name}'")
+                    self.info[node] = _Chan(sid, 1)
+            elif node.op == "call_module":
+                self._module(node, self.gm.get_submodule(node.target))
+            elif node.op in ("call_function", "call_method"):
+                self._function(node)
+            elif node.op == "output":
+                for n in self._inputs(node):
+                    if n in self.info:
+                        self.graph.fix(self.info[n].space, "network output")
+        return self.graph
+
+    def _module(self, node: fx.Node, mod: nn.Module) -> None:
+        name = str(node.target)
+        x = node.args[0] if node.args else None
+        if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros":
+            self._consume(x, f"{name}.weight", 1, channel_dim=1)
+            self._produce(node, name, mod.out_channels, "conv", mod.bias is not None, dim=1)
+        elif isinstance(mod, nn.Linear):
+            shape = _tensor_shape(x)
+            last = len(shape) - 1 if shape else 1
+            self._consume(x, f"{name}.weight", 1, channel_dim=last)
+            self._produce(node, name, mod.out_features, "linear", mod.bias is not None, dim=last)
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            self._batchnorm(node, name, mod, x)
+        elif isinstance(mod, _ELEMENTWISE_MODULES):
+            self._pass(node, x, zero_preserving=not isinstance(mod, _NOT_ZERO_PRESERVING))
+        elif isinstance(mod, _POOL_MODULES):
+            self._pass(node, x, channel_dim=1)
+        elif isinstance(mod, nn.Flatten):
+            self._reshape(node, x)
+        else:
+            self._unknown(node, type(mod).__name__)
+
+    def _batchnorm(self, node: fx.Node, name: str, mod: nn.Module, x: fx.Node) -> None:
+        chan = self.info.get(x)
+        if chan is None:
+            return
+        if chan.dim != 1 or chan.width != 1:
+            self._unknown(node, f"{type(mod).__name__} over a non-channel dimension")
+            return
+        space = self.graph.spaces[chan.space]
+        if mod.affine:
+            space.stripes += [Stripe(f"{name}.weight", 0), Stripe(f"{name}.bias", 0)]
+        else:
+            space.zero_preserving = False  # (0 - mean) / std is not 0
+        if mod.track_running_stats:
+            space.stripes += [Stripe(f"{name}.running_mean", 0, role="state"),
+                              Stripe(f"{name}.running_var", 0, role="state")]
+        self.info[node] = chan
+
+    def _function(self, node: fx.Node) -> None:
+        target = node.target
+        tensor_out = _tensor_shape(node) is not None
+        x = node.args[0] if node.args else None
+        if not tensor_out:
+            return  # x.size(), shapes, scalars: no channels flow through
+        if target in _ELEMENTWISE_FUNCTIONS:
+            self._pass(node, x, zero_preserving=_ELEMENTWISE_FUNCTIONS[target])
+        elif target in _POOL_FUNCTIONS:
+            self._pass(node, x, channel_dim=1)
+        elif target in _RESHAPE_TARGETS:
+            self._reshape(node, x)
+        elif target in _ADD_TARGETS:
+            self._add(node)
+        elif target in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+            self._scale(node)
+        else:
+            self._unknown(node, getattr(target, "__name__", str(target)))
+
+    def _reshape(self, node: fx.Node, x: fx.Node) -> None:
+        """Flatten of the trailing dims from the channel dim on: channel k becomes a run of features."""
+        chan, src, dst = self.info.get(x), _tensor_shape(x), _tensor_shape(node)
+        if chan is None:
+            return
+        if src == dst:
+            self.info[node] = chan
+            return
+        d = chan.dim
+        if src is not None and dst is not None and len(dst) == d + 1 and dst[:d] == src[:d] \
+                and dst[d] == math.prod(src[d:]):
+            self.info[node] = _Chan(chan.space, d, chan.width * math.prod(src[d + 1:]))
+            return
+        self._unknown(node, f"a reshape from {list(src or ())} to {list(dst or ())}")
+
+    def _add(self, node: fx.Node) -> None:
+        operands = [a for a in node.args[:2]]
+        chans = [self.info.get(a) for a in operands if isinstance(a, fx.Node)]
+        tensors = [a for a in operands if isinstance(a, fx.Node) and _tensor_shape(a) is not None]
+        if len(tensors) == 2 and all(c is not None for c in chans):
+            a, b = chans
+            shapes = [_tensor_shape(t) for t in tensors]
+            if a.dim == b.dim and a.width == b.width and shapes[0] == shapes[1] \
+                    and self.graph.spaces[a.space].size == self.graph.spaces[b.space].size:
+                self.graph.union(a.space, b.space)
+                self.info[node] = a
+                return
+        if len(tensors) == 1 and chans and chans[0] is not None:  # x + scalar
+            self._pass(node, tensors[0], zero_preserving=False)
+            return
+        self._unknown(node, f"{getattr(node.target, '__name__', node.target)} of these operands")
+
+    def _scale(self, node: fx.Node) -> None:
+        operands = node.args[:2]
+        tensors = [a for a in operands if isinstance(a, fx.Node) and _tensor_shape(a) is not None]
+        if len(tensors) == 1 and tensors[0] in self.info:  # x * scalar keeps channels apart
+            self._pass(node, tensors[0])
+        else:
+            self._unknown(node, f"{getattr(node.target, '__name__', node.target)} of two tensors")
+
+
+def _trace(model: nn.Module, example_inputs: tuple[Tensor, ...],
+           leaf_modules: Sequence[type[nn.Module]]) -> fx.GraphModule:
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, tuple(leaf_modules)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types for untraceable Python
+        raise UnsupportedOperation(
+            f"torch.fx could not trace {type(model).__name__}: {e}. Make the forward traceable "
+            "(no data-dependent Python control flow), or pass leaf_modules=(TheBlock,) for the "
+            "submodule that is not."
+        ) from e
+    gm = fx.GraphModule(model, graph)
+    was_training = model.training
+    gm.eval()  # shape propagation must not touch BatchNorm statistics
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        model.train(was_training)
+    return gm
+
+
+def channel_graph(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], *, strict: bool = False,
+                  leaf_modules: Sequence[type[nn.Module]] = ()) -> tuple[_DependencyGraph, fx.GraphModule]:
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    gm = _trace(model, inputs, leaf_modules)
+    return _Walker(gm, strict).run(), gm
+
+
+def _label(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
+
+
+def coupled_families(model: nn.Module, graph: _DependencyGraph) -> list[Family]:
+    """One ``channel``/``neuron`` family per removable class of united spaces."""
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    families = []
+    for root, members in graph.classes().items():
+        spaces = [graph.spaces[i] for i in members]
+        producers = [p for s in spaces for p in s.producers]
+        if not producers or any(s.fixed for s in spaces):
+            continue
+        kinds = set().union(*(s.producer_kind for s in spaces))
+        families.append(Family(
+            kind="channel" if "conv" in kinds else "neuron",
+            label=_label(producers),
+            size=spaces[0].size,
+            stripes=tuple(st for s in spaces for st in s.stripes),
+            params=params,
+            zero_preserving=all(s.zero_preserving for s in spaces),
+        ))
+    return families
+
+
+def layer_families(model: nn.Module, kinds: Sequence[str]) -> list[Family]:
+    """SSL's uncoupled per-layer groups: ``filter`` rows, ``in_channel`` columns, ``shape`` fibers."""
+    params = dict(model.named_parameters())
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            n, c, kh, kw = mod.weight.shape
+        elif isinstance(mod, nn.Linear):
+            (n, c), kh, kw = mod.weight.shape, 1, 1
+        else:
+            continue
+        w = f"{name}.weight"
+        if "filter" in kinds:
+            out.append(Family("filter", name, n, (Stripe(w, 0),), params))
+        if "in_channel" in kinds:
+            out.append(Family("in_channel", name, c, (Stripe(w, 1, role="in"),), params))
+        if "shape" in kinds and isinstance(mod, nn.Conv2d) and kh * kw > 1:
+            out.append(Family("shape", name, c * kh * kw, (Stripe(w, 1, flat=True, role="in"),), params))
+    return out
+
+
+def structures(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Tensor, ...],
+    kinds: Sequence[str] = ("channel", "neuron"),
+    *,
+    strict: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> list[Group]:
+    """The groups of ``model`` that SSL regularizes and compaction removes.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        example_inputs: a tensor or tuple of tensors the model accepts, e.g. ``(B, 1, 28, 28)``.
+        kinds: any of ``"channel"`` (a conv output channel coupled with its bias, BatchNorm entries
+            and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
+            ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``) and ``"shape"`` (``W[:, c, i, j]``).
+        strict: raise :class:`UnsupportedOperation` for an operation whose channels cannot be
+            followed, instead of leaving its channels out of the groups.
+        leaf_modules: module types to treat as opaque (not traced into).
+
+    Returns:
+        Groups in model order; each knows its parameters, so ``g.norm()`` and ``g.zero_()`` work.
+    """
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
+    families: list[Family] = []
+    if {"channel", "neuron"} & set(kinds) or strict:
+        graph, _ = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
+        families += [f for f in coupled_families(model, graph) if f.kind in kinds]
+    families += layer_families(model, kinds)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    families.sort(key=lambda f: (order.get(f.label.split("+")[0], 0), KINDS.index(f.kind)))
+    return [Group(f, k) for f in families for k in range(f.size)]

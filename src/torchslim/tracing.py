@@ -359,7 +359,7 @@ def layer_families(model: nn.Module, kinds: Sequence[str]) -> list[Family]:
             (n, c), kh, kw = mod.weight.shape, 1, 1
         else:
             continue
-        w = f"{name}.weight"
+        w = f"{name}.weight" if name else "weight"
         if "filter" in kinds:
             out.append(Family("filter", name, n, (Stripe(w, 0),), params))
         if "in_channel" in kinds:

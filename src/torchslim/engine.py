@@ -1,0 +1,533 @@
+"""The training engine: baseline → SSL → compact → fine-tune, as the SSL paper trains (Wen et al. 2016).
+
+1. **baseline**: momentum SGD with L2 weight decay, the dense model.
+2. **ssl**: the same, plus a group Lasso on the recipe's group kinds (proximal or subgradient).
+3. **compact**: all-zero removable groups are cut out (:func:`torchslim.compaction.compact`).
+4. **finetune**: the smaller model is trained with the Lasso off; a :class:`ZeroMask` keeps the zeros
+   that remain inside it (shape fibers of surviving kernels) at zero, with their momentum.
+
+Every epoch ends with an evaluation and an atomic checkpoint in the run folder
+(``runs/<recipe name>/checkpoint.pt``); ``run(..., resume=True)`` continues from it without redoing
+finished epochs. Each epoch shuffles with its own generator seeded from ``(seed, phase, epoch)``, so a
+resumed run sees the same batches as an uninterrupted one.
+
+Files in the run folder::
+
+    checkpoint.pt   the latest state (phase, epochs done, model, optimizer, RNG, history)
+    baseline.pt     the dense model after the baseline      {"arch", "recipe", "phase", "model"}
+    sparse.pt       the model after SSL (same architecture, learned zeros)
+    compacted.pt    the compact model before fine-tuning    (torchslim.serialize format)
+    compact.pt      the compact model after fine-tuning     (torchslim.serialize format)
+    results.json    accuracies, per-layer structure, history
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from torchslim.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
+from torchslim.compaction import compact
+from torchslim.data import batches, load_dataset
+from torchslim.errors import CheckpointError, ConfigError
+from torchslim.groups import Group, families_of
+from torchslim.lasso import GroupLasso
+from torchslim.masking import ZeroMask
+from torchslim.models import create_model
+from torchslim.recipes import PhaseSpec, Recipe, recipe_from_dict
+from torchslim.serialize import load_compact, save_compact
+from torchslim.tracing import structures
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EpochRecord",
+    "PHASES",
+    "RunResult",
+    "build_model",
+    "evaluate",
+    "example_inputs",
+    "load_phase_model",
+    "lr_at",
+    "run",
+    "train_epoch",
+]
+
+PHASES: tuple[str, ...] = ("baseline", "ssl", "finetune")
+CHECKPOINT_FORMAT = 1
+_INPUT_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch; ``density`` is non-zero weights / weights of the dense architecture."""
+
+    phase: str
+    epoch: int  # 1-based within the phase
+    lr: float  # at the epoch's first step
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    density: float
+    zero_fraction: dict[str, float]  # all-zero groups per kind (SSL's kinds), of the model trained
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced; also written to ``run_dir/results.json`` (without the models)."""
+
+    recipe: Recipe
+    run_dir: Path
+    accuracy: dict[str, float]  # "baseline", "ssl", "compact" (before fine-tuning), "finetune"
+    history: list[EpochRecord]
+    epochs_trained: dict[str, int]  # epochs trained by this call (resumed ones not counted)
+    dense_model: nn.Module | None  # after the baseline
+    sparse_model: nn.Module | None  # after SSL: same architecture, learned zeros
+    compact_model: nn.Module | None  # physically smaller, after fine-tuning
+    example: Tensor  # a few test images, (B, C, H, W)
+    seconds: float
+    finished: bool  # False when stopped early by ``stop_after``
+
+
+@dataclass
+class _Run:
+    """The state :func:`run` threads through its phases."""
+
+    recipe: Recipe
+    run_dir: Path
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+    example: Tensor
+    dense_numel: int
+    progress: bool | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: dict[str, float] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
+    trained: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
+    optimizer_state: dict[str, Any] | None = None  # from a checkpoint, for the phase it was taken in
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def lr_at(spec: PhaseSpec, step: int, total_steps: int) -> float:
+    """The learning rate at ``step`` (0-based) of ``total_steps`` under ``spec.lr_schedule``."""
+    t = step / max(total_steps, 1)
+    if spec.lr_schedule == "cosine":
+        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if spec.lr_schedule == "step":
+        return spec.lr * (0.1 if t >= 0.5 else 1.0) * (0.1 if t >= 0.75 else 1.0)
+    return spec.lr
+
+
+def _sgd(model: nn.Module, spec: PhaseSpec) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterable[tuple[Tensor, Tensor]],
+    *,
+    lr: Callable[[int], float],
+    steps: int,
+    lasso: GroupLasso | None = None,
+    mask: ZeroMask | None = None,
+    desc: str = "train",
+    progress: bool | None = None,
+) -> tuple[float, float]:
+    """One pass of momentum SGD over ``data``; returns ``(mean loss, accuracy)``.
+
+    Each step: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → optimizer.step() →
+    lasso.step_(lr) → mask.apply_(optimizer)``. ``lr(i)`` gives the rate of the epoch's step ``i``.
+    """
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(data, total=steps, desc=desc, leave=False, disable=_disable(progress), unit="batch")
+    for i, (x, y) in enumerate(bar):
+        rate = lr(i)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        logits = model(x)  # (B, classes)
+        loss = F.cross_entropy(logits, y)
+        objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        if lasso is not None:
+            lasso.step_(rate)
+        if mask is not None:
+            mask.apply_(optimizer)
+        total_loss += float(loss) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    if seen == 0:
+        raise ConfigError("the training set is empty; check data.train_limit")
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """``(mean cross-entropy, accuracy)`` of ``model`` in eval mode; its training flag is restored."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for x, y in batches(images, labels, batch_size, shuffle=False):
+            logits = model(x)
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(labels), 1)
+    return total_loss / n, correct / n
+
+
+def zero_fractions(groups: Sequence[Group]) -> dict[str, float]:
+    """Fraction of all-zero groups per kind, e.g. ``{"channel": 0.4, "shape": 0.7}``."""
+    zero: dict[str, int] = {}
+    total: dict[str, int] = {}
+    with torch.no_grad():
+        for fam, members in families_of(list(groups)).items():
+            zero[fam.kind] = zero.get(fam.kind, 0) + int((fam.row_sq()[members] == 0).sum())
+            total[fam.kind] = total.get(fam.kind, 0) + len(members)
+    return {k: zero[k] / total[k] for k in total}
+
+
+def _nonzero(model: nn.Module) -> int:
+    with torch.no_grad():
+        return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def _disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: ``None`` shows bars only on a terminal."""
+    return None if progress is None else not progress
+
+
+def example_inputs(recipe: Recipe, batch: int = 2) -> Tensor:
+    """Random inputs of the recipe's dataset shape, ``(batch, C, H, W)``, for tracing and profiling."""
+    shape = _INPUT_SHAPES.get(recipe.data.name)
+    if shape is None:
+        raise ConfigError(f"no input shape known for dataset '{recipe.data.name}'; known: {sorted(_INPUT_SHAPES)}")
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    """The recipe's model, initialized from ``recipe.seed`` (torch's global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        return create_model(recipe.model.name, **recipe.model.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _phase_file(run: _Run, phase: str) -> Path:
+    return run.run_dir / {"baseline": "baseline.pt", "ssl": "sparse.pt"}[phase]
+
+
+def _save_phase_model(run: _Run, phase: str, model: nn.Module) -> None:
+    """The model at the end of ``phase`` (baseline or ssl), loadable by :func:`load_phase_model`."""
+    save_checkpoint(_phase_file(run, phase), {
+        "format": CHECKPOINT_FORMAT, "kind": "phase_model", "phase": phase,
+        "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None), "model": model.state_dict(),
+    })
+
+
+def load_phase_model(path: str | Path, recipe: Recipe | None = None) -> tuple[nn.Module, Recipe]:
+    """A dense-architecture model from an engine checkpoint (``checkpoint.pt``, ``baseline.pt``,
+    ``sparse.pt``), or from a plain state dict with ``recipe`` to build the model.
+
+    Raises:
+        CheckpointError: unreadable, of the fine-tuned compact model, or a state dict without a recipe.
+    """
+    state = load_checkpoint(path)
+    if "model" in state and "recipe" in state:
+        if state.get("compacted"):
+            raise CheckpointError(
+                f"{path} holds the fine-tuning state of a compacted model; use the run's compact.pt "
+                f"(already compact) or its sparse.pt (the model after SSL)"
+            )
+        recipe = recipe or recipe_from_dict(state["recipe"], source=str(path))
+        sd = state["model"]
+    elif recipe is not None:
+        sd = state.get("state_dict", state)
+    else:
+        raise CheckpointError(f"{path} is a plain state dict; pass the recipe (--recipe) that builds its model")
+    model = build_model(recipe)
+    load_state_dict_checked(model, sd)
+    return model, recipe
+
+
+def _save_checkpoint(run: _Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    save_checkpoint(run.run_dir / "checkpoint.pt", {
+        "format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
+        "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),
+        "done": dict(run.done), "history": list(run.history), "accuracy": dict(run.accuracy),
+        "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng_state(),
+    })
+
+
+def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
+    """Load ``checkpoint.pt`` into ``run``; returns the model to continue with and its phase."""
+    path = run.run_dir / "checkpoint.pt"
+    state = load_checkpoint(path)
+    missing = [k for k in ("phase", "done", "model", "history", "recipe") if k not in state]
+    if missing or state.get("kind") != "engine":
+        raise CheckpointError(f"{path} is not an engine checkpoint (missing {missing}); delete it or run without --resume")
+    if state["recipe"].get("model") != run.recipe.to_dict()["model"]:
+        raise CheckpointError(
+            f"{path} was written for model {state['recipe'].get('model')}, not {run.recipe.model}; "
+            f"use another --out folder or run without --resume"
+        )
+    phase = state["phase"]
+    if phase not in PHASES:
+        raise CheckpointError(f"{path} has an unknown phase {phase!r}; delete it or run without --resume")
+    if state.get("compacted"):
+        model = load_compact(run.run_dir / "compacted.pt")
+    load_state_dict_checked(model, state["model"])
+    run.done.update({p: int(n) for p, n in state["done"].items()})
+    run.history = list(state["history"])
+    run.accuracy = dict(state.get("accuracy", {}))
+    run.optimizer_state = state.get("optimizer")
+    if state.get("rng") is not None:
+        set_rng_state(state["rng"])
+    log.info("resuming %s from %s: phase %s, epochs done %s", run.recipe.name, path, phase, run.done)
+    return model, phase
+
+
+# ---------------------------------------------------------------------------------------------
+# phases
+
+
+def _lasso(run: _Run, model: nn.Module) -> GroupLasso:
+    spec = run.recipe.ssl
+    groups = structures(model, run.example, kinds=tuple(spec.kinds))
+    labels = sorted({g.family.label.split("+")[0] for g in groups})
+    for layer in spec.multipliers:
+        if not any(lbl == layer or lbl.startswith(layer + ".") for lbl in labels):
+            close = difflib.get_close_matches(layer, labels, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"ssl.multipliers has layer '{layer}' that has no {list(spec.kinds)} groups{hint}; "
+                f"layers with groups: {', '.join(labels)}"
+            )
+    lasso = GroupLasso(
+        groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
+        mode=spec.mode, threshold=spec.threshold,
+    )
+    log.info("SSL: %d groups (%s), λ=%s, mode=%s", len(groups), ", ".join(spec.kinds), spec.strength, spec.mode)
+    return lasso
+
+
+def _mask_groups(run: _Run, model: nn.Module) -> list[Group]:
+    """Groups of the compact model whose zeros fine-tuning must keep: SSL's kinds and shape fibers."""
+    kinds = tuple(dict.fromkeys([*run.recipe.ssl.kinds, "shape"]))
+    return structures(model, run.example, kinds=kinds)
+
+
+def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | None = None) -> None:
+    """Train ``model`` for the epochs of ``phase`` not done yet, checkpointing after each."""
+    spec: PhaseSpec = getattr(run.recipe, phase)
+    if run.done[phase] >= spec.epochs:
+        return
+    optimizer = _sgd(model, spec)
+    if resumed_phase == phase and run.optimizer_state is not None:
+        optimizer.load_state_dict(run.optimizer_state)
+    lasso = _lasso(run, model) if phase == "ssl" else None
+    groups = _mask_groups(run, model) if phase == "finetune" else structures(
+        model, run.example, kinds=tuple(run.recipe.ssl.kinds))
+    mask = ZeroMask(groups).attach() if phase == "finetune" else None
+    if mask is not None:
+        log.info("fine-tuning with %d zero groups frozen", mask.num_frozen)
+    try:
+        for epoch in range(run.done[phase], spec.epochs):
+            _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, groups=groups)
+    finally:
+        if mask is not None:
+            mask.detach()
+
+
+def _one_epoch(
+    run: _Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, *,
+    lasso: GroupLasso | None, mask: ZeroMask | None, groups: Sequence[Group],
+) -> None:
+    spec: PhaseSpec = getattr(run.recipe, phase)
+    images, labels = run.train
+    steps = math.ceil(len(labels) / run.recipe.batch_size)
+    gen = torch.Generator().manual_seed(run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch)
+    start = time.perf_counter()
+    train_loss, train_acc = train_epoch(
+        model, optimizer, batches(images, labels, run.recipe.batch_size, shuffle=True, generator=gen),
+        lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps), steps=steps, lasso=lasso, mask=mask,
+        desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
+    )
+    test_loss, test_acc = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)
+    record = EpochRecord(
+        phase=phase, epoch=epoch + 1, lr=lr_at(spec, epoch * steps, spec.epochs * steps),
+        train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
+        density=_nonzero(model) / run.dense_numel, zero_fraction=zero_fractions(groups),
+        seconds=time.perf_counter() - start,
+    )
+    run.history.append(dataclasses.asdict(record))
+    run.done[phase] = epoch + 1
+    run.trained[phase] += 1
+    run.accuracy[phase] = test_acc
+    log.info("%s epoch %d/%d: loss %.4f, test accuracy %.4f, density %.3f, zero groups %s (%.1f s)",
+             phase, epoch + 1, spec.epochs, train_loss, test_acc, record.density, record.zero_fraction,
+             record.seconds)
+    _save_checkpoint(run, phase, model, optimizer)
+
+
+def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
+    """Cut the zeros out; the result is checked against ``model`` and saved as ``compacted.pt``."""
+    small = compact(model, run.example, shapes=run.recipe.compact.shapes)
+    _, run.accuracy["compact"] = evaluate(small, *run.test, batch_size=run.recipe.eval_batch_size)
+    save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
+    log.info("compacted: %d → %d parameters, test accuracy %.4f",
+             sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters()),
+             run.accuracy["compact"])
+    small.train()
+    _save_checkpoint(run, "finetune", small, None)
+    return small
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+
+
+def _load_data(recipe: Recipe, data_dir: str | Path | None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    train = load_dataset(recipe.data.name, "train", data_dir=data_dir, limit=recipe.data.train_limit)
+    test = load_dataset(recipe.data.name, "test", data_dir=data_dir, limit=recipe.data.test_limit)
+    return (train.images, train.labels), (test.images, test.labels)
+
+
+def _finish_phase(run: _Run, phase: str, model: nn.Module) -> None:
+    """Record the phase's accuracy (evaluating if it trained no epoch) and save its model."""
+    if phase not in run.accuracy:
+        _, run.accuracy[phase] = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)
+    if phase in ("baseline", "ssl"):
+        _save_phase_model(run, phase, model)
+        _save_checkpoint(run, phase, model, None)
+
+
+def run(
+    recipe: Recipe,
+    *,
+    data_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after: str | None = None,
+    progress: bool | None = None,
+) -> RunResult:
+    """Train ``recipe`` through baseline → SSL → compact → fine-tune.
+
+    Args:
+        recipe: from :func:`torchslim.recipes.load_recipe`.
+        data_dir: where the dataset lies (default: ``$TORCHSLIM_DATA``, then the system folder).
+        run_dir: the run folder (default ``runs/<recipe.name>``).
+        resume: continue from ``run_dir/checkpoint.pt`` if it exists; finished epochs are not redone.
+        stop_after: ``"baseline"``, ``"ssl"`` or ``"compact"`` to stop after that step.
+        progress: progress bars on stderr: ``None`` on a terminal only, ``True`` always, ``False`` never.
+    Raises:
+        DatasetNotFound: the data is missing (the message says how to get it).
+        CheckpointError: ``resume`` with a corrupt checkpoint, or one of another model.
+        ConfigError: a recipe value the model does not fit (e.g. a multiplier for a missing layer).
+    """
+    if stop_after not in (None, "baseline", "ssl", "compact"):
+        raise ConfigError(f"stop_after must be 'baseline', 'ssl' or 'compact', got {stop_after!r}")
+    started = time.perf_counter()
+    train, test = _load_data(recipe, data_dir)
+    model = build_model(recipe)
+    run_ = _Run(
+        recipe=recipe, run_dir=Path(run_dir) if run_dir is not None else Path("runs") / recipe.name,
+        train=train, test=test, example=test[0][:16], dense_numel=sum(p.numel() for p in model.parameters()),
+        progress=progress,
+    )
+    run_.run_dir.mkdir(parents=True, exist_ok=True)
+    phase = "baseline"
+    if resume and (run_.run_dir / "checkpoint.pt").exists():
+        model, phase = _restore(run_, model)
+    elif resume:
+        log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
+    model, finished = _run_phases(run_, model, phase, stop_after)
+    return _results(run_, model, finished, time.perf_counter() - started)
+
+
+def _run_phases(run: _Run, model: nn.Module, resumed: str, stop_after: str | None) -> tuple[nn.Module, bool]:
+    """Run the phases from ``resumed`` on; returns the last model and whether all phases ran."""
+    start = PHASES.index(resumed)
+    for phase in PHASES[start:]:
+        if phase == "finetune" and resumed != "finetune":
+            model = _compact_phase(run, model)
+            if stop_after == "compact":
+                return model, False
+        run_phase(run, phase, model, resumed_phase=resumed)
+        _finish_phase(run, phase, model)
+        if stop_after == phase:
+            return model, False
+    return model, True
+
+
+def _results(run: _Run, model: nn.Module, finished: bool, seconds: float) -> RunResult:
+    """Collect the models, save ``compact.pt`` and ``results.json``."""
+    dense = _load_if_exists(run.run_dir / "baseline.pt", run.recipe)
+    sparse = _load_if_exists(run.run_dir / "sparse.pt", run.recipe)
+    compact_model = model.eval() if "compact" in run.accuracy else None
+    if finished and compact_model is not None:
+        save_compact(compact_model, run.run_dir / "compact.pt", arch=getattr(sparse, "arch", None))
+    result = RunResult(
+        recipe=run.recipe, run_dir=run.run_dir, accuracy=dict(run.accuracy),
+        history=[EpochRecord(**r) for r in run.history], epochs_trained=dict(run.trained),
+        dense_model=dense, sparse_model=sparse, compact_model=compact_model,
+        example=run.example, seconds=seconds, finished=finished,
+    )
+    write_results(result)
+    return result
+
+
+def _load_if_exists(path: Path, recipe: Recipe) -> nn.Module | None:
+    return load_phase_model(path, recipe)[0].eval() if path.exists() else None
+
+
+def _param_count(model: nn.Module | None) -> int | None:
+    return None if model is None else sum(p.numel() for p in model.parameters())
+
+
+def write_results(result: RunResult, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``results.json`` (recipe, accuracies, history, parameter counts, ``extra``); returns its path."""
+    data = {
+        "recipe": result.recipe.to_dict(),
+        "finished": result.finished,
+        "seconds": round(result.seconds, 2),
+        "accuracy": result.accuracy,
+        "params": {"dense": _param_count(result.dense_model), "compact": _param_count(result.compact_model)},
+        "epochs_trained": result.epochs_trained,
+        "history": [dataclasses.asdict(r) for r in result.history],
+        "files": sorted(p.name for p in result.run_dir.iterdir() if p.suffix in (".pt", ".png")),
+        **(extra or {}),
+    }
+    path = result.run_dir / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+    return path

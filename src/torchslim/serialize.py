@@ -1,0 +1,338 @@
+"""Save and load compacted models without pickle; export them to TorchScript and ONNX.
+
+A compact checkpoint is one ``torch.save`` file holding only data (loadable with
+``torch.load(weights_only=True)``)::
+
+    {"format": "torchslim.compact", "version": 1,
+     "spec": '{"conv1": {"type": "Conv2d", "args": {...}}, "conv2": {"type": "Sequential", ...}}',
+     "arch": '{"name": "lenet", "kwargs": {}}' or None,
+     "state_dict": {...}}
+
+The spec describes every top-most module of an allow-listed type (:data:`ALLOWED`) by its qualified
+name. Loading rebuilds a fresh dense model of the same architecture (the *skeleton*), replaces each
+described module by one built from its description, and loads the state dict strictly. The user's
+own classes (containers such as a ResNet block) come from the skeleton and are never unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
+from torchslim.layers import LoweredConv2d
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ALLOWED", "export_onnx", "export_torchscript", "load_compact", "save_compact"]
+
+FORMAT = "torchslim.compact"
+VERSION = 1
+_TOLERANCE = 1e-4  # export checks: max |ref - exported| <= _TOLERANCE * max(1, max |ref|)
+
+Inputs = Tensor | Sequence[Tensor]
+
+
+def _tup(v: Any) -> Any:
+    """JSON lists back to the tuples ``nn`` modules hold (``"same"`` padding stays a string)."""
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _describe_conv(m: nn.Conv2d) -> dict[str, Any]:
+    return {
+        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
+        "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
+        "bias": m.bias is not None, "padding_mode": m.padding_mode,
+    }
+
+
+def _build_conv(a: Mapping[str, Any]) -> nn.Conv2d:
+    return nn.Conv2d(
+        a["in_channels"], a["out_channels"], _tup(a["kernel_size"]), _tup(a["stride"]), _tup(a["padding"]),
+        _tup(a["dilation"]), a["groups"], a["bias"], a["padding_mode"],
+    )
+
+
+def _describe_linear(m: nn.Linear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+
+
+def _describe_bn(m: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:
+    return {
+        "num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+        "track_running_stats": m.track_running_stats,
+    }
+
+
+def _describe_lowered(m: LoweredConv2d) -> dict[str, Any]:
+    return {
+        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
+        "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "bias": m.bias is not None,
+        "num_columns": len(m.columns),
+    }
+
+
+def _build_lowered(a: Mapping[str, Any]) -> LoweredConv2d:
+    columns = torch.zeros(a["num_columns"], dtype=torch.long)  # the real ones come with the state dict
+    return LoweredConv2d(
+        a["in_channels"], a["out_channels"], _tup(a["kernel_size"]), columns, _tup(a["stride"]),
+        _tup(a["padding"]), _tup(a["dilation"]), bias=a["bias"],
+    )
+
+
+def _describe_rnn(m: nn.RNNBase) -> dict[str, Any]:
+    args = {
+        "input_size": m.input_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers, "bias": m.bias,
+        "batch_first": m.batch_first, "dropout": m.dropout, "bidirectional": m.bidirectional,
+    }
+    if m.proj_size:
+        args["proj_size"] = m.proj_size
+    return args
+
+
+# type name -> (class, describe, build). Exact classes only: a user subclass may change forward.
+_KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mapping[str, Any]], nn.Module]]] = {
+    "Conv2d": (nn.Conv2d, _describe_conv, _build_conv),
+    "Linear": (nn.Linear, _describe_linear, lambda a: nn.Linear(a["in_features"], a["out_features"], a["bias"])),
+    "BatchNorm1d": (nn.BatchNorm1d, _describe_bn, lambda a: nn.BatchNorm1d(**a)),
+    "BatchNorm2d": (nn.BatchNorm2d, _describe_bn, lambda a: nn.BatchNorm2d(**a)),
+    "ZeroPad2d": (nn.ZeroPad2d, lambda m: {"padding": list(m.padding)}, lambda a: nn.ZeroPad2d(_tup(a["padding"]))),
+    "Identity": (nn.Identity, lambda m: {}, lambda a: nn.Identity()),
+    "LoweredConv2d": (LoweredConv2d, _describe_lowered, _build_lowered),
+    "LSTM": (nn.LSTM, _describe_rnn, lambda a: nn.LSTM(**a)),  # ISS narrows hidden_size
+    "GRU": (nn.GRU, _describe_rnn, lambda a: nn.GRU(**a)),
+}
+_NAME_OF = {cls: name for name, (cls, _, _) in _KINDS.items()}
+
+#: Module classes a compact checkpoint can describe, plus ``nn.Sequential`` of them.
+ALLOWED: tuple[type[nn.Module], ...] = (*_NAME_OF, nn.Sequential)
+
+
+def _describable(m: nn.Module) -> bool:
+    if type(m) is nn.Sequential:
+        return all(_describable(child) for child in m.children())
+    return type(m) in _NAME_OF
+
+
+def _describe(m: nn.Module) -> dict[str, Any]:
+    """The JSON-able description of a describable module."""
+    if type(m) is nn.Sequential:
+        return {"type": "Sequential", "children": [_describe(child) for child in m.children()]}
+    name = _NAME_OF[type(m)]
+    return {"type": name, "args": _KINDS[name][1](m)}
+
+
+def _build(desc: Mapping[str, Any], where: str) -> nn.Module:
+    """A fresh module from its description; ``where`` names it in errors."""
+    kind = desc.get("type") if isinstance(desc, Mapping) else None
+    try:
+        if kind == "Sequential":
+            return nn.Sequential(*(_build(child, f"{where}.{i}") for i, child in enumerate(desc["children"])))
+        if kind in _KINDS:
+            return _KINDS[kind][2](desc.get("args", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"bad description of module '{where}' ({kind}): {e!r}; the file is damaged") from e
+    raise CheckpointError(
+        f"module '{where}' has type {kind!r}, which compact checkpoints do not allow "
+        f"(allowed: {sorted(_KINDS) + ['Sequential']}); was the file written by a newer torchslim?"
+    )
+
+
+def _spec_of(module: nn.Module, name: str = "", spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every top-most describable module under ``module`` by qualified name (``""`` = ``module`` itself)."""
+    spec = {} if spec is None else spec
+    if _describable(module):
+        spec[name] = _describe(module)
+        return spec
+    for child_name, child in module.named_children():
+        _spec_of(child, f"{name}.{child_name}" if name else child_name, spec)
+    return spec
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_compact(model: nn.Module, path: str | os.PathLike, *, arch: Mapping[str, Any] | None = None) -> None:
+    """Write ``model`` (compacted or not) to ``path`` as data only: a module spec and its state dict.
+
+    Args:
+        model: the model to save; every top-most module of an :data:`ALLOWED` class is described
+            (a ``Sequential`` only when all its children are), the rest comes from the skeleton on load.
+        path: the file to write; it is replaced atomically (temporary file, then ``os.replace``).
+        arch: ``{"name": str, "kwargs": {...}}`` for ``torchslim.models.create_model``, so that
+            :func:`load_compact` needs no ``model=``; defaults to ``getattr(model, "arch", None)``.
+    Raises:
+        ConfigError: ``arch`` is not a JSON-able mapping with a string ``"name"``.
+    """
+    arch = getattr(model, "arch", None) if arch is None else arch
+    if arch is not None and not (isinstance(arch, Mapping) and isinstance(arch.get("name"), str)):
+        raise ConfigError(f"arch must look like {{'name': 'lenet', 'kwargs': {{}}}}, got {arch!r}")
+    try:
+        arch_json = None if arch is None else json.dumps(dict(arch))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"arch must be JSON-serializable (str, numbers, lists, dicts), got {arch!r}: {e}") from e
+    spec = _spec_of(model)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # no shared storage
+    _atomic_save(
+        {"format": FORMAT, "version": VERSION, "spec": json.dumps(spec), "arch": arch_json, "state_dict": state},
+        os.fspath(path),
+    )
+    logger.info("saved %s to %s: %d described modules, %d tensors", type(model).__name__, path, len(spec), len(state))
+
+
+def _read(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, with its format marker, version and field types checked."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # corrupt zip, truncated file, pickle with forbidden globals, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"cannot read '{path}' as a torchslim compact checkpoint ({type(e).__name__}: {first_line}). "
+            "The file is corrupt or truncated, or was not written by torchslim.save_compact; "
+            "write it again with save_compact(model, path)."
+        ) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        marker = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"'{path}' is not a torchslim compact checkpoint (format marker {marker!r}, expected {FORMAT!r}). "
+            "A plain state dict loads with model.load_state_dict(torch.load(path)); "
+            "compacted models are written with torchslim.serialize.save_compact."
+        )
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"'{path}' has compact format version {ckpt.get('version')!r}; this torchslim reads version "
+            f"{VERSION}. Load it with the torchslim version that wrote it."
+        )
+    if not isinstance(ckpt.get("spec"), str) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"'{path}' lacks its 'spec' string or 'state_dict' dict; the file is damaged")
+    return ckpt
+
+
+def _parse_json(text: str | None, field: str, path: str | os.PathLike) -> Any:
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"the {field} stored in '{path}' is not valid JSON ({e}); the file is damaged") from e
+
+
+def _skeleton(model: nn.Module | None, arch: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> nn.Module:
+    """The module tree to rebuild into: a copy of ``model``, or ``create_model`` from the stored arch."""
+    if model is not None:
+        own = getattr(model, "arch", None)
+        if isinstance(own, Mapping) and arch is not None and own.get("name") != arch.get("name"):
+            raise CheckpointError(
+                f"the checkpoint was written for arch {arch.get('name')!r} but model= is a {own.get('name')!r}; "
+                f"pass a fresh {arch.get('name')!r} model"
+            )
+        return copy.deepcopy(model)
+    if "" in spec:
+        return nn.Identity()  # the whole model is described; replaced below
+    if arch is None:
+        raise CheckpointError(
+            "the checkpoint stores no architecture (saved without arch=), so there is no skeleton to load "
+            "into; pass model=<a freshly constructed dense model of the same architecture>"
+        )
+    try:
+        from torchslim.models import create_model
+    except ImportError as e:
+        raise CheckpointError(
+            f"cannot rebuild arch {arch.get('name')!r}: torchslim.models is unavailable ({e}); pass model="
+        ) from e
+    return create_model(arch["name"], **arch.get("kwargs", {}))
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at qualified ``name`` in ``root``, on the device of the module it replaces."""
+    parent_name, _, attr = name.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name)
+    except AttributeError:
+        parent = None
+    old = dict(parent.named_children()).get(attr) if parent is not None else None
+    if old is None:
+        raise CheckpointError(
+            f"the checkpoint describes module '{name}', which the skeleton ({type(root).__name__}) lacks: "
+            "the file was written for another model; pass model= a fresh instance of the saved architecture"
+        )
+    device = next((t.device for t in [*old.parameters(), *old.buffers()]), None)
+    setattr(parent, attr, new if device is None else new.to(device))
+
+
+def _limited(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)``, with every misfit listed in one CheckpointError."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} in file vs {tuple(expected[k].shape)} in model"
+        for k in expected.keys() & state.keys()
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    problems = [
+        f"{label}: {_limited(items)}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"'{path}' does not fit the model: " + "; ".join(problems) + ". The file was written for another "
+            "model, or a narrowed layer has a type compact checkpoints cannot describe; pass model= a fresh "
+            "instance of the architecture it was saved from."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved by :func:`save_compact`, in eval mode.
+
+    Args:
+        path: a file written by :func:`save_compact`.
+        model: a freshly constructed dense model of the saved architecture (it is deep-copied, not
+            modified); ``None`` builds one with ``torchslim.models.create_model`` from the stored arch.
+    Returns:
+        the skeleton with every described module rebuilt from the file and all tensors loaded.
+    Raises:
+        CheckpointError: corrupt, truncated or foreign file; a module type outside :data:`ALLOWED`;
+            no skeleton (no stored arch and no ``model=``); keys or shapes that do not fit.
+    """
+    ckpt = _read(path)
+    spec = _parse_json(ckpt["spec"], "module spec", path)
+    arch = _parse_json(ckpt.get("arch"), "arch", path)
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"the module spec in '{path}' is not a JSON object; the file is damaged")
+    skeleton = _skeleton(model, arch, spec)
+    for name, desc in spec.items():
+        new = _build(desc, name or "<root>")
+        if name:
+            _replace(skeleton, name, new)
+        else:
+            skeleton = new
+    _load_state(skeleton, ckpt["state_dict"], path)
+    return skeleton.eval()

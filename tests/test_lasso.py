@@ -1,0 +1,77 @@
+import pytest
+import torch
+from torch import nn
+
+from nets import TinyLeNet
+from torchslim import ConfigError, GroupLasso, structures
+
+
+def _two_filter_conv():
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([3.0, 0.5]).view(2, 1, 1, 1))
+    return conv
+
+
+def _filters(conv):
+    return structures(conv, torch.randn(1, 1, 2, 2), kinds=("filter",))
+
+
+def test_penalty_is_lambda_times_sum_of_norms_with_square_root():
+    net = TinyLeNet()
+    groups = structures(net, torch.randn(1, 1, 28, 28), kinds=("filter",))
+    lasso = GroupLasso(groups, 0.1)
+    expected = 0.1 * sum(m.weight.flatten(1).norm(dim=1).sum() for m in (net.conv1, net.conv2, net.fc1, net.fc2))
+    torch.testing.assert_close(lasso.penalty(), expected)
+
+
+def test_strength_per_kind_multipliers_and_size_weighting():
+    net = TinyLeNet()
+    groups = structures(net, torch.randn(1, 1, 28, 28), kinds=("filter", "shape"))
+    lasso = GroupLasso(groups, {"shape": 0.2}, multipliers={"conv1": 0.5}, weight_by_size=True)
+    w1, w2 = net.conv1.weight, net.conv2.weight
+    expected = (0.2 * 0.5 * 6 ** 0.5 * w1.flatten(1).norm(dim=0).sum()
+                + 0.2 * 8 ** 0.5 * w2.flatten(1).norm(dim=0).sum())
+    torch.testing.assert_close(lasso.penalty(), expected)
+
+
+def test_prox_is_the_group_soft_threshold():
+    conv = _two_filter_conv()
+    GroupLasso(_filters(conv), 1.0).prox_(lr=1.0)
+    # ||w|| = 3 -> scaled by 1 - 1/3; ||w|| = 0.5 < lr*lambda -> exactly zero
+    torch.testing.assert_close(conv.weight.flatten(), torch.tensor([2.0, 0.0]))
+
+
+def test_prox_reaches_exact_zeros_on_a_real_layer():
+    net = TinyLeNet()
+    groups = structures(net, torch.randn(1, 1, 28, 28), kinds=("channel", "shape"))
+    lasso = GroupLasso(groups, 0.05)
+    for _ in range(30):
+        lasso.prox_(lr=1.0)
+    assert lasso.zero_fraction() == {"channel": 1.0, "shape": 1.0}
+    assert net.conv2.weight.abs().sum() == 0
+
+
+def test_subgradient_mode_gradient_is_w_over_norm_and_zero_at_zero():
+    conv = _two_filter_conv()
+    with torch.no_grad():
+        conv.weight[1] = 0
+    lasso = GroupLasso(_filters(conv), 1.0, mode="subgradient")
+    assert lasso.uses_penalty
+    lasso.penalty().backward()
+    torch.testing.assert_close(conv.weight.grad.flatten(), torch.tensor([1.0, 0.0]))
+
+
+def test_subgradient_mode_step_zeroes_small_weights():
+    conv = _two_filter_conv()
+    with torch.no_grad():
+        conv.weight[1] = 5e-5
+    GroupLasso(_filters(conv), 1.0, mode="subgradient", threshold=1e-4).step_(lr=0.1)
+    torch.testing.assert_close(conv.weight.flatten(), torch.tensor([3.0, 0.0]))
+
+
+@pytest.mark.parametrize("bad", [dict(strength=-1.0), dict(strength={"filters": 1.0}),
+                                 dict(strength=1.0, mode="adam")])
+def test_bad_configuration_is_a_config_error(bad):
+    with pytest.raises(ConfigError):
+        GroupLasso(_filters(_two_filter_conv()), **bad)

@@ -17,6 +17,7 @@ from torchslim.groups import Group
 from torchslim.lasso import GroupLasso
 from torchslim.layers import LoweredConv2d
 from torchslim.masking import ZeroMask
+from torchslim.report import SparsityReport, sparsity_report
 from torchslim.tracing import structures
 
 __version__ = "0.1.0"
@@ -29,12 +30,14 @@ __all__ = [
     "GroupLasso",
     "LoweredConv2d",
     "ShapeMismatch",
+    "SparsityReport",
     "TorchSlimError",
     "UnsupportedOperation",
     "VerificationError",
     "VerifyReport",
     "ZeroMask",
     "compact",
+    "sparsity_report",
     "structures",
     "verify",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections import OrderedDict
 from pathlib import Path
@@ -91,12 +92,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         raise CheckpointError(f"checkpoint {path} {what}; check the path, or start without --resume")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        raise CheckpointError(
-            f"checkpoint {path} is truncated, corrupt or holds objects other than tensors and plain "
-            f"containers ({type(exc).__name__}: {_first_line(exc)}). Delete it to start fresh, or point "
-            "--resume at an earlier checkpoint."
-        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, OSError, EOFError... for bad files
+        raise _unreadable(path, exc) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a readable torch file but not a torchslim checkpoint (no format marker "
@@ -210,9 +207,24 @@ def _shape(value: Any) -> tuple[int, ...] | str:
     return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if pickled:                                             # a real pickle, of a class weights_only refuses
+        return CheckpointError(
+            f"checkpoint {path} holds a pickled Python object ({pickled.group(1)}), not only tensors and "
+            "plain containers, and torchslim does not run pickled code. If you trust the file, load it with "
+            "torch.load(path, weights_only=False) and save its tensors with save_checkpoint; otherwise "
+            "point --resume at a checkpoint torchslim wrote."
+        )
+    return CheckpointError(
+        f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {_first_sentence(exc)}). "
+        "Delete it to start fresh, or point --resume at an earlier checkpoint."
+    )
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text.split(". ")[0] if text else "no message"
 
 
 def _listed(title: str, items: list[str]) -> str:

@@ -58,7 +58,7 @@ class Profile:
     latency_p10_ms: float | None
     latency_p90_ms: float | None
     threads: int                    # torch intra-op threads during the measurement
-    batch_size: int                 # dim 0 of the first input
+    batch_size: int                 # dim ``batch_dim`` of the first input
 
 
 _RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
@@ -176,9 +176,12 @@ def _time_forward(model: nn.Module, inputs: tuple[Tensor, ...], repeats: int, wa
     return times
 
 
-def _check_args(inputs: tuple[Tensor, ...], threads: int | None, repeats: int, warmup: int) -> None:
-    if not inputs or inputs[0].dim() == 0:
-        raise ShapeMismatch("profile needs at least one input tensor with a batch dimension at dim 0")
+def _check_args(
+    inputs: tuple[Tensor, ...], threads: int | None, repeats: int, warmup: int, batch_dim: int
+) -> None:
+    if not inputs or not -inputs[0].dim() <= batch_dim < inputs[0].dim():
+        shape = tuple(inputs[0].shape) if inputs else None
+        raise ShapeMismatch(f"profile needs an input tensor with a batch dimension {batch_dim}, got shape {shape}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1 or None (keep torch's setting), got {threads}")
     if repeats < 1 or warmup < 0:
@@ -193,6 +196,7 @@ def profile(
     repeats: int = 20,
     warmup: int = 3,
     latency: bool = True,
+    batch_dim: int = 0,
 ) -> Profile:
     """Count parameters and per-sample MACs of ``model`` on ``inputs`` and time its forward pass.
 
@@ -201,12 +205,13 @@ def profile(
 
     Args:
         model: any module; called as ``model(*inputs)``.
-        inputs: a tensor ``(B, ...)`` or a sequence of tensors; ``B`` (dim 0 of the first) is the batch.
+        inputs: a tensor ``(B, ...)`` or a sequence of tensors; ``B`` (``batch_dim`` of the first) is the batch.
         threads: intra-op threads during the measurement (``torch.set_num_threads``); ``None`` keeps
             the current setting. One thread gives the most repeatable CPU latencies.
         repeats: timed forward passes; the latency is their median.
         warmup: untimed forward passes before timing.
         latency: whether to time at all (MACs and parameters only when ``False``).
+        batch_dim: the batch dimension of the first input (``1`` for a sequence-first ``(T, B, in)`` RNN).
     Returns:
         a :class:`Profile`; ``macs`` and every ``LayerProfile.macs`` are per sample.
     Raises:
@@ -214,8 +219,8 @@ def profile(
         ShapeMismatch: no input tensor with a batch dimension.
     """
     inputs = _as_tuple(inputs)
-    _check_args(inputs, threads, repeats, warmup)
-    batch_size = int(inputs[0].shape[0])
+    _check_args(inputs, threads, repeats, warmup, batch_dim)
+    batch_size = int(inputs[0].shape[batch_dim])
     flags = {m: m.training for m in model.modules()}
     previous_threads = torch.get_num_threads()
     counter = _MacCounter(model)

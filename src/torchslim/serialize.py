@@ -16,13 +16,14 @@ own classes (containers such as a ResNet block) come from the skeleton and are n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import tempfile
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
     "Linear": (nn.Linear, _describe_linear, lambda a: nn.Linear(a["in_features"], a["out_features"], a["bias"])),
     "BatchNorm1d": (nn.BatchNorm1d, _describe_bn, lambda a: nn.BatchNorm1d(**a)),
     "BatchNorm2d": (nn.BatchNorm2d, _describe_bn, lambda a: nn.BatchNorm2d(**a)),
-    "ZeroPad2d": (nn.ZeroPad2d, lambda m: {"padding": list(m.padding)}, lambda a: nn.ZeroPad2d(_tup(a["padding"]))),
+    "ZeroPad2d": (nn.ZeroPad2d, lambda m: {"padding": m.padding}, lambda a: nn.ZeroPad2d(_tup(a["padding"]))),
     "Identity": (nn.Identity, lambda m: {}, lambda a: nn.Identity()),
     "LoweredConv2d": (LoweredConv2d, _describe_lowered, _build_lowered),
     "LSTM": (nn.LSTM, _describe_rnn, lambda a: nn.LSTM(**a)),  # ISS narrows hidden_size
@@ -112,7 +113,7 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
 }
 _NAME_OF = {cls: name for name, (cls, _, _) in _KINDS.items()}
 
-#: Module classes a compact checkpoint can describe, plus ``nn.Sequential`` of them.
+#: Module classes a compact checkpoint can describe (exact classes; a Sequential only if all its children are).
 ALLOWED: tuple[type[nn.Module], ...] = (*_NAME_OF, nn.Sequential)
 
 
@@ -198,7 +199,8 @@ def save_compact(model: nn.Module, path: str | os.PathLike, *, arch: Mapping[str
         {"format": FORMAT, "version": VERSION, "spec": json.dumps(spec), "arch": arch_json, "state_dict": state},
         os.fspath(path),
     )
-    logger.info("saved %s to %s: %d described modules, %d tensors", type(model).__name__, path, len(spec), len(state))
+    logger.info("saved %s to %s: %d described modules, %d tensors", type(model).__name__, path, len(spec),
+                len(state))
 
 
 def _read(path: str | os.PathLike) -> dict[str, Any]:
@@ -235,7 +237,7 @@ def _parse_json(text: str | None, field: str, path: str | os.PathLike) -> Any:
     try:
         return None if text is None else json.loads(text)
     except ValueError as e:
-        raise CheckpointError(f"the {field} stored in '{path}' is not valid JSON ({e}); the file is damaged") from e
+        raise CheckpointError(f"the {field} in '{path}' is not valid JSON ({e}); the file is damaged") from e
 
 
 def _skeleton(model: nn.Module | None, arch: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> nn.Module:
@@ -297,7 +299,8 @@ def _load_state(model: nn.Module, state: Mapping[str, Tensor], path: str | os.Pa
     )
     problems = [
         f"{label}: {_limited(items)}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        for label, items in [("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", shapes)]
         if items
     ]
     if problems:
@@ -336,3 +339,139 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
             skeleton = new
     _load_state(skeleton, ckpt["state_dict"], path)
     return skeleton.eval()
+
+
+def _as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:
+    return (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """The tensors of a model output in flattening order (tensor, tuple/list, or dict)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the duration, then every module's own training flag back."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def _verify(ref: list[Tensor], got: Sequence[Any], what: str) -> float:
+    """``max |ref - got|`` over all outputs; VerificationError above ``_TOLERANCE * max(1, max |ref|)``."""
+    if len(ref) != len(got):
+        raise VerificationError(f"{what} returns {len(got)} outputs, the model {len(ref)}")
+    diff, scale = 0.0, 1.0
+    for r, g in zip(ref, got):
+        r = r.detach().cpu().float()
+        g = torch.as_tensor(g).detach().cpu().float()
+        if r.shape != g.shape:
+            raise VerificationError(f"{what} gives shape {tuple(g.shape)}, the model {tuple(r.shape)}")
+        if r.numel():
+            diff = max(diff, (r - g).abs().max().item())
+            scale = max(scale, r.abs().max().item())
+    if not diff <= _TOLERANCE * scale:  # also catches NaN
+        raise VerificationError(
+            f"{what} differs from the model by {diff:.3g} (allowed {_TOLERANCE * scale:.3g}): the export "
+            "does not compute the same function; look for data-dependent control flow in forward"
+        )
+    return diff
+
+
+def export_torchscript(model: nn.Module, example_inputs: Inputs, path: str | os.PathLike) -> float:
+    """Trace ``model`` in eval mode, save it to ``path``, reload it and compare on ``example_inputs``.
+
+    PyTorch deprecates TorchScript (its FutureWarnings are silenced here); prefer :func:`export_onnx`.
+
+    Returns:
+        the max absolute difference between the reloaded trace and the model.
+    Raises:
+        VerificationError: the difference exceeds ``1e-4 * max(1, max |output|)``.
+    """
+    inputs = _as_tuple(example_inputs)
+    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        traced = torch.jit.trace(model, inputs)
+        traced.save(os.fspath(path))
+        loaded = torch.jit.load(os.fspath(path), map_location="cpu")
+        ref = _tensors(model(*inputs))
+        got = _tensors(loaded(*(x.cpu() for x in inputs)))
+    diff = _verify(ref, got, f"the TorchScript file '{path}'")
+    logger.info("exported TorchScript to %s, max abs diff %.3g", path, diff)
+    return diff
+
+
+def _import_onnx(check: bool) -> Any:
+    """onnxruntime (``None`` unless ``check``), after making sure onnx and onnxscript import."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs both)
+        import onnxscript  # noqa: F401
+
+        return __import__("onnxruntime") if check else None
+    except ImportError as e:
+        raise TorchSlimError(
+            f"ONNX export needs onnx, onnxscript and onnxruntime ({e}): pip install torchslim[export]"
+        ) from e
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: str | os.PathLike,
+    *,
+    check: bool = True,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+) -> float | None:
+    """Export ``model`` in eval mode to one ONNX file with the ``torch.export``-based exporter.
+
+    Args:
+        model: the model; ``ZeroPad2d`` with negative padding and :class:`LoweredConv2d` export.
+        example_inputs: a tensor ``(B, ...)`` or a sequence of them, named ``input0, input1, ...``.
+        path: the ``.onnx`` file; weights are stored inside it unless they exceed 1.5 GiB.
+        check: run the file in onnxruntime (CPU) on ``example_inputs`` and compare with PyTorch.
+        opset: the ONNX opset; ``None`` is the exporter's default.
+        dynamic_batch: make dim 0 of every input dynamic; a model that fixes its batch size needs ``False``.
+    Returns:
+        the max absolute difference between onnxruntime and PyTorch, or ``None`` when ``check=False``.
+    Raises:
+        TorchSlimError: onnx, onnxscript or onnxruntime is not installed.
+        UnsupportedOperation: the exporter fails on the model.
+        VerificationError: the difference exceeds ``1e-4 * max(1, max |output|)``.
+    """
+    ort = _import_onnx(check)
+    inputs = _as_tuple(example_inputs)
+    names = [f"input{i}" for i in range(len(inputs))]
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic_batch else None
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
+    with _eval_mode(model):
+        try:
+            torch.onnx.export(
+                model, inputs, os.fspath(path), dynamo=True, verbose=False, input_names=names,
+                opset_version=opset, dynamic_shapes=dynamic, external_data=big,
+            )
+        except Exception as e:
+            hint = " Try dynamic_batch=False." if dynamic_batch else ""
+            raise UnsupportedOperation(
+                f"torch.onnx.export failed on {type(model).__name__}: {type(e).__name__}: {e}.{hint}"
+            ) from e
+        if not check:
+            return None
+        with torch.no_grad():
+            ref = _tensors(model(*inputs))
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
+    diff = _verify(ref, session.run(None, feeds), f"the ONNX file '{path}' in onnxruntime")
+    logger.info("exported ONNX to %s, max abs diff %.3g in onnxruntime", path, diff)
+    return diff

@@ -60,10 +60,7 @@ _FASHION_MNIST = _Spec(
     "fashion-mnist", "FashionMNIST", Path("/usr/share/datasets/fashion-mnist"), 0.2860, 0.3530,
     "`sudo apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist); or ",
 )
-_MNIST = _Spec(
-    "mnist", "MNIST", None, 0.1307, 0.3081,
-    "",
-)
+_MNIST = _Spec("mnist", "MNIST", None, 0.1307, 0.3081, "")
 
 
 class IdxDataset(TensorDataset):
@@ -126,7 +123,7 @@ def load_idx(path: str | os.PathLike[str]) -> Tensor:
 
 
 def fashion_mnist(
-    split: Split = "train", data_dir: str | os.PathLike[str] | None = None, *, limit: int | None = None
+    split: Split, data_dir: str | os.PathLike[str] | None = None, *, limit: int | None = None
 ) -> IdxDataset:
     """Fashion-MNIST ``split`` normalized with mean 0.2860 and std 0.3530.
 
@@ -145,7 +142,7 @@ def fashion_mnist(
 
 
 def mnist(
-    split: Split = "train", data_dir: str | os.PathLike[str] | None = None, *, limit: int | None = None
+    split: Split, data_dir: str | os.PathLike[str] | None = None, *, limit: int | None = None
 ) -> IdxDataset:
     """MNIST ``split`` normalized with mean 0.1307 and std 0.3081 (see :func:`fashion_mnist`).
 
@@ -158,7 +155,7 @@ _LOADERS = {"fashion-mnist": fashion_mnist, "mnist": mnist}
 
 
 def load_dataset(
-    name: str, split: Split = "train", data_dir: str | os.PathLike[str] | None = None, limit: int | None = None
+    name: str, split: Split, data_dir: str | os.PathLike[str] | None = None, limit: int | None = None
 ) -> IdxDataset:
     """The dataset called ``name`` (``"fashion-mnist"`` or ``"mnist"``); arguments as :func:`fashion_mnist`.
 
@@ -179,7 +176,9 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Iterate over ``(x, y)`` minibatches of in-memory tensors: one ``randperm``, then indexing.
+    """An iterator over ``(x, y)`` minibatches of in-memory tensors: one ``randperm``, then indexing.
+
+    Arguments are checked, and the permutation drawn, when ``batches`` is called, not on the first batch.
 
     Args:
         images: ``(N, *)``; labels: ``(N, *)``.
@@ -187,8 +186,8 @@ def batches(
         shuffle: visit the examples in the order of ``torch.randperm(N, generator=generator)``;
             the same seeded generator state gives the same batches.
         generator: the random stream for shuffling (default: torch's global one).
-    Yields:
-        ``x (B, *)`` and ``y (B, *)`` with ``B = batch_size`` (except possibly the last).
+    Returns:
+        an iterator of ``x (B, *)``, ``y (B, *)`` with ``B = batch_size`` (except possibly the last).
     Raises:
         ConfigError: ``batch_size < 1``.
         ShapeMismatch: images and labels of different lengths.
@@ -198,7 +197,14 @@ def batches(
     n = len(images)
     if len(labels) != n:
         raise ShapeMismatch(f"{n} images but {len(labels)} labels; pass tensors of the same length")
-    order = torch.randperm(n, generator=generator) if shuffle else None
+    order = torch.randperm(n, generator=generator) if shuffle else None   # drawn now, not on first next()
+    return _iterate(images, labels, batch_size, order, drop_last)
+
+
+def _iterate(
+    images: Tensor, labels: Tensor, batch_size: int, order: Tensor | None, drop_last: bool
+) -> Iterator[tuple[Tensor, Tensor]]:
+    n = len(images)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         if order is None:
@@ -291,6 +297,8 @@ def _read_maybe_gzipped(path: Path) -> bytearray:
         raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise DatasetNotFound(f"idx file {path} does not exist") from exc
+    except OSError as exc:
+        raise DatasetNotFound(f"cannot read idx file {path}: {exc}; check its permissions") from exc
     if raw[:2] != _GZIP_MAGIC:
         return bytearray(raw)
     try:

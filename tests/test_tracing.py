@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nets import MLP, TinyLeNet, TinyResNet
-from torchslim import UnsupportedOperation, structures
+from torchslim import ShapeMismatch, UnsupportedOperation, compact, structures
 
 
 def _count(groups):
@@ -106,3 +106,10 @@ def test_tracing_leaves_batchnorm_statistics_alone():
     before = net.bn.running_mean.clone()
     structures(net, torch.randn(4, 1, 16, 16) + 3)
     assert torch.equal(net.bn.running_mean, before) and net.training
+
+
+def test_wrong_example_shape_is_a_shape_mismatch():
+    with pytest.raises(ShapeMismatch, match=r"\(2, 3, 28, 28\)"):
+        structures(TinyLeNet(), torch.randn(2, 3, 28, 28))
+    with pytest.raises(ShapeMismatch):
+        compact(TinyLeNet(), torch.randn(2, 1, 20, 20))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from torchslim.errors import UnsupportedOperation
+from torchslim.errors import ShapeMismatch, UnsupportedOperation
 from torchslim.groups import KINDS, Family, Group, Stripe
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,12 @@ def _trace(model: nn.Module, example_inputs: tuple[Tensor, ...],
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
+    except RuntimeError as e:
+        shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in example_inputs]
+        raise ShapeMismatch(
+            f"{type(model).__name__} fails on example inputs of shape {shapes}: {e}. Pass a batch "
+            "the model accepts, e.g. one from your data loader."
+        ) from e
     finally:
         model.train(was_training)
     return gm

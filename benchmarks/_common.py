@@ -1,0 +1,53 @@
+"""Shared by the benchmark scripts: interleaved timing, machine facts, JSON results."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.profile import machine_info
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def interleaved_latency(models: dict[str, nn.Module], x: torch.Tensor, *, threads: int, repeats: int = 30,
+                        warmup: int = 5) -> dict[str, dict[str, float]]:
+    """Median and p10/p90 latency (ms) of each model on ``x``, timed in alternation in one run.
+
+    Alternating the models round by round spreads any drift of the machine (another process, clock
+    changes) over all of them, so their ratio is fair.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        with torch.inference_mode():
+            for m in models.values():
+                m.eval()
+                for _ in range(warmup):
+                    m(x)
+            for _ in range(repeats):
+                for name, m in models.items():
+                    t0 = time.perf_counter()
+                    m(x)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return {k: {"median_ms": statistics.median(v), "p10_ms": sorted(v)[len(v) // 10],
+                "p90_ms": sorted(v)[(len(v) * 9) // 10]} for k, v in times.items()}
+
+
+def write(name: str, data: dict[str, Any]) -> Path:
+    """Write ``results/<name>.json`` with the machine it ran on."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = {"benchmark": name, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"), **data}
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,124 @@
+"""Write RESULTS.md and the README's results table from benchmarks/results/*.json.
+
+    python benchmarks/make_results.py
+
+Nothing here is typed by hand: every number is read from a JSON file a benchmark script wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+RESULTS = Path(__file__).parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _machine(d: dict) -> str:
+    m = d["machine"]
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}"
+
+
+def _pts(a: float, b: float) -> str:
+    return f"{(a - b) * 100:+.2f}"
+
+
+def ssl_section(d: dict, title: str) -> list[str]:
+    acc = d["accuracy"]
+    lines = [f"### {title}", "", f"Recipe `{d['recipe']['name']}`; machine: {_machine(d)}.", "",
+             "| | dense | SSL (sparse) | compact + fine-tuned |", "|---|---|---|---|",
+             f"| test accuracy | {acc['baseline']:.2%} | {acc['ssl']:.2%} ({_pts(acc['ssl'], acc['baseline'])} pts) "
+             f"| {acc['finetune']:.2%} ({_pts(acc['finetune'], acc['baseline'])} pts) |",
+             f"| parameters | {d['params']['dense']:,} | | {d['params']['compact']:,} |",
+             f"| multiply-adds / sample | {d['macs']['dense']:,} | | {d['macs']['compact']:,} "
+             f"({d['flop_reduction']:.1f}× fewer) |"]
+    if d["conv_macs"]["dense"]:
+        lines.append(f"| conv multiply-adds / sample | {d['conv_macs']['dense']:,} | | {d['conv_macs']['compact']:,} "
+                     f"({d['conv_flop_reduction']:.1f}× fewer) |")
+    lines += ["", "| layer | filters / neurons | input channels | shape fibers | multiply-adds kept |",
+              "|---|---|---|---|---|"]
+    for s in d["layers"]:
+        lines.append(f"| {s['name']} | {s['filters'][0]}/{s['filters'][1]} | {s['channels'][0]}/{s['channels'][1]} "
+                     f"| {s['shape'][0]}/{s['shape'][1]} | {s['macs_kept']:.1%} |")
+    lines += ["", "CPU latency, median of 30 interleaved runs (dense, compact and lowered timed in turn):", "",
+              "| threads | batch | dense ms | compact ms | speedup | lowered ms | speedup (lowered) |",
+              "|---|---|---|---|---|---|---|"]
+    for key, v in d["speed"].items():
+        t, b = re.match(r"threads(\d+)_batch(\d+)", key).groups()
+        lines.append(f"| {t} | {b} | {v['dense']['median_ms']:.3f} | {v['compact']['median_ms']:.3f} | "
+                     f"{v['speedup']:.2f}× | {v['lowered']['median_ms']:.3f} | {v['speedup_lowered']:.2f}× |")
+    lines.append("")
+    return lines
+
+
+def overhead_section(d: dict) -> list[str]:
+    o, ms = d["overhead"], d["step_ms"]
+    return ["### GroupLasso's cost per training step", "",
+            f"LeNet, batch {d['batch_size']}, {d['threads']} threads, {d['groups']} groups "
+            f"(channels, neurons, shape fibers); median of {d['repeats']} interleaved steps; {_machine(d)}.", "",
+            "| | ms | vs a plain SGD step |", "|---|---|---|",
+            f"| plain SGD step | {ms['plain']:.2f} | |",
+            f"| proximal step alone (`lasso.step_`) | {ms['prox_alone']:.2f} | {o['prox_alone']:.1%} |",
+            f"| step + prox | {ms['prox']:.2f} | {o['prox']:+.1%} |",
+            f"| step with the penalty in the loss | {ms['penalty']:.2f} | {o['penalty']:+.1%} |", ""]
+
+
+def modes_section(d: dict) -> list[str]:
+    lines = ["### Proximal vs the paper's subgradient + zero-out (same recipe, same budget)", "",
+             f"Recipe `{d['recipe']}`; {_machine(d)}.", "",
+             "| mode | accuracy after SSL | after fine-tuning | zero groups | conv multiply-adds kept |",
+             "|---|---|---|---|---|"]
+    for mode, r in d["modes"].items():
+        zeros = ", ".join(f"{k} {v:.0%}" for k, v in r["zero_groups"].items())
+        lines.append(f"| {mode} | {r['accuracy']['ssl']:.2%} | {r['accuracy']['finetune']:.2%} | {zeros} "
+                     f"| {r['conv_macs_kept']:.1%} |")
+    return lines + [""]
+
+
+def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None) -> str:
+    rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup (batch 64 / 1, 1 thread) |",
+            "|---|---|---|---|"]
+    for d, what in ((lenet, "LeNet, Fashion-MNIST, SSL"), (mlp, "MLP, Fashion-MNIST, SSL neurons")):
+        if d is None:
+            continue
+        acc = d["accuracy"]
+        red = f"{d['conv_flop_reduction']:.1f}× fewer conv FLOPs, " if d["conv_macs"]["dense"] else ""
+        red += f"{d['flop_reduction']:.1f}× fewer FLOPs overall"
+        sp = d["speed"]
+        rows.append(f"| {what} | {acc['baseline']:.2%} → {acc['finetune']:.2%} | {red} | "
+                    f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}× |")
+    if overhead:
+        rows.append(f"| GroupLasso prox step, LeNet | | {overhead['overhead']['prox_alone']:.1%} of a training step | |")
+    return "\n".join(rows) + "\n\nDetails, per-layer structure and machine: [RESULTS.md](RESULTS.md)."
+
+
+def main() -> None:
+    lenet, mlp = _load("ssl_lenet_ssl_full"), _load("ssl_mlp_ssl")
+    overhead, modes = _load("lasso_overhead"), _load("prox_vs_subgradient_lenet_ssl")
+    out = ["# Results", "", "Generated by `python benchmarks/make_results.py` from `benchmarks/results/*.json`; "
+           "each JSON is written by the benchmark script named in it (`make bench` runs them all).", ""]
+    if lenet:
+        out += ssl_section(lenet, "SSL on LeNet, Fashion-MNIST (full recipe)")
+    if mlp:
+        out += ssl_section(mlp, "SSL on the MLP 784–500–300–10, Fashion-MNIST (neurons)")
+    if overhead:
+        out += overhead_section(overhead)
+    if modes:
+        out += modes_section(modes)
+    (ROOT / "RESULTS.md").write_text("\n".join(out))
+    readme = (ROOT / "README.md").read_text()
+    readme = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
+                    lambda _: f"<!-- results:start -->\n{readme_table(lenet, mlp, overhead)}\n<!-- results:end -->",
+                    readme, flags=re.S)
+    (ROOT / "README.md").write_text(readme)
+    print("wrote RESULTS.md and README.md's results table")
+
+
+if __name__ == "__main__":
+    main()

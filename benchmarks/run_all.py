@@ -1,0 +1,18 @@
+"""Re-run every benchmark, then regenerate RESULTS.md and the README table: `make bench`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+STEPS = [
+    ["lasso_overhead.py"],
+    ["ssl_recipe.py", "--recipe", "lenet_ssl_full"],
+    ["ssl_recipe.py", "--recipe", "mlp_ssl"],
+    ["prox_vs_subgradient.py", "--recipe", "lenet_ssl"],
+    ["make_results.py"],
+]
+
+for step in STEPS:
+    print("==>", " ".join(step), flush=True)
+    subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=HERE.parent)

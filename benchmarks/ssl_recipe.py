@@ -1,0 +1,68 @@
+"""SSL with a recipe (LeNet or the MLP on Fashion-MNIST): accuracy, structure, FLOPs, CPU speedup.
+
+    python benchmarks/ssl_recipe.py --recipe lenet_ssl_full [--resume]
+    python benchmarks/ssl_recipe.py --recipe mlp_ssl_full
+
+Trains baseline → SSL → compact → fine-tune with ``recipes/<recipe>.yaml`` (checkpoints in
+``runs/<recipe>``, so ``--resume`` continues an interrupted run), then times the dense baseline and
+the compacted model in alternation, at batch 1 and 64, with 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import interleaved_latency, write
+from torchslim import compact
+from torchslim.engine import run
+from torchslim.profile import profile
+from torchslim.recipes import load_recipe
+
+
+def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    return sum(layer.macs for layer in profile(model, x, latency=False).layers if "Conv" in layer.type)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="lenet_ssl_full")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    recipe = load_recipe(args.recipe)
+    result = run(recipe, resume=args.resume, progress=False)
+    dense, small = result.dense_model.eval(), result.compact_model.eval()
+    x1 = result.example[:1]
+    lowered = compact(result.sparse_model, result.example, shapes="lowered")
+    p_dense, p_small = profile(dense, x1, latency=False), profile(small, x1, latency=False)
+    speed = {}
+    for threads in (1, 2):
+        for batch in (1, 64):
+            x = torch.randn(batch, *x1.shape[1:])
+            lat = interleaved_latency({"dense": dense, "compact": small, "lowered": lowered}, x, threads=threads)
+            speed[f"threads{threads}_batch{batch}"] = {
+                **lat, "speedup": lat["dense"]["median_ms"] / lat["compact"]["median_ms"],
+                "speedup_lowered": lat["dense"]["median_ms"] / lat["lowered"]["median_ms"]}
+    layers = [{"name": s.name, "filters": [s.filters_alive, s.filters_total],
+               "channels": [s.channels_alive, s.channels_total], "shape": [s.shape_alive, s.shape_total],
+               "macs_kept": s.macs_sparse / s.macs_dense} for s in result.report.layers]
+    data = {
+        "recipe": recipe.to_dict(),
+        "accuracy": result.accuracy,
+        "layers": layers,
+        "compact_layers": [{"name": s.name, "type": s.type, "macs": s.macs} for s in p_small.layers if s.macs],
+        "params": {"dense": p_dense.params, "compact": p_small.params},
+        "macs": {"dense": p_dense.macs, "compact": p_small.macs},
+        "conv_macs": {"dense": conv_macs(dense, x1), "compact": conv_macs(small, x1)},
+        "flop_reduction": p_dense.macs / p_small.macs,
+        "conv_flop_reduction": conv_macs(dense, x1) / max(1, conv_macs(small, x1)),
+        "speed": speed,
+        "train_seconds": result.seconds,
+    }
+    write(f"ssl_{recipe.name}", data)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,10 +38,15 @@ class Stripe:
     flat: bool = False
     role: Role = "out"
 
-    def view(self, p: Tensor) -> Tensor:
-        """``p`` reshaped to ``(members * width, rest)`` with this stripe's dim first."""
+    def rows(self, p: Tensor) -> int:
+        """Indices along the stripe's dim: ``members * width``."""
+        return (p.flatten(self.dim) if self.flat else p).shape[self.dim]
+
+    def row_sq(self, p: Tensor) -> Tensor:
+        """Sum of squares of each index along the stripe's dim, shape ``(members * width,)``."""
         v = p.flatten(self.dim) if self.flat else p
-        return v.movedim(self.dim, 0).reshape(v.shape[self.dim], -1)
+        other = [d for d in range(v.dim()) if d != self.dim]
+        return v.pow(2).sum(dim=other) if other else v.pow(2)  # sum(dim=[]) would sum everything
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +70,7 @@ class Family:
         for s in self.stripes:
             if s.role == "state" or (role is not None and s.role != role):
                 continue
-            sq = s.view(self.params[s.param]).pow(2).sum(1).view(self.size, s.width).sum(1)
+            sq = s.row_sq(self.params[s.param]).view(self.size, s.width).sum(1)
             total = sq if total is None else total + sq
         if total is None:
             return torch.zeros(self.size)
@@ -75,7 +80,7 @@ class Family:
         return tuple(s for s in self.stripes if s.role != "state")
 
     def numel_per_member(self) -> int:
-        return sum(s.view(self.params[s.param]).shape[1] * s.width for s in self.weight_stripes())
+        return sum(self.params[s.param].numel() // self.size for s in self.weight_stripes())
 
     def zero_members_(self, members: Tensor) -> None:
         """Set members ``members`` (a LongTensor of member indices) to zero in place."""

@@ -130,8 +130,7 @@ class GroupLasso:
             for s in b.family.weight_stripes():
                 p = b.family.params[s.param]
                 key = (s.param, s.dim, s.flat, id(p))
-                rows = s.view(p).shape[0]
-                vec = scales.setdefault(key, torch.ones(rows, device=dev))
+                vec = scales.setdefault(key, torch.ones(s.rows(p), device=dev))
                 idx = (b.members.to(dev)[:, None] * s.width + torch.arange(s.width, device=dev)).flatten()
                 vec[idx] *= shrink.repeat_interleave(s.width)  # idx unique within a family
         params = {id(p): p for b in self.blocks for p in b.family.params.values()}

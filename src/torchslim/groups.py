@@ -10,7 +10,7 @@ member ``k`` of a family.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -149,3 +149,13 @@ def families_of(groups: list[Group]) -> dict[Family, Tensor]:
     for g in groups:
         out.setdefault(g.family, []).append(g.index)
     return {f: torch.tensor(ix, dtype=torch.long) for f, ix in out.items()}
+
+
+@torch.no_grad()
+def zero_counts(groups: Sequence[Group]) -> dict[str, tuple[int, int]]:
+    """``{kind: (all-zero groups, groups)}``."""
+    counts: dict[str, tuple[int, int]] = {}
+    for fam, members in families_of(list(groups)).items():
+        zero, total = counts.get(fam.kind, (0, 0))
+        counts[fam.kind] = (zero + int((fam.row_sq()[members] == 0).sum()), total + len(members))
+    return counts

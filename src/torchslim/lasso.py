@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchslim.errors import ConfigError
-from torchslim.groups import KINDS, Family, Group, families_of
+from torchslim.groups import KINDS, Family, Group, families_of, zero_counts
 
 Mode = Literal["prox", "subgradient"]
 
@@ -159,14 +159,7 @@ class GroupLasso:
         else:
             self.threshold_()
 
-    @torch.no_grad()
     def zero_fraction(self) -> dict[str, float]:
-        """Fraction of all-zero groups per kind."""
-        zero: dict[str, int] = {}
-        total: dict[str, int] = {}
-        for b in self.blocks:
-            k = b.family.kind
-            n = int((b.family.row_sq()[b.members.to(self._device(b))] == 0).sum())
-            zero[k] = zero.get(k, 0) + n
-            total[k] = total.get(k, 0) + len(b.members)
-        return {k: zero[k] / total[k] for k in total}
+        """Fraction of all-zero groups per regularized kind."""
+        groups = [Group(b.family, int(k)) for b in self.blocks for k in b.members]
+        return {kind: zero / total for kind, (zero, total) in zero_counts(groups).items()}

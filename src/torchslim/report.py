@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from torchslim.groups import Group, families_of
+from torchslim.groups import Group, zero_counts
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,4 @@ def sparsity_report(
     positions = _spatial(model, inputs)
     layers = tuple(_layer(n, m, positions.get(n, 0)) for n, m in model.named_modules()
                    if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1)
-    counts: dict[str, tuple[int, int]] = {}
-    for fam, members in families_of(list(groups)).items():
-        zero, total = counts.get(fam.kind, (0, 0))
-        counts[fam.kind] = (zero + int((fam.row_sq()[members] == 0).sum()), total + len(members))
-    return SparsityReport(layers, counts)
+    return SparsityReport(layers, zero_counts(groups))

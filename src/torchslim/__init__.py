@@ -12,6 +12,7 @@ from torchslim.errors import (
     UnsupportedOperation,
     VerificationError,
 )
+from torchslim.comm import TernGradState, terngrad_hook
 from torchslim.compaction import VerifyReport, compact, verify
 from torchslim.groups import Group
 from torchslim.lasso import GroupLasso
@@ -31,6 +32,7 @@ __all__ = [
     "LoweredConv2d",
     "ShapeMismatch",
     "SparsityReport",
+    "TernGradState",
     "TorchSlimError",
     "UnsupportedOperation",
     "VerificationError",
@@ -39,5 +41,6 @@ __all__ = [
     "compact",
     "sparsity_report",
     "structures",
+    "terngrad_hook",
     "verify",
 ]

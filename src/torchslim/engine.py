@@ -46,6 +46,7 @@ from torchslim.groups import Group, families_of
 from torchslim.lasso import GroupLasso
 from torchslim.masking import ZeroMask
 from torchslim.models import create_model
+from torchslim.report import SparsityReport, sparsity_report
 from torchslim.recipes import PhaseSpec, Recipe, recipe_from_dict
 from torchslim.serialize import load_compact, save_compact
 from torchslim.tracing import structures
@@ -82,7 +83,7 @@ class EpochRecord:
     test_loss: float
     test_acc: float
     density: float
-    zero_fraction: dict[str, float]  # all-zero groups per kind (SSL's kinds), of the model trained
+    zero_fraction: dict[str, float]  # all-zero groups per SSL kind; {} once compacted (fine-tuning)
     seconds: float
 
 
@@ -98,6 +99,7 @@ class RunResult:
     dense_model: nn.Module | None  # after the baseline
     sparse_model: nn.Module | None  # after SSL: same architecture, learned zeros
     compact_model: nn.Module | None  # physically smaller, after fine-tuning
+    report: SparsityReport | None  # per-layer live filters, channels, shape fibers of ``sparse_model``
     example: Tensor  # a few test images, (B, C, H, W)
     seconds: float
     finished: bool  # False when stopped early by ``stop_after``
@@ -173,7 +175,7 @@ def train_epoch(
             lasso.step_(rate)
         if mask is not None:
             mask.apply_(optimizer)
-        total_loss += float(loss) * len(y)
+        total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         if i % 20 == 0:
@@ -247,19 +249,29 @@ def _phase_file(run: _Run, phase: str) -> Path:
 def _save_phase_model(run: _Run, phase: str, model: nn.Module) -> None:
     """The model at the end of ``phase`` (baseline or ssl), loadable by :func:`load_phase_model`."""
     save_checkpoint(_phase_file(run, phase), {
-        "format": CHECKPOINT_FORMAT, "kind": "phase_model", "phase": phase,
+        "engine_format": CHECKPOINT_FORMAT, "kind": "phase_model", "phase": phase,
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None), "model": model.state_dict(),
     })
 
 
 def load_phase_model(path: str | Path, recipe: Recipe | None = None) -> tuple[nn.Module, Recipe]:
     """A dense-architecture model from an engine checkpoint (``checkpoint.pt``, ``baseline.pt``,
-    ``sparse.pt``), or from a plain state dict with ``recipe`` to build the model.
+    ``sparse.pt``), or from a plain ``torch.save(model.state_dict())`` file with ``recipe`` to build it.
 
     Raises:
-        CheckpointError: unreadable, of the fine-tuned compact model, or a state dict without a recipe.
+        CheckpointError: unreadable; the fine-tuning state of a compact model; a plain state dict
+            without ``recipe``; weights that do not fit the recipe's model.
     """
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as exc:
+        plain = _plain_state_dict(path) if Path(path).is_file() else None
+        if plain is None:
+            raise exc from None
+        if recipe is None:
+            raise CheckpointError(
+                f"{path} is a plain state dict: pass the recipe (--recipe) that builds its model") from None
+        state = {"state_dict": plain}
     if "model" in state and "recipe" in state:
         if state.get("compacted"):
             raise CheckpointError(
@@ -271,15 +283,26 @@ def load_phase_model(path: str | Path, recipe: Recipe | None = None) -> tuple[nn
     elif recipe is not None:
         sd = state.get("state_dict", state)
     else:
-        raise CheckpointError(f"{path} is a plain state dict; pass the recipe (--recipe) that builds its model")
+        raise CheckpointError(f"{path} holds no recipe; pass the recipe (--recipe) that builds its model")
     model = build_model(recipe)
     load_state_dict_checked(model, sd)
     return model, recipe
 
 
+def _plain_state_dict(path: str | Path) -> dict[str, Tensor] | None:
+    """A ``state_dict`` saved with ``torch.save`` (read without running pickled code), else None."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
+        return None
+    return dict(sd)
+
+
 def _save_checkpoint(run: _Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     save_checkpoint(run.run_dir / "checkpoint.pt", {
-        "format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
+        "engine_format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),
         "done": dict(run.done), "history": list(run.history), "accuracy": dict(run.accuracy),
         "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -293,17 +316,26 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
     state = load_checkpoint(path)
     missing = [k for k in ("phase", "done", "model", "history", "recipe") if k not in state]
     if missing or state.get("kind") != "engine":
-        raise CheckpointError(f"{path} is not an engine checkpoint (missing {missing}); delete it or run without --resume")
+        raise CheckpointError(
+            f"{path} is not an engine checkpoint (missing {missing}); delete it or run without --resume")
     if state["recipe"].get("model") != run.recipe.to_dict()["model"]:
         raise CheckpointError(
             f"{path} was written for model {state['recipe'].get('model')}, not {run.recipe.model}; "
             f"use another --out folder or run without --resume"
         )
+    changed = _changed_keys(state["recipe"], run.recipe.to_dict())
+    if changed:
+        log.warning("resuming with a recipe that differs from the checkpoint's in %s; finished epochs are kept",
+                    ", ".join(changed))
     phase = state["phase"]
     if phase not in PHASES:
         raise CheckpointError(f"{path} has an unknown phase {phase!r}; delete it or run without --resume")
     if state.get("compacted"):
-        model = load_compact(run.run_dir / "compacted.pt")
+        compacted = run.run_dir / "compacted.pt"
+        if not compacted.is_file():
+            raise CheckpointError(f"{path} continues a compacted model, but {compacted} is missing; "
+                                  f"run without --resume to start again")
+        model = load_compact(compacted)
     load_state_dict_checked(model, state["model"])
     run.done.update({p: int(n) for p, n in state["done"].items()})
     run.history = list(state["history"])
@@ -315,13 +347,25 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
     return model, phase
 
 
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and key != "strength":
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # phases
 
 
-def _lasso(run: _Run, model: nn.Module) -> GroupLasso:
+def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
+    """SSL's regularizer over ``groups``, after checking that every multiplier names a layer."""
     spec = run.recipe.ssl
-    groups = structures(model, run.example, kinds=tuple(spec.kinds))
     labels = sorted({g.family.label.split("+")[0] for g in groups})
     for layer in spec.multipliers:
         if not any(lbl == layer or lbl.startswith(layer + ".") for lbl in labels):
@@ -353,12 +397,14 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
     optimizer = _sgd(model, spec)
     if resumed_phase == phase and run.optimizer_state is not None:
         optimizer.load_state_dict(run.optimizer_state)
-    lasso = _lasso(run, model) if phase == "ssl" else None
-    groups = _mask_groups(run, model) if phase == "finetune" else structures(
-        model, run.example, kinds=tuple(run.recipe.ssl.kinds))
-    mask = ZeroMask(groups).attach() if phase == "finetune" else None
-    if mask is not None:
+    lasso, mask = None, None
+    if phase == "finetune":
+        groups = _mask_groups(run, model)
+        mask = ZeroMask(groups).attach()
         log.info("fine-tuning with %d zero groups frozen", mask.num_frozen)
+    else:
+        groups = structures(model, run.example, kinds=tuple(run.recipe.ssl.kinds))
+        lasso = _lasso(run, groups) if phase == "ssl" else None
     try:
         for epoch in range(run.done[phase], spec.epochs):
             _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, groups=groups)
@@ -385,16 +431,18 @@ def _one_epoch(
     record = EpochRecord(
         phase=phase, epoch=epoch + 1, lr=lr_at(spec, epoch * steps, spec.epochs * steps),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-        density=_nonzero(model) / run.dense_numel, zero_fraction=zero_fractions(groups),
+        density=_nonzero(model) / run.dense_numel,
+        zero_fraction=zero_fractions(groups) if phase != "finetune" else {},
         seconds=time.perf_counter() - start,
     )
     run.history.append(dataclasses.asdict(record))
     run.done[phase] = epoch + 1
     run.trained[phase] += 1
     run.accuracy[phase] = test_acc
-    log.info("%s epoch %d/%d: loss %.4f, test accuracy %.4f, density %.3f, zero groups %s (%.1f s)",
-             phase, epoch + 1, spec.epochs, train_loss, test_acc, record.density, record.zero_fraction,
-             record.seconds)
+    zeros = ", ".join(f"{k} {v:.0%}" for k, v in record.zero_fraction.items())
+    log.info("%s %d/%d: train loss %.4f, acc %.2f%% | test acc %.2f%% | non-zero weights %.1f%%%s | %.0f s",
+             phase, epoch + 1, spec.epochs, train_loss, 100 * train_acc, 100 * test_acc, 100 * record.density,
+             f" | all-zero groups: {zeros}" if zeros else "", record.seconds)
     _save_checkpoint(run, phase, model, optimizer)
 
 
@@ -403,9 +451,9 @@ def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
     small = compact(model, run.example, shapes=run.recipe.compact.shapes)
     _, run.accuracy["compact"] = evaluate(small, *run.test, batch_size=run.recipe.eval_batch_size)
     save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
-    log.info("compacted: %d → %d parameters, test accuracy %.4f",
+    log.info("compacted: %d → %d parameters, test acc %.2f%%",
              sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters()),
-             run.accuracy["compact"])
+             100 * run.accuracy["compact"])
     small.train()
     _save_checkpoint(run, "finetune", small, None)
     return small
@@ -467,10 +515,24 @@ def run(
     phase = "baseline"
     if resume and (run_.run_dir / "checkpoint.pt").exists():
         model, phase = _restore(run_, model)
-    elif resume:
-        log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
+    else:
+        if resume:
+            log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
+        _clear_run_dir(run_.run_dir)
     model, finished = _run_phases(run_, model, phase, stop_after)
     return _results(run_, model, finished, time.perf_counter() - started)
+
+
+_RUN_FILES = ("checkpoint.pt", "baseline.pt", "sparse.pt", "compacted.pt", "compact.pt", "results.json")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove the files an earlier run left, so that a fresh run never mixes with them."""
+    stale = [run_dir / name for name in _RUN_FILES if (run_dir / name).exists()]
+    if stale:
+        log.info("starting from scratch in %s: replacing the earlier run's files (--resume continues it)", run_dir)
+    for path in stale:
+        path.unlink()
 
 
 def _run_phases(run: _Run, model: nn.Module, resumed: str, stop_after: str | None) -> tuple[nn.Module, bool]:
@@ -499,6 +561,7 @@ def _results(run: _Run, model: nn.Module, finished: bool, seconds: float) -> Run
         recipe=run.recipe, run_dir=run.run_dir, accuracy=dict(run.accuracy),
         history=[EpochRecord(**r) for r in run.history], epochs_trained=dict(run.trained),
         dense_model=dense, sparse_model=sparse, compact_model=compact_model,
+        report=sparsity_report(sparse, run.example) if sparse is not None else None,
         example=run.example, seconds=seconds, finished=finished,
     )
     write_results(result)
@@ -522,6 +585,7 @@ def write_results(result: RunResult, extra: Mapping[str, Any] | None = None) -> 
         "accuracy": result.accuracy,
         "params": {"dense": _param_count(result.dense_model), "compact": _param_count(result.compact_model)},
         "epochs_trained": result.epochs_trained,
+        "structure": [dataclasses.asdict(layer) for layer in result.report.layers] if result.report else None,
         "history": [dataclasses.asdict(r) for r in result.history],
         "files": sorted(p.name for p in result.run_dir.iterdir() if p.suffix in (".pt", ".png")),
         **(extra or {}),

@@ -91,11 +91,13 @@ class SSLSpec(PhaseSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.kinds:
-            raise _FieldError("kinds", f"is empty; give at least one of {', '.join(typing.get_args(GroupKind))}")
+            kinds = ", ".join(typing.get_args(GroupKind))
+            raise _FieldError("kinds", f"is empty; give at least one of {kinds}")
         if isinstance(self.strength, dict):
             for kind in self.strength:
                 if kind not in self.kinds:
-                    raise _FieldError(f"strength.{kind}", f"is for a kind not in kinds {self.kinds}; add it there or remove it")
+                    raise _FieldError(f"strength.{kind}",
+                                      f"is for a kind not in kinds {self.kinds}; add it there or remove it")
             for kind in self.kinds:
                 if kind not in self.strength:
                     raise _FieldError("strength", f"has no value for kind '{kind}'; give one per kind in {self.kinds}")
@@ -267,6 +269,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, f"{key}.")
     if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in args:
             raise ConfigError(
                 f"'{key}' is {value!r}{_suggest(str(value), [str(a) for a in args])}; "

@@ -1,0 +1,457 @@
+"""The ``torchslim`` command: ``train``, ``compact``, ``profile`` and ``demo``.
+
+The only module that prints. Library errors (:class:`TorchSlimError`) end as one ``error: ...`` line
+and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
+
+log = logging.getLogger(__name__)
+
+DEMO_RECIPE, DEMO_FULL_RECIPE = "lenet_ssl", "lenet_ssl_full"
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchslim",
+        description="Learn structured sparsity (SSL), cut it out into a smaller dense model, measure it.",
+        epilog="Start with `torchslim demo`: LeNet on Fashion-MNIST, dense vs SSL vs compact, in one table.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (every module, DEBUG)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_compact(sub)
+    _add_profile(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder with the dataset's idx files (default: $TORCHSLIM_DATA, "
+                                      "then /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", help="run folder for checkpoints, results and plots (default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set ssl.epochs=1 --set data.train_limit=5000")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run a recipe: baseline → SSL → compact → fine-tune",
+                       description="Run a recipe (a YAML file, or a name from recipes/): baseline → SSL → "
+                                   "compact → fine-tune. Writes checkpoints, compact.pt, results.json and plots.")
+    p.add_argument("recipe", help="recipe name (e.g. lenet_ssl) or path to a YAML file")
+    _add_run_options(p)
+    p.add_argument("--stop-after", choices=("baseline", "ssl", "compact"), help="stop after this step")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_compact(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compact", help="cut the zeros out of a trained model",
+                       description="Compact an engine checkpoint (checkpoint.pt, sparse.pt, baseline.pt) or a "
+                                   "plain state dict (with --recipe) into a smaller dense model file.")
+    p.add_argument("checkpoint", help="engine checkpoint, or a state dict saved with torch.save")
+    p.add_argument("--out", required=True, help="the compact model file to write (torchslim.serialize format)")
+    p.add_argument("--shapes", choices=("crop", "lowered", "auto", "off"), default=None,
+                   help="zero shape fibers: crop kernels, lowered GEMM, auto (measured), off (default: recipe's)")
+    p.add_argument("--recipe", help="recipe that builds the model (needed for a plain state dict)")
+    p.set_defaults(func=cmd_compact)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="dense vs compact: parameters, MACs, CPU latency",
+                       description="Compare a compact model file with the dense model it came from.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--recipe", help="recipe whose model is the dense reference")
+    src.add_argument("--model", help="model name for the dense reference (lenet, mlp, resnet20, ...)")
+    p.add_argument("--compact", required=True, help="compact model file (from `train` or `compact`)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while timing (default: 1)")
+    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per measurement")
+    p.add_argument("--input-shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="one input's shape (default: the recipe's dataset, or 1 28 28)")
+    p.set_defaults(func=cmd_profile)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="LeNet on Fashion-MNIST: dense → SSL → compact → fine-tune, one table",
+                       description=f"Train recipe {DEMO_RECIPE} ({DEMO_FULL_RECIPE} with --full) and print one "
+                                   "table: accuracy, filters and channels per layer, MACs, parameters, CPU "
+                                   "latency at batch 1 and 64, speedup. Writes structure.png and history.png.")
+    p.add_argument("--full", action="store_true", help=f"the full recipe ({DEMO_FULL_RECIPE}); longer")
+    _add_run_options(p)
+    p.add_argument("--threads", type=int, default=1, help="torch threads while timing latency (default: 1)")
+    p.set_defaults(func=cmd_demo)
+
+
+# ---------------------------------------------------------------------------------------------
+# logging that does not break progress bars
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    root = logging.getLogger("torchslim")
+    for h in list(root.handlers):
+        if isinstance(h, _TqdmHandler):
+            root.removeHandler(h)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.propagate = False
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("torchslim.engine").setLevel(
+        logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _train(args: argparse.Namespace, recipe_name: str):
+    from torchslim.engine import run
+    from torchslim.recipes import load_recipe
+
+    recipe = load_recipe(recipe_name, overrides=args.overrides)
+    out = Path(args.out) if args.out else None
+    return run(recipe, data_dir=args.data_dir, run_dir=out, resume=args.resume,
+               stop_after=getattr(args, "stop_after", None), progress=_progress(args))
+
+
+def _write_plots(result) -> list[Path]:
+    from torchslim.plots import plot_history, plot_structure
+
+    paths = []
+    if result.sparse_model is not None:
+        paths.append(plot_structure(result.sparse_model, result.run_dir / "structure.png",
+                                    title=f"{result.recipe.name}: structure learned by SSL",
+                                    example_inputs=result.example))
+    if result.history:
+        paths.append(plot_history(result.history, result.run_dir / "history.png",
+                                  title=f"{result.recipe.name}: accuracy and sparsity per epoch"))
+    return paths
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    result = _train(args, args.recipe)
+    print(_accuracy_line(result.accuracy))
+    if result.report is not None:
+        print(result.report.format())
+    if result.compact_model is not None and result.dense_model is not None:
+        before, after = _numel(result.dense_model), _numel(result.compact_model)
+        print(f"compact model: {before:,} → {after:,} parameters ({before / max(after, 1):.2f}x fewer)")
+    plots = _write_plots(result)
+    print(f"run folder: {result.run_dir} ({_files(result.run_dir, plots)})")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from torchslim.compaction import compact, verify
+    from torchslim.engine import example_inputs, load_phase_model
+    from torchslim.recipes import load_recipe
+    from torchslim.serialize import save_compact
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    model, recipe = load_phase_model(args.checkpoint, recipe)
+    x = example_inputs(recipe, batch=8)
+    small = compact(model, x, shapes=args.shapes or recipe.compact.shapes)
+    report = verify(model, small, x)
+    save_compact(small, args.out, arch=getattr(model, "arch", None))
+    before, after = _numel(model), _numel(small)
+    print(f"compacted {args.checkpoint} → {args.out}: {before:,} → {after:,} parameters "
+          f"({before / max(after, 1):.2f}x fewer); outputs {report}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from torchslim.engine import build_model
+    from torchslim.models import create_model
+    from torchslim.profile import compare, machine_info, profile
+    from torchslim.recipes import load_recipe
+    from torchslim.serialize import load_compact
+
+    path = Path(args.compact)
+    if not path.is_file():
+        raise CheckpointError(f"compact model file {path} does not exist; write one with `torchslim train` "
+                              f"(runs/<recipe>/compact.pt) or `torchslim compact`")
+    _check_positive("--threads", args.threads)
+    _check_positive("--repeats", args.repeats)
+    for b in args.batch:
+        _check_positive("--batch", b)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    if recipe is not None:
+        dense = build_model(recipe)
+    else:
+        small_arch = _stored_arch(path)
+        name = args.model or (small_arch or {}).get("name")
+        if name is None:
+            raise ConfigError(f"{path} names no architecture; pass --model or --recipe for the dense reference")
+        dense = create_model(name, **({} if args.model else small_arch.get("kwargs", {})))
+    small = load_compact(path, model=dense)
+    shape = tuple(args.input_shape) if args.input_shape else _input_shape(recipe)
+    info = machine_info()
+    print(f"{path} vs dense {getattr(dense, 'arch', {}).get('name', type(dense).__name__)} on {info['cpu']} "
+          f"(torch {info['torch']})")
+    for b in args.batch:
+        x = torch.randn(b, *shape)
+        print()
+        print(compare(profile(dense, x, threads=args.threads, repeats=args.repeats),
+                      profile(small, x, threads=args.threads, repeats=args.repeats)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _check_positive("--threads", args.threads)
+    name = DEMO_FULL_RECIPE if args.full else DEMO_RECIPE
+    result = _train(args, name)
+    if not result.finished or result.compact_model is None:
+        raise ConfigError(f"the run of {name} did not finish; run the demo again with --resume")
+    measured = _measure(result, threads=args.threads)
+    plots = _write_plots(result)
+    from torchslim.engine import write_results
+
+    write_results(result, extra={"demo": measured.as_dict()})
+    print()
+    print(_demo_table(result, measured))
+    print(f"\nrun folder: {result.run_dir} ({_files(result.run_dir, plots)})")
+    for p in plots:
+        print(f"wrote {p}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo table
+
+
+@dataclass
+class _Measured:
+    """Parameters, MACs and latency of the dense and compact models, as the demo table shows them."""
+
+    threads: int
+    params: dict[str, int]  # dense, ssl (non-zero), compact
+    macs: dict[str, int]  # per image: dense, ssl (live rows x live columns), compact
+    latency_ms: dict[int, tuple[float, float]]  # batch -> (dense, compact)
+    cpu: str
+
+    def as_dict(self) -> dict:
+        return {"threads": self.threads, "params": self.params, "macs": self.macs, "cpu": self.cpu,
+                "latency_ms": {str(b): {"dense": d, "compact": c} for b, (d, c) in self.latency_ms.items()}}
+
+
+def _measure(result, *, threads: int, batches: Sequence[int] = (1, 64)) -> _Measured:
+    from torchslim.profile import machine_info, profile
+
+    dense, small = result.dense_model, result.compact_model
+    latency = {}
+    for b in batches:
+        x = torch.randn(b, *result.example.shape[1:], generator=torch.Generator().manual_seed(b))
+        repeats = 200 if b == 1 else 30
+        d = profile(dense, x, threads=threads, repeats=repeats, warmup=5)
+        c = profile(small, x, threads=threads, repeats=repeats, warmup=5)
+        latency[b] = (d.latency_ms, c.latency_ms)
+    x1 = result.example[:1]
+    pd, pc = profile(dense, x1, latency=False), profile(small, x1, latency=False)
+    with torch.no_grad():
+        ssl_params = sum(int(torch.count_nonzero(p)) for p in result.sparse_model.parameters())
+    return _Measured(
+        threads=threads, latency_ms=latency, cpu=machine_info()["cpu"],
+        params={"dense": pd.params, "ssl": ssl_params, "compact": pc.params},
+        macs={"dense": pd.macs, "ssl": result.report.macs_sparse, "compact": pc.macs},
+    )
+
+
+def _layer_weight(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The (lowered) weight that stands for layer ``name`` in a compact model: Conv2d, Linear or
+    LoweredConv2d, possibly inside a ``Sequential(ZeroPad2d, conv)`` put in its place."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, nn.Sequential):
+        module = module[-1]
+    w = getattr(module, "weight", None)
+    return w.detach() if isinstance(w, torch.Tensor) else None
+
+
+def _structure_rows(result) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for layer in result.report.layers:
+        conv = layer.type == "Conv2d"
+        w = _layer_weight(result.compact_model, layer.name)
+        small = (w.shape[0], w.shape[1], w.flatten(1).shape[1]) if w is not None and w.dim() == 4 else \
+            (w.shape[0], None, w.shape[1]) if w is not None else (None, None, None)
+        if conv:
+            rows.append((f"{layer.name} filters", str(layer.filters_total), str(layer.filters_alive), _s(small[0])))
+            rows.append((f"{layer.name} channels", str(layer.channels_total), str(layer.channels_alive),
+                         _s(small[1] if small[1] is not None else layer.channels_alive)))
+            rows.append((f"{layer.name} filter size (C·kh·kw)", str(layer.shape_total), str(layer.shape_alive),
+                         _s(small[2])))
+        else:
+            rows.append((f"{layer.name} neurons", str(layer.filters_total), str(layer.filters_alive), _s(small[0])))
+            rows.append((f"{layer.name} inputs", str(layer.channels_total), str(layer.channels_alive), _s(small[2])))
+    return rows
+
+
+def _demo_table(result, m: _Measured) -> str:
+    acc = result.accuracy
+    epochs = {p: getattr(result.recipe, p).epochs for p in ("baseline", "ssl", "finetune")}
+    header = ("", "dense", "SSL (zeros)", "compact+FT", "change")
+    rows: list[tuple[str, ...]] = [header]
+    rows.append(("test accuracy", _pct(acc.get("baseline")), _pct(acc.get("ssl")), _pct(acc.get("finetune")),
+                 _pts(acc.get("finetune"), acc.get("baseline"))))
+    rows += [r + ("",) for r in _structure_rows(result)]
+    rows.append(("MACs per image", _si(m.macs["dense"]), _si(m.macs["ssl"]), _si(m.macs["compact"]),
+                 _ratio(m.macs["dense"], m.macs["compact"], "fewer")))
+    rows.append(("parameters", _si(m.params["dense"]), _si(m.params["ssl"]) + " nz", _si(m.params["compact"]),
+                 _ratio(m.params["dense"], m.params["compact"], "fewer")))
+    for b, (d, c) in m.latency_ms.items():
+        rows.append((f"CPU latency, batch {b}", _ms(d), "= dense", _ms(c), _ratio(d, c, "speedup")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = [
+        f"torchslim demo: {result.recipe.model.name} on {result.recipe.data.name}, recipe {result.recipe.name} "
+        f"(epochs: baseline {epochs['baseline']}, SSL {epochs['ssl']}, fine-tune {epochs['finetune']}; "
+        f"training {_duration(sum(r.seconds for r in result.history))}, this run {_duration(result.seconds)})",
+        rule,
+    ]
+    for i, r in enumerate(rows):
+        lines.append("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
+        if i == 0:
+            lines.append(rule)
+    lines.append(rule)
+    lines.append(
+        "SSL: the model after group Lasso, before compaction: non-zero rows/columns of each layer (it still "
+        "runs dense).\ncompact+FT: the physically smaller model after fine-tuning; compaction also cuts a "
+        "filter whose channel the next layer no longer reads.\n"
+        f"Accuracy of the compact model before fine-tuning: {_pct(acc.get('compact'))}. Latency: median "
+        f"forward time on {m.cpu}, {m.threads} thread{'s' if m.threads != 1 else ''}, torch {torch.__version__}."
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _s(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _pts(new: float | None, old: float | None) -> str:
+    return "" if new is None or old is None else f"{100 * (new - old):+.2f} pts"
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f} ms"
+
+
+def _ratio(dense: float | None, small: float | None, word: str) -> str:
+    return "" if not dense or not small else f"{dense / small:.2f}x {word}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _accuracy_line(acc: dict[str, float]) -> str:
+    names = {"baseline": "dense", "ssl": "SSL", "compact": "compact", "finetune": "compact+fine-tuned"}
+    return "test accuracy: " + ", ".join(f"{names[k]} {_pct(acc[k])}" for k in names if k in acc)
+
+
+def _files(folder: Path, plots: Sequence[Path]) -> str:
+    names = sorted({p.name for p in folder.iterdir() if p.suffix in (".pt", ".json")} | {p.name for p in plots})
+    return ", ".join(names)
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {value}")
+
+
+def _stored_arch(path: Path) -> dict | None:
+    """The ``arch`` a compact model file stores (``{"name", "kwargs"}``), or None."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(raw["arch"]) if isinstance(raw, dict) and raw.get("arch") else None
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path} as a compact model file ({type(exc).__name__}: {exc}); "
+                              f"write it with `torchslim compact` or `torchslim train`") from exc
+
+
+def _input_shape(recipe) -> tuple[int, ...]:
+    if recipe is None:
+        return (1, 28, 28)
+    from torchslim.engine import example_inputs
+
+    return tuple(example_inputs(recipe, batch=1).shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``torchslim`` command line; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse has already printed
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except TorchSlimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last finished epoch is checkpointed: run again with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

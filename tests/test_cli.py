@@ -1,0 +1,163 @@
+"""The ``torchslim`` command: help, errors as one line with exit status 2, and tiny real runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from torchslim.cli import main
+from torchslim.data import load_dataset
+from torchslim.errors import DatasetNotFound
+
+TINY = [
+    "--set", "data.train_limit=256", "--set", "data.test_limit=128", "--set", "eval_batch_size=128",
+    "--set", "baseline.epochs=1", "--set", "baseline.lr=0.05", "--set", "ssl.epochs=1", "--set", "ssl.lr=0.05",
+    "--set", "ssl.lr_schedule=constant",
+    "--set", "ssl.kinds=[channel, shape]", "--set", "ssl.strength={channel: 0.04, shape: 0.04}",
+    "--set", "finetune.epochs=1", "--no-progress",
+]
+
+
+def _have_data() -> bool:
+    try:
+        load_dataset("fashion-mnist", "test", limit=1)
+    except DatasetNotFound:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST is not installed (make data)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny batches gain nothing from threads, and threads collapse when other jobs share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["demo", "--help"], ["profile", "--help"],
+                                  ["compact", "--help"]])
+def test_help_exits_0(argv, capsys):
+    assert main(argv) == 0
+    assert "usage: torchslim" in capsys.readouterr().out
+
+
+def test_help_lists_the_subcommands(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "compact", "profile", "demo"):
+        assert command in out
+
+
+def test_usage_error_exits_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert main([]) == 2
+
+
+def test_unknown_recipe_exits_2_with_the_available_ones(capsys):
+    assert main(["train", "nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: recipe 'nonexistent' not found")
+    assert "lenet_ssl" in err and "Traceback" not in err
+
+
+def test_bad_override_exits_2_with_a_suggestion(capsys):
+    assert main(["train", "lenet_ssl", "--set", "ssl.epoch=1"]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_missing_data_dir_exits_2_and_says_how_to_get_the_data(tmp_path, capsys):
+    code = main(["train", "lenet_ssl", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
+
+
+def test_resume_from_a_corrupt_checkpoint_exits_2(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    if not _have_data():
+        pytest.skip("Fashion-MNIST is not installed")
+    assert main(["train", "lenet_ssl", "--out", str(tmp_path), "--resume", *TINY]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_profile_of_a_missing_file_exits_2(tmp_path, capsys):
+    assert main(["profile", "--model", "lenet", "--compact", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_python_dash_m_works():
+    done = subprocess.run([sys.executable, "-m", "torchslim", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "demo" in done.stdout
+
+
+@needs_data
+def test_train_then_compact_then_profile(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "lenet_ssl", "--out", str(run), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "conv2" in out
+    assert (run / "compact.pt").is_file() and (run / "structure.png").is_file()
+
+    small = tmp_path / "small.pt"
+    assert main(["compact", str(run / "sparse.pt"), "--out", str(small), "--shapes", "lowered"]) == 0
+    assert "parameters" in capsys.readouterr().out and small.is_file()
+
+    assert main(["profile", "--recipe", "lenet_ssl", "--compact", str(small), "--batch", "1", "4",
+                 "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("speedup") == 2 and "batch 4" in out
+
+
+def test_compact_of_a_plain_state_dict_needs_a_recipe(tmp_path, capsys):
+    import torch
+
+    from torchslim.models import create_model
+
+    path = tmp_path / "sd.pt"
+    torch.save(create_model("lenet").state_dict(), path)
+    assert main(["compact", str(path), "--out", str(tmp_path / "c.pt")]) == 2
+    assert "--recipe" in capsys.readouterr().err
+    assert main(["compact", str(path), "--recipe", "lenet_ssl", "--out", str(tmp_path / "c.pt")]) == 0
+    assert "431,080 → 431,080 parameters" in capsys.readouterr().out
+
+
+@needs_data
+def test_demo_prints_one_table_and_writes_the_plots(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), *TINY]) == 0
+    out = capsys.readouterr().out
+    for row in ("test accuracy", "conv1 filters", "conv2 channels", "MACs per image", "parameters",
+                "CPU latency, batch 1", "CPU latency, batch 64", "speedup", "1 thread"):
+        assert row in out, row
+    assert (tmp_path / "structure.png").stat().st_size > 10_000
+    assert (tmp_path / "history.png").stat().st_size > 10_000
+    assert "structure.png" in out
+
+
+def test_structure_plot_counts_zero_filters_channels_and_shapes(tmp_path):
+    import torch
+
+    from torchslim.errors import ConfigError
+    from torchslim.models import create_model
+    from torchslim.plots import layer_zeros, plot_history, plot_structure
+
+    model = create_model("lenet")
+    with torch.no_grad():
+        model.conv1.weight[5:].zero_()  # 15 of 20 filters
+        model.conv2.weight[:, :10].zero_()  # 10 of 20 input channels, so 250 of 500 shape fibers
+        model.conv2.weight[:, :, 0, :].zero_()  # plus the top kernel row: 50 more fibers
+    zeros = {z.name: z for z in layer_zeros(model)}
+    assert zeros["conv1"].filters == pytest.approx(0.75) and zeros["conv1"].channels == 0
+    assert zeros["conv2"].channels == pytest.approx(0.5) and zeros["conv2"].shapes == pytest.approx(0.6)
+    assert zeros["fc1"].shapes is None
+    assert plot_structure(model, tmp_path / "s.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="empty"):
+        plot_history([], tmp_path / "h.png")

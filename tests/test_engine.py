@@ -1,0 +1,186 @@
+"""The training engine on a 512-image Fashion-MNIST subset: phases, resume, checkpoints, zeros kept."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import torchslim.engine as engine
+from torchslim.errors import CheckpointError, ConfigError, DatasetNotFound
+from torchslim.recipes import PhaseSpec, load_recipe
+from torchslim.serialize import load_compact
+
+TINY = [
+    "data.train_limit=512", "data.test_limit=256", "eval_batch_size=256",
+    "baseline.epochs=1", "baseline.lr=0.05",
+    # a strong λ so that one short epoch already zeroes whole channels and shape fibers
+    "ssl.epochs=1", "ssl.lr=0.05", "ssl.lr_schedule=constant",
+    "ssl.kinds=[channel, shape]", "ssl.strength={channel: 0.04, shape: 0.04}",
+    "finetune.epochs=1", "finetune.lr=0.01",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_fashion_mnist():
+    try:
+        engine.load_dataset("fashion-mnist", "test", limit=1)
+    except DatasetNotFound:
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny batches gain nothing from threads, and threads collapse when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(*extra: str):
+    return load_recipe("lenet_ssl", overrides=[*TINY, *extra])
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedules():
+    cos = PhaseSpec(epochs=2, lr=0.1, lr_schedule="cosine")
+    assert engine.lr_at(cos, 0, 100) == pytest.approx(0.1)
+    assert engine.lr_at(cos, 50, 100) == pytest.approx(0.05)
+    assert engine.lr_at(cos, 99, 100) < 1e-3
+    step = PhaseSpec(epochs=2, lr=0.1, lr_schedule="step")
+    assert [engine.lr_at(step, s, 100) for s in (0, 50, 75)] == pytest.approx([0.1, 0.01, 0.001])
+    assert engine.lr_at(PhaseSpec(lr=0.1, lr_schedule="constant"), 99, 100) == 0.1
+
+
+def test_run_goes_through_every_phase(tmp_path):
+    result = engine.run(tiny(), run_dir=tmp_path, progress=False)
+    assert result.finished
+    assert set(result.accuracy) == {"baseline", "ssl", "compact", "finetune"}
+    assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())
+    assert [(r.phase, r.epoch) for r in result.history] == [("baseline", 1), ("ssl", 1), ("finetune", 1)]
+    assert result.epochs_trained == {"baseline": 1, "ssl": 1, "finetune": 1}
+    # SSL zeroed whole groups, and compaction cut them out
+    ssl_record = result.history[1]
+    assert ssl_record.zero_fraction["channel"] > 0 and ssl_record.density < 1
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(result.compact_model) < n(result.sparse_model) == n(result.dense_model)
+    # compacting did not change the function: same accuracy before fine-tuning
+    assert result.accuracy["compact"] == pytest.approx(result.accuracy["ssl"], abs=1 / 256)
+    # files: the compact model reloads to the same outputs, results.json has the numbers
+    for name in ("checkpoint.pt", "baseline.pt", "sparse.pt", "compacted.pt", "compact.pt", "results.json"):
+        assert (tmp_path / name).is_file(), name
+    x = result.example
+    torch.testing.assert_close(load_compact(tmp_path / "compact.pt")(x), result.compact_model(x))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["accuracy"] == pytest.approx(result.accuracy)
+    assert saved["structure"][0]["name"] == "conv1" and len(saved["history"]) == 3
+
+
+def test_finetuning_keeps_removed_structures_at_zero(tmp_path):
+    result = engine.run(tiny("compact.shapes=off", "finetune.lr=0.05"), run_dir=tmp_path, progress=False)
+    before = load_compact(tmp_path / "compacted.pt")  # the compact model before fine-tuning
+    after = result.compact_model
+    zero_fibers = 0
+    for name, w in before.state_dict().items():
+        if name.endswith("weight") and w.dim() == 4:  # conv: shape fibers W[:, c, i, j] that were all zero
+            dead = (w != 0).sum(0) == 0
+            zero_fibers += int(dead.sum())
+            assert torch.all(after.state_dict()[name][:, dead] == 0), name
+        if name.endswith("weight"):
+            assert not torch.equal(after.state_dict()[name], w), f"{name} was not trained"
+    assert zero_fibers > 0, "the test needs zero shape fibers inside the compact model"
+
+
+def test_resume_does_not_redo_finished_epochs_and_matches_a_straight_run(tmp_path):
+    straight = engine.run(tiny(), run_dir=tmp_path / "straight", progress=False)
+
+    first = engine.run(tiny(), run_dir=tmp_path / "resumed", progress=False, stop_after="baseline")
+    assert not first.finished and first.epochs_trained == {"baseline": 1, "ssl": 0, "finetune": 0}
+    second = engine.run(tiny(), run_dir=tmp_path / "resumed", progress=False, resume=True)
+    assert second.finished
+    assert second.epochs_trained == {"baseline": 0, "ssl": 1, "finetune": 1}
+    assert [r.phase for r in second.history] == ["baseline", "ssl", "finetune"]
+    assert second.accuracy == pytest.approx(straight.accuracy)
+    for k, v in straight.compact_model.state_dict().items():
+        torch.testing.assert_close(second.compact_model.state_dict()[k], v)
+
+    third = engine.run(tiny(), run_dir=tmp_path / "resumed", progress=False, resume=True)
+    assert third.epochs_trained == {"baseline": 0, "ssl": 0, "finetune": 0}  # all done: nothing to redo
+
+
+def test_resume_in_the_middle_of_a_phase_restores_the_optimizer(tmp_path, monkeypatch):
+    recipe = tiny("ssl.epochs=2")
+    straight = engine.run(recipe, run_dir=tmp_path / "straight", progress=False)
+
+    real, calls = engine.train_epoch, []
+
+    def dies_in_second_ssl_epoch(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if kwargs["desc"].startswith("ssl 2/"):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_epoch", dies_in_second_ssl_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(recipe, run_dir=tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(engine, "train_epoch", real)
+    resumed = engine.run(recipe, run_dir=tmp_path / "resumed", progress=False, resume=True)
+    assert resumed.epochs_trained == {"baseline": 0, "ssl": 1, "finetune": 1}
+    assert resumed.accuracy == pytest.approx(straight.accuracy)
+    for k, v in straight.sparse_model.state_dict().items():
+        torch.testing.assert_close(resumed.sparse_model.state_dict()[k], v)
+
+
+def test_resume_in_finetuning_rebuilds_the_compact_model(tmp_path):
+    engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="compact")
+    resumed = engine.run(tiny(), run_dir=tmp_path, progress=False, resume=True)
+    assert resumed.epochs_trained == {"baseline": 0, "ssl": 0, "finetune": 1}
+    assert sum(p.numel() for p in resumed.compact_model.parameters()) < 431_080
+
+
+def test_corrupt_checkpoint_is_a_checkpoint_error_on_resume(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        engine.run(tiny(), run_dir=tmp_path, progress=False, resume=True)
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error_on_resume(tmp_path):
+    engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="baseline")
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError):
+        engine.run(tiny(), run_dir=tmp_path, progress=False, resume=True)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    engine.run(tiny("baseline.epochs=0", "ssl.epochs=0", "finetune.epochs=0"), run_dir=tmp_path,
+               progress=False, stop_after="baseline")
+    other = tiny("model.name=mlp", "ssl.kinds=[neuron]", "ssl.strength=0.1")
+    with pytest.raises(CheckpointError, match="another --out folder"):
+        engine.run(other, run_dir=tmp_path, progress=False, resume=True)
+
+
+def test_multiplier_for_a_missing_layer_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'conv1'"):
+        engine.run(tiny("baseline.epochs=0", "ssl.multipliers={conv_1: 2.0}"), run_dir=tmp_path, progress=False)
+
+
+def test_subgradient_mode_and_mlp_neurons(tmp_path):
+    recipe = tiny("model.name=mlp", "ssl.kinds=[neuron]", "ssl.strength=0.05", "ssl.mode=subgradient",
+                  "compact.shapes=off")
+    result = engine.run(recipe, run_dir=tmp_path, progress=False)
+    assert result.finished and math.isfinite(result.history[1].train_loss)
+    assert "neuron" in result.history[1].zero_fraction
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_one(tmp_path):
+    engine.run(tiny(), run_dir=tmp_path, progress=False)
+    again = engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="baseline")
+    assert again.sparse_model is None and again.compact_model is None
+    assert not (tmp_path / "compact.pt").exists() and [r.phase for r in again.history] == ["baseline"]

@@ -75,3 +75,21 @@ def test_subgradient_mode_step_zeroes_small_weights():
 def test_bad_configuration_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         GroupLasso(_filters(_two_filter_conv()), **bad)
+
+
+def test_layer_kind_multiplier_scales_one_kind_of_one_layer():
+    net = TinyLeNet()
+    groups = structures(net, torch.randn(1, 1, 28, 28), kinds=("filter", "shape"))
+    lasso = GroupLasso(groups, 0.1, multipliers={"conv1": 0.0, "conv1:shape": 2.0})
+    expected = 0.2 * net.conv1.weight.flatten(1).norm(dim=0).sum() + 0.1 * sum(
+        m.weight.flatten(1).norm(dim=1).sum() + (m.weight.flatten(1).norm(dim=0).sum() if m is net.conv2 else 0)
+        for m in (net.conv2, net.fc1, net.fc2))
+    torch.testing.assert_close(lasso.penalty(), expected)
+
+
+def test_a_multiplier_that_selects_nothing_is_an_error():
+    groups = structures(TinyLeNet(), torch.randn(1, 1, 28, 28), kinds=("filter",))
+    with pytest.raises(ConfigError, match="did you mean 'conv1'"):
+        GroupLasso(groups, 0.1, multipliers={"convv1": 2.0})
+    with pytest.raises(ConfigError, match="selects no group"):
+        GroupLasso(groups, 0.1, multipliers={"conv1:shape": 2.0})

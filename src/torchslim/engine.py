@@ -24,7 +24,6 @@ Files in the run folder::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -364,17 +363,8 @@ def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = 
 
 
 def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
-    """SSL's regularizer over ``groups``, after checking that every multiplier names a layer."""
+    """SSL's regularizer over ``groups`` (it checks that every multiplier selects a layer)."""
     spec = run.recipe.ssl
-    labels = sorted({g.family.label.split("+")[0] for g in groups})
-    for layer in spec.multipliers:
-        if not any(lbl == layer or lbl.startswith(layer + ".") for lbl in labels):
-            close = difflib.get_close_matches(layer, labels, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"ssl.multipliers has layer '{layer}' that has no {list(spec.kinds)} groups{hint}; "
-                f"layers with groups: {', '.join(labels)}"
-            )
     lasso = GroupLasso(
         groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
         mode=spec.mode, threshold=spec.threshold,

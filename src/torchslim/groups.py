@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Kind = Literal["channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "rank"]
 KINDS: tuple[str, ...] = ("channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "rank")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
@@ -23,14 +24,32 @@ class _Block:
     lam: Tensor  # (G_f,) λ_g, kind strength × layer multiplier × optional sqrt(|g|)
 
 
-def _multiplier(label: str, multipliers: Mapping[str, float]) -> float:
-    """The longest module-name prefix of ``label`` in ``multipliers`` wins; 1.0 if none."""
-    best, factor = -1, 1.0
-    for prefix, m in multipliers.items():
-        if (label == prefix or label.startswith(prefix + ".") or label.startswith(prefix + "+")) \
-                and len(prefix) > best:
-            best, factor = len(prefix), float(m)
+def _matches(prefix: str, label: str) -> bool:
+    return label == prefix or label.startswith(prefix + ".") or label.startswith(prefix + "+")
+
+
+def _multiplier(fam: Family, multipliers: Mapping[str, float]) -> float:
+    """Factor on λ for a family: the longest matching key wins, ``"layer:kind"`` before ``"layer"``."""
+    best, factor = (-1, -1), 1.0
+    for key, m in multipliers.items():
+        prefix, _, kind = key.partition(":")
+        if _matches(prefix, fam.label) and kind in ("", fam.kind) and (len(prefix), len(kind)) > best:
+            best, factor = (len(prefix), len(kind)), float(m)
     return factor
+
+
+def _check_multipliers(families: Sequence[Family], multipliers: Mapping[str, float]) -> None:
+    """Every key must select some family: a typo would otherwise silently change nothing."""
+    labels = sorted({f.label.split("+")[0] for f in families})
+    for key in multipliers:
+        prefix, _, kind = key.partition(":")
+        if not any(_matches(prefix, f.label) and kind in ("", f.kind) for f in families):
+            close = difflib.get_close_matches(prefix, labels, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"multiplier '{key}' selects no group{hint}; keys are 'layer' or 'layer:kind' "
+                f"with layers {', '.join(labels)}"
+            )
 
 
 class GroupLasso:
@@ -49,7 +68,8 @@ class GroupLasso:
         groups: from :func:`torchslim.structures`.
         strength: λ for every kind, or a mapping ``kind -> λ`` (kinds not in it get 0).
         multipliers: per-layer factors on λ keyed by module name (prefix match), like Caffe's
-            ``*_decay_mult``.
+            ``*_decay_mult``; ``"conv1:shape"`` scales only that layer's shape groups (Caffe's
+            ``kernel_shape_decay_mult``).
         weight_by_size: multiply λ_g by ``sqrt(|g|)``, the usual group-Lasso weighting.
         mode: ``"prox"`` or ``"subgradient"``.
         threshold: element threshold of the subgradient mode.
@@ -86,8 +106,10 @@ class GroupLasso:
         self.mode: Mode = mode
         self.threshold = threshold
         self.blocks: list[_Block] = []
-        for fam, members in families_of(list(groups)).items():
-            lam = lam_of.get(fam.kind, 0.0) * _multiplier(fam.label, multipliers or {})
+        buckets = families_of(list(groups))
+        _check_multipliers(list(buckets), multipliers or {})
+        for fam, members in buckets.items():
+            lam = lam_of.get(fam.kind, 0.0) * _multiplier(fam, multipliers or {})
             if weight_by_size:
                 lam *= fam.numel_per_member() ** 0.5
             if lam > 0:

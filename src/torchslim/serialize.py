@@ -208,7 +208,8 @@ def _read(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise
+        raise CheckpointError(f"{path} does not exist; save a compacted model there with save_compact() "
+                              "or `torchslim compact`, or check the path") from None
     except Exception as e:  # corrupt zip, truncated file, pickle with forbidden globals, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(

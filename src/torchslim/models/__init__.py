@@ -122,3 +122,6 @@ def resnet20(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
 def resnet32(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
     """ResNet-32: three stages of five BasicBlocks (16/32/64 channels)."""
     return CifarResNet(32, num_classes, in_channels)
+
+
+from torchslim.models import fc as _fc  # noqa: E402,F401  registers "fcnet" (it needs register_model above)

@@ -8,7 +8,6 @@ STAMP   := $(VENV)/.torchslim-installed
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q -e '.[export,test]'
 	touch $(STAMP)

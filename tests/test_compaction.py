@@ -135,3 +135,16 @@ def test_compact_leaves_the_original_untouched_and_returns_eval_mode():
     small = compact(model, x)
     assert model.training and not small.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp", "resnet20"])
+def test_compact_the_papers_models(name):
+    from torchslim.models import create_model
+
+    model = randomize_bn(create_model(name)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    groups = structures(model, x, kinds=("channel", "neuron"))
+    _zero_random(groups, 0.3, seed=1)
+    small = compact(model, x)
+    assert _n_params(small) < _n_params(model)
+    assert verify(model, small, torch.randn(4, 1, 28, 28)).max_abs_diff <= 1e-5

@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = _init_process_group()
     try:
         summary = train(args, device)
+        dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts the process
     finally:
         dist.destroy_process_group()
     if summary is not None:

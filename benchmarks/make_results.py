@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from terngrad_report import terngrad_sections
+
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
 
@@ -111,6 +113,7 @@ def main() -> None:
         out += overhead_section(overhead)
     if modes:
         out += modes_section(modes)
+    out += terngrad_sections(RESULTS)
     (ROOT / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()
     readme = re.sub(r"<!-- results:start -->.*<!-- results:end -->",

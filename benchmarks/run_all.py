@@ -10,6 +10,10 @@ STEPS = [
     ["ssl_recipe.py", "--recipe", "lenet_ssl_full"],
     ["ssl_recipe.py", "--recipe", "mlp_ssl"],
     ["prox_vs_subgradient.py", "--recipe", "lenet_ssl"],
+    ["codec_throughput.py"],
+    ["terngrad_wire.py"],
+    ["terngrad_convergence.py"],
+    ["terngrad_speed.py"],
     ["make_results.py"],
 ]
 

@@ -41,7 +41,7 @@ from torchslim.checkpoint import load_checkpoint, load_state_dict_checked, rng_s
 from torchslim.compaction import compact
 from torchslim.data import batches, load_dataset
 from torchslim.errors import CheckpointError, ConfigError
-from torchslim.groups import Group, families_of
+from torchslim.groups import Group, zero_counts
 from torchslim.lasso import GroupLasso
 from torchslim.masking import ZeroMask
 from torchslim.models import create_model
@@ -203,13 +203,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
 
 def zero_fractions(groups: Sequence[Group]) -> dict[str, float]:
     """Fraction of all-zero groups per kind, e.g. ``{"channel": 0.4, "shape": 0.7}``."""
-    zero: dict[str, int] = {}
-    total: dict[str, int] = {}
-    with torch.no_grad():
-        for fam, members in families_of(list(groups)).items():
-            zero[fam.kind] = zero.get(fam.kind, 0) + int((fam.row_sq()[members] == 0).sum())
-            total[fam.kind] = total.get(fam.kind, 0) + len(members)
-    return {k: zero[k] / total[k] for k in total}
+    return {kind: zero / total for kind, (zero, total) in zero_counts(groups).items()}
 
 
 def _nonzero(model: nn.Module) -> int:

@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from support import have_fashion_mnist, needs_fashion_mnist
 
 from torchslim.cli import main
-from torchslim.data import load_dataset
-from torchslim.errors import DatasetNotFound
 
 TINY = [
     "--set", "data.train_limit=256", "--set", "data.test_limit=128", "--set", "eval_batch_size=128",
@@ -20,26 +19,7 @@ TINY = [
 ]
 
 
-def _have_data() -> bool:
-    try:
-        load_dataset("fashion-mnist", "test", limit=1)
-    except DatasetNotFound:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST is not installed (make data)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from threads, and threads collapse when other jobs share the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["demo", "--help"], ["profile", "--help"],
@@ -83,7 +63,7 @@ def test_missing_data_dir_exits_2_and_says_how_to_get_the_data(tmp_path, capsys)
 
 def test_resume_from_a_corrupt_checkpoint_exits_2(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    if not _have_data():
+    if not have_fashion_mnist():
         pytest.skip("Fashion-MNIST is not installed")
     assert main(["train", "lenet_ssl", "--out", str(tmp_path), "--resume", *TINY]) == 2
     assert "checkpoint" in capsys.readouterr().err
@@ -99,7 +79,7 @@ def test_python_dash_m_works():
     assert done.returncode == 0 and "demo" in done.stdout
 
 
-@needs_data
+@needs_fashion_mnist
 def test_train_then_compact_then_profile(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "lenet_ssl", "--out", str(run), *TINY]) == 0
@@ -130,7 +110,7 @@ def test_compact_of_a_plain_state_dict_needs_a_recipe(tmp_path, capsys):
     assert "431,080 → 431,080 parameters" in capsys.readouterr().out
 
 
-@needs_data
+@needs_fashion_mnist
 def test_demo_prints_one_table_and_writes_the_plots(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), *TINY]) == 0
     out = capsys.readouterr().out

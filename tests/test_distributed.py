@@ -10,24 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import needs_fashion_mnist
 
-from torchslim.data import load_dataset
-from torchslim.errors import DatasetNotFound
 
 RUN_TIMEOUT_S = 180
 COMMON = ["--model", "lenet", "--grad", "terngrad", "--batch-size", "32", "--train-limit", "1000",
           "--test-limit", "500", "--checkpoint-every", "3", "--log-every", "1"]
 
 
-def _have_fashion_mnist() -> bool:
-    try:
-        load_dataset("fashion-mnist", "test", limit=1)
-    except DatasetNotFound:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MNIST is not installed")
+pytestmark = needs_fashion_mnist
 
 
 def _torchrun(tmp: Path, *args: str, max_restarts: int = 0) -> subprocess.CompletedProcess:

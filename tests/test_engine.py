@@ -6,10 +6,11 @@ import json
 import math
 
 import pytest
+from support import needs_fashion_mnist
 import torch
 
 import torchslim.engine as engine
-from torchslim.errors import CheckpointError, ConfigError, DatasetNotFound
+from torchslim.errors import CheckpointError, ConfigError
 from torchslim.recipes import PhaseSpec, load_recipe
 from torchslim.serialize import load_compact
 
@@ -23,21 +24,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_fashion_mnist():
-    try:
-        engine.load_dataset("fashion-mnist", "test", limit=1)
-    except DatasetNotFound:
-        pytest.skip("Fashion-MNIST is not installed (make data)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from threads, and threads collapse when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [needs_fashion_mnist, pytest.mark.usefixtures("one_thread")]
 
 
 def tiny(*extra: str):

@@ -83,6 +83,19 @@ def modes_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+def codec_section(d: dict) -> list[str]:
+    lines = ["### TernGrad codec throughput", "",
+             f"GB/s of fp32 gradient ({d['numel']:,} elements), median of {d['repeats']}; encode = ternarize + pack "
+             f"(the scaler, timed apart, is one max/std pass), decode = unpack_sum of {d['world']} workers' codes (into a new int32 tensor / "
+             f"into the float32 bucket with `out=`); {_machine(d)}.", "",
+             "| device | threads | scheme | encode | decode | decode into bucket |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        g = r["gbps"]
+        lines.append(f"| {r['device']} | {r['threads']} | {r['scheme']} | {g['encode']:.2f} | {g['decode']:.2f} "
+                     f"| {g['decode_out']:.2f} |")
+    return lines + [""]
+
+
 def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None) -> str:
     rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup (batch 64 / 1, 1 thread) |",
             "|---|---|---|---|"]
@@ -113,6 +126,9 @@ def main() -> None:
         out += overhead_section(overhead)
     if modes:
         out += modes_section(modes)
+    codec = _load("codec_throughput")
+    if codec:
+        out += codec_section(codec)
     out += terngrad_sections(RESULTS)
     (ROOT / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 import traceback
 from collections import OrderedDict
@@ -334,9 +333,10 @@ WORLD2 = tuple(name for name in SCENARIOS if name != "subgroups")
 WORLD4 = ("replicas_identical", "reference_allgather", "reference_allreduce", "nonfinite", "subgroups")
 
 
-def _worker(rank: int, world: int, port: int, names: tuple[str, ...], out: str) -> None:
+def _worker(rank: int, world: int, names: tuple[str, ...], out: str) -> None:
     torch.set_num_threads(1)        # a forked child must not enter the parent's OpenMP pool: it would hang
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    # rendezvous through a file in this run's folder: no port to race for with other jobs
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     results = {}
     try:
@@ -352,15 +352,9 @@ def _worker(rank: int, world: int, port: int, names: tuple[str, ...], out: str) 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, names: tuple[str, ...], out: Path) -> dict[str, list[str]]:
     """Run ``names`` on ``world`` gloo workers; per scenario, each rank's "ok" or traceback."""
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), names, str(out)), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, names, str(out)), nprocs=world, join=False,
                              start_method=START_METHOD)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:

@@ -144,20 +144,17 @@ class GroupLasso:
         Overlapping groups (say ``filter`` and ``shape`` on one weight) are shrunk by the product of
         their factors, all computed from the weights before this step.
         """
-        scales: dict[tuple[str, int, bool, int], Tensor] = {}
+        scales: dict[tuple[int, int, bool], tuple[Tensor, Tensor]] = {}  # (param, dim, flat) -> (p, factors)
         for b in self.blocks:
             dev = self._device(b)
             norms = self._norms(b)
             shrink = (1 - lr * b.lam.to(dev) / norms).clamp_min(0)  # (G_f,)
             for s in b.family.weight_stripes():
                 p = b.family.params[s.param]
-                key = (s.param, s.dim, s.flat, id(p))
-                vec = scales.setdefault(key, torch.ones(s.rows(p), device=dev))
+                _, vec = scales.setdefault((id(p), s.dim, s.flat), (p, torch.ones(s.rows(p), device=dev)))
                 idx = (b.members.to(dev)[:, None] * s.width + torch.arange(s.width, device=dev)).flatten()
                 vec[idx] *= shrink.repeat_interleave(s.width)  # idx unique within a family
-        params = {id(p): p for b in self.blocks for p in b.family.params.values()}
-        for (_, dim, flat, pid), vec in scales.items():
-            p = params[pid]
+        for (_, dim, flat), (p, vec) in scales.items():
             v = p.flatten(dim) if flat else p
             shape = [1] * v.dim()
             shape[dim] = -1

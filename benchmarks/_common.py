@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,20 +26,46 @@ def interleaved_latency(models: dict[str, nn.Module], x: torch.Tensor, *, thread
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    times: dict[str, list[float]] = {k: [] for k in models}
     try:
         with torch.inference_mode():
             for m in models.values():
                 m.eval()
-                for _ in range(warmup):
-                    m(x)
-            for _ in range(repeats):
-                for name, m in models.items():
-                    t0 = time.perf_counter()
-                    m(x)
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+            return _alternate({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, warmup)
     finally:
         torch.set_num_threads(previous)
+
+
+def interleaved_onnx_latency(models: dict[str, nn.Module], x: torch.Tensor, *, threads: int, repeats: int = 30,
+                             warmup: int = 5) -> dict[str, dict[str, float]]:
+    """As :func:`interleaved_latency`, in onnxruntime (CPU): each model exported with ``export_onnx``."""
+    import onnxruntime as ort
+
+    from torchslim.serialize import export_onnx
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in models.items():
+            path = Path(tmp) / f"{name}.onnx"
+            export_onnx(model, x, path)
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            runs[name] = lambda s=session, f=feed: s.run(None, f)
+        return _alternate(runs, repeats, warmup)
+
+
+def _alternate(runs: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
     return {k: {"median_ms": statistics.median(v), "p10_ms": sorted(v)[len(v) // 10],
                 "p90_ms": sorted(v)[(len(v) * 9) // 10]} for k, v in times.items()}
 

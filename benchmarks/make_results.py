@@ -48,13 +48,26 @@ def ssl_section(d: dict, title: str) -> list[str]:
     for s in d["layers"]:
         lines.append(f"| {s['name']} | {s['filters'][0]}/{s['filters'][1]} | {s['channels'][0]}/{s['channels'][1]} "
                      f"| {s['shape'][0]}/{s['shape'][1]} | {s['macs_kept']:.1%} |")
-    lines += ["", "CPU latency, median of 30 interleaved runs (dense, compact and lowered timed in turn):", "",
-              "| threads | batch | dense ms | compact ms | speedup | lowered ms | speedup (lowered) |",
-              "|---|---|---|---|---|---|---|"]
+    valid = d.get("valid_accuracy") or {}
+    if valid:
+        lines.insert(7, f"| validation accuracy (λ chosen on it) | {valid['baseline']:.2%} | {valid['ssl']:.2%} "
+                        f"| {valid['finetune']:.2%} |")
+    onnx = d.get("speed_onnxruntime", {})
+    lines += ["", "CPU latency, median of 30 interleaved runs (dense, compact and lowered timed in turn), in PyTorch "
+              "eager and in onnxruntime; *÷ MACs* is the speedup over the multiply-add reduction "
+              f"({d['flop_reduction']:.1f}×):", "",
+              "| threads | batch | dense ms | compact ms | speedup | ÷ MACs | lowered ms | speedup (lowered) "
+              "| ORT dense ms | ORT compact ms | ORT speedup | ÷ MACs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, v in d["speed"].items():
         t, b = re.match(r"threads(\d+)_batch(\d+)", key).groups()
-        lines.append(f"| {t} | {b} | {v['dense']['median_ms']:.3f} | {v['compact']['median_ms']:.3f} | "
-                     f"{v['speedup']:.2f}× | {v['lowered']['median_ms']:.3f} | {v['speedup_lowered']:.2f}× |")
+        row = (f"| {t} | {b} | {v['dense']['median_ms']:.3f} | {v['compact']['median_ms']:.3f} | "
+               f"{v['speedup']:.2f}× | {v['speedup'] / d['flop_reduction']:.2f} | {v['lowered']['median_ms']:.3f} | "
+               f"{v['speedup_lowered']:.2f}× |")
+        o = onnx.get(key)
+        row += (f" {o['dense']['median_ms']:.3f} | {o['compact']['median_ms']:.3f} | {o['speedup']:.2f}× | "
+                f"{o['speedup'] / d['flop_reduction']:.2f} |" if o else " | | | |")
+        lines.append(row)
     lines.append("")
     return lines
 
@@ -97,17 +110,19 @@ def codec_section(d: dict) -> list[str]:
 
 
 def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None) -> str:
-    rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup (batch 64 / 1, 1 thread) |",
-            "|---|---|---|---|"]
+    rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup, batch 64 / 1, 1 thread: "
+            "PyTorch; onnxruntime |", "|---|---|---|---|"]
     for d, what in ((lenet, "LeNet, Fashion-MNIST, SSL"), (mlp, "MLP, Fashion-MNIST, SSL neurons")):
         if d is None:
             continue
         acc = d["accuracy"]
         red = f"{d['conv_flop_reduction']:.1f}× fewer conv FLOPs, " if d["conv_macs"]["dense"] else ""
         red += f"{d['flop_reduction']:.1f}× fewer FLOPs overall"
-        sp = d["speed"]
+        sp, so = d["speed"], d.get("speed_onnxruntime")
+        ort_speed = (f"; {so['threads1_batch64']['speedup']:.2f}× / {so['threads1_batch1']['speedup']:.2f}×"
+                     if so else "")
         rows.append(f"| {what} | {acc['baseline']:.2%} → {acc['finetune']:.2%} | {red} | "
-                    f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}× |")
+                    f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}×{ort_speed} |")
     if overhead:
         rows.append(f"| GroupLasso prox step, LeNet | | {overhead['overhead']['prox_alone']:.1%} of a training step | |")
     return "\n".join(rows) + "\n\nDetails, per-layer structure and machine: [RESULTS.md](RESULTS.md)."

@@ -5,7 +5,8 @@
 
 Trains baseline → SSL → compact → fine-tune with ``recipes/<recipe>.yaml`` (checkpoints in
 ``runs/<recipe>``, so ``--resume`` continues an interrupted run), then times the dense baseline and
-the compacted model in alternation, at batch 1 and 64, with 1 and 2 threads.
+the compacted model in alternation, at batch 1 and 64, with 1 and 2 threads, in PyTorch (eager) and
+in onnxruntime.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 
 import torch
 
-from _common import interleaved_latency, write
+from _common import interleaved_latency, interleaved_onnx_latency, write
 from torchslim import compact
 from torchslim.engine import run
 from torchslim.profile import profile
@@ -37,7 +38,7 @@ def main() -> None:
     x1 = result.example[:1]
     lowered = compact(result.sparse_model, result.example, shapes="lowered")
     p_dense, p_small = profile(dense, x1, latency=False), profile(small, x1, latency=False)
-    speed = {}
+    speed, speed_onnx = {}, {}
     for threads in (1, 2):
         for batch in (1, 64):
             x = torch.randn(batch, *x1.shape[1:])
@@ -45,6 +46,9 @@ def main() -> None:
             speed[f"threads{threads}_batch{batch}"] = {
                 **lat, "speedup": lat["dense"]["median_ms"] / lat["compact"]["median_ms"],
                 "speedup_lowered": lat["dense"]["median_ms"] / lat["lowered"]["median_ms"]}
+            onnx = interleaved_onnx_latency({"dense": dense, "compact": small}, x, threads=threads)
+            speed_onnx[f"threads{threads}_batch{batch}"] = {
+                **onnx, "speedup": onnx["dense"]["median_ms"] / onnx["compact"]["median_ms"]}
     layers = [{"name": s.name, "filters": [s.filters_alive, s.filters_total],
                "channels": [s.channels_alive, s.channels_total], "shape": [s.shape_alive, s.shape_total],
                "macs_kept": s.macs_sparse / s.macs_dense} for s in result.report.layers]
@@ -59,6 +63,8 @@ def main() -> None:
         "flop_reduction": p_dense.macs / p_small.macs,
         "conv_flop_reduction": conv_macs(dense, x1) / max(1, conv_macs(small, x1)),
         "speed": speed,
+        "speed_onnxruntime": speed_onnx,
+        "valid_accuracy": result.valid_accuracy,
         "train_seconds": result.seconds,
     }
     write(f"ssl_{recipe.name}", data)

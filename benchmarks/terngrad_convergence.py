@@ -2,9 +2,10 @@
 
     python benchmarks/terngrad_convergence.py [--steps 3000] [--eval-every 500] [--seeds 0 1 2] [--smoke]
 
-Three runs of ``torchrun -m torchslim.distributed`` with identical options but the gradients:
+Runs of ``torchrun -m torchslim.distributed`` with identical options but the gradients:
 ``fp32`` (plain DDP all-reduce), ``terngrad`` (the paper's clipping, s = min(max|g|, 2.5σ)) and
-``terngrad-noclip`` (``--clip-sigma inf``, s = max|g|), which shows what clipping buys. TernGrad keeps the
+``terngrad-noclip`` (``--clip-sigma inf``, s = max|g|), which shows what clipping buys, and
+``terngrad-twophase`` (``--reduce twophase``: the fewest bytes, the average rounded to ternary again). TernGrad keeps the
 last layer in fp32, as the paper's runs did. Each worker draws a batch of ``--batch-size`` examples per
 step (64: a total batch of 256) and SGD applies ``--lr`` to the averaged gradient (no scaling by N).
 
@@ -35,15 +36,16 @@ CONFIGS = {  # name: torchslim.distributed arguments
     "fp32": ["--grad", "fp32"],
     "terngrad": ["--grad", "terngrad", "--clip-sigma", "2.5"],
     "terngrad-noclip": ["--grad", "terngrad", "--clip-sigma", "inf"],
+    "terngrad-twophase": ["--grad", "terngrad", "--clip-sigma", "2.5", "--reduce", "twophase"],
 }
-COLORS = {"fp32": "#333333", "terngrad": "#d62728", "terngrad-noclip": "#1f77b4"}
+COLORS = {"fp32": "#333333", "terngrad": "#d62728", "terngrad-noclip": "#1f77b4", "terngrad-twophase": "#2ca02c"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3000, help="training steps of every run (default 3000)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between test evaluations (segments)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per config and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per config and seed")
     p.add_argument("--world-size", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64, help="examples per worker per step")
     p.add_argument("--lr", type=float, default=0.01)

@@ -15,7 +15,8 @@ That is TCP payload plus TCP/IP headers and ACKs, i.e. what a NIC would carry. I
   ring all-reduce volume ``2(N-1)/N · bytes`` that ``torchslim.distributed`` reports;
 * ``theory``: compression_anchors §8 in bits per gradient element, ``2(N-1)/N · 32`` (fp32),
   ``2(N-1)/N · 16`` (fp16), and for TernGrad ``(N-1) · b`` for the ternarized share (an all-gather of
-  b = 1.6 or 2-bit codes) plus ``2(N-1)/N · 32`` for the layers kept in fp32 (scalers left out: < 0.01 bit);
+  b = 1.6 or 2-bit codes; ``2(N-1)/N · b`` two-phase) plus ``2(N-1)/N · 32`` for the layers kept in fp32
+  (scalers left out: < 0.01 bit);
 * ``payload``: the bits of one worker's own encoded gradient (b per ternarized element, 32 per fp one),
   which is the wire cost at N = 2 and what each of the N-1 hops of an all-gather carries.
 
@@ -40,6 +41,8 @@ VARIANTS = {  # name: torchslim.distributed arguments
     "terngrad-base3": ["--grad", "terngrad", "--scheme", "base3"],
     "terngrad-2bit": ["--grad", "terngrad", "--scheme", "2bit"],
     "terngrad-base3-all": ["--grad", "terngrad", "--scheme", "base3", "--quantize-last"],  # logits too
+    "terngrad-twophase": ["--grad", "terngrad", "--scheme", "base3", "--reduce", "twophase"],
+    "terngrad-twophase-all": ["--grad", "terngrad", "--scheme", "base3", "--reduce", "twophase", "--quantize-last"],
 }
 STEPS = {"lenet": (10, 30), "fcnet": (3, 9)}     # (S, S'): per-step bytes are the difference
 SMOKE_STEPS = {"lenet": (1, 2), "fcnet": (1, 2)}
@@ -102,7 +105,7 @@ def _split(model: str, variant: str) -> tuple[int, int, float]:
     numel = sum(p.numel() for p in net.parameters())
     if not variant.startswith("terngrad"):
         return 0, numel, 16.0 if variant == "fp16" else 32.0
-    scheme = "2bit" if "2bit" in variant else "base3"
+    scheme = "2bit" if "2bit" in variant else "base3"       # two-phase shards pad < 20 codes per worker: ignored
     state = TernGradState.for_model(net, scheme=scheme, full_precision_last=not variant.endswith("-all"))
     params = dict(net.named_parameters())
     full = sum(params[n].numel() for n in state.full_precision_names())
@@ -115,7 +118,8 @@ def _theory_bits(model: str, world: int, variant: str) -> float:
     ring = 2 * (world - 1) / world
     if not variant.startswith("terngrad"):
         return ring * bits
-    return ((world - 1) * bits * ternary + ring * 32 * full) / (ternary + full)
+    hops = ring if "twophase" in variant else world - 1
+    return (hops * bits * ternary + ring * 32 * full) / (ternary + full)
 
 
 def _payload_bits(model: str, variant: str) -> float:

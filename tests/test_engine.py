@@ -69,6 +69,20 @@ def test_run_goes_through_every_phase(tmp_path):
     assert saved["structure"][0]["name"] == "conv1" and len(saved["history"]) == 3
 
 
+def test_validation_split_is_held_out_of_training_and_reported(tmp_path):
+    result = engine.run(tiny("data.valid_size=128", "ssl.epochs=0", "finetune.epochs=0"),
+                        run_dir=tmp_path, progress=False, stop_after="baseline")
+    assert set(result.valid_accuracy) == {"baseline"}
+    assert result.history[0].valid_acc == result.valid_accuracy["baseline"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["valid_accuracy"] == pytest.approx(result.valid_accuracy)
+    train, valid, _ = engine._load_data(tiny("data.valid_size=128"), None)
+    assert len(train[1]) == 384 and len(valid[1]) == 128
+    assert not any(torch.equal(valid[0][0], img) for img in train[0])
+    with pytest.raises(ConfigError, match="valid_size"):
+        engine._load_data(tiny("data.valid_size=512"), None)
+
+
 def test_finetuning_keeps_removed_structures_at_zero(tmp_path):
     result = engine.run(tiny("compact.shapes=off", "finetune.lr=0.05"), run_dir=tmp_path, progress=False)
     before = load_compact(tmp_path / "compacted.pt")  # the compact model before fine-tuning

@@ -95,7 +95,8 @@ def _add_terngrad_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-sigma", type=float, default=2.5, help="s = min(max|g|, c·std); inf disables")
     g.add_argument("--min-numel", type=int, default=1, help="layers with fewer elements stay fp32")
     g.add_argument("--warmup-steps", type=int, default=0, help="first K steps with fp32 gradients")
-    g.add_argument("--reduce", default="auto", help="auto, allgather or allreduce")
+    g.add_argument("--reduce", default="auto",
+                   help="auto (exact, fewer bytes), allgather, allreduce, or twophase (fewest bytes, rounds twice)")
     g.add_argument("--quantize-last", action="store_true", help="ternarize the last layer too (default: fp32)")
 
 

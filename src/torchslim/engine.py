@@ -84,6 +84,7 @@ class EpochRecord:
     density: float
     zero_fraction: dict[str, float]  # all-zero groups per SSL kind; {} once compacted (fine-tuning)
     seconds: float
+    valid_acc: float | None = None  # on the held-out training images, when ``data.valid_size`` > 0
 
 
 @dataclass
@@ -93,6 +94,7 @@ class RunResult:
     recipe: Recipe
     run_dir: Path
     accuracy: dict[str, float]  # "baseline", "ssl", "compact" (before fine-tuning), "finetune"
+    valid_accuracy: dict[str, float]  # the same keys on the validation split; {} without one
     history: list[EpochRecord]
     epochs_trained: dict[str, int]  # epochs trained by this call (resumed ones not counted)
     dense_model: nn.Module | None  # after the baseline
@@ -112,11 +114,13 @@ class _Run:
     run_dir: Path
     train: tuple[Tensor, Tensor]
     test: tuple[Tensor, Tensor]
+    valid: tuple[Tensor, Tensor] | None
     example: Tensor
     dense_numel: int
     progress: bool | None
     history: list[dict[str, Any]] = field(default_factory=list)
     accuracy: dict[str, float] = field(default_factory=dict)
+    valid_accuracy: dict[str, float] = field(default_factory=dict)
     done: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     trained: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     optimizer_state: dict[str, Any] | None = None  # from a checkpoint, for the phase it was taken in
@@ -298,7 +302,7 @@ def _save_checkpoint(run: _Run, phase: str, model: nn.Module, optimizer: torch.o
         "engine_format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),
         "done": dict(run.done), "history": list(run.history), "accuracy": dict(run.accuracy),
-        "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "valid_accuracy": dict(run.valid_accuracy), "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(),
     })
 
@@ -333,6 +337,7 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
     run.done.update({p: int(n) for p, n in state["done"].items()})
     run.history = list(state["history"])
     run.accuracy = dict(state.get("accuracy", {}))
+    run.valid_accuracy = dict(state.get("valid_accuracy", {}))
     run.optimizer_state = state.get("optimizer")
     if state.get("rng") is not None:
         set_rng_state(state["rng"])
@@ -412,20 +417,22 @@ def _one_epoch(
         desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
     )
     test_loss, test_acc = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)
+    valid_acc = _record_valid(run, phase, model)
     record = EpochRecord(
         phase=phase, epoch=epoch + 1, lr=lr_at(spec, epoch * steps, spec.epochs * steps),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
         density=_nonzero(model) / run.dense_numel,
         zero_fraction=zero_fractions(groups) if phase != "finetune" else {},
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, valid_acc=valid_acc,
     )
     run.history.append(dataclasses.asdict(record))
     run.done[phase] = epoch + 1
     run.trained[phase] += 1
     run.accuracy[phase] = test_acc
     zeros = ", ".join(f"{k} {v:.0%}" for k, v in record.zero_fraction.items())
-    log.info("%s %d/%d: train loss %.4f, acc %.2f%% | test acc %.2f%% | non-zero weights %.1f%%%s | %.0f s",
-             phase, epoch + 1, spec.epochs, train_loss, 100 * train_acc, 100 * test_acc, 100 * record.density,
+    valid = f"valid acc {100 * valid_acc:.2f}%, " if valid_acc is not None else ""
+    log.info("%s %d/%d: train loss %.4f, acc %.2f%% | %stest acc %.2f%% | non-zero weights %.1f%%%s | %.0f s",
+             phase, epoch + 1, spec.epochs, train_loss, 100 * train_acc, valid, 100 * test_acc, 100 * record.density,
              f" | all-zero groups: {zeros}" if zeros else "", record.seconds)
     _save_checkpoint(run, phase, model, optimizer)
 
@@ -434,6 +441,7 @@ def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
     """Cut the zeros out; the result is checked against ``model`` and saved as ``compacted.pt``."""
     small = compact(model, run.example, shapes=run.recipe.compact.shapes)
     _, run.accuracy["compact"] = evaluate(small, *run.test, batch_size=run.recipe.eval_batch_size)
+    _record_valid(run, "compact", small)
     save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
     log.info("compacted: %d → %d parameters, test acc %.2f%%",
              sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters()),
@@ -447,16 +455,36 @@ def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
 # the whole run
 
 
-def _load_data(recipe: Recipe, data_dir: str | Path | None) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+def _record_valid(run: _Run, key: str, model: nn.Module) -> float | None:
+    """Accuracy on the validation split (None without one), kept under ``key``."""
+    if run.valid is None:
+        return None
+    _, run.valid_accuracy[key] = evaluate(model, *run.valid, batch_size=run.recipe.eval_batch_size)
+    return run.valid_accuracy[key]
+
+
+_Pair = tuple[Tensor, Tensor]
+
+
+def _load_data(recipe: Recipe, data_dir: str | Path | None) -> tuple[_Pair, _Pair | None, _Pair]:
+    """(train, valid or None, test); valid is the last ``data.valid_size`` training images."""
     train = load_dataset(recipe.data.name, "train", data_dir=data_dir, limit=recipe.data.train_limit)
     test = load_dataset(recipe.data.name, "test", data_dir=data_dir, limit=recipe.data.test_limit)
-    return (train.images, train.labels), (test.images, test.labels)
+    n_valid = recipe.data.valid_size
+    if n_valid >= len(train.labels):
+        raise ConfigError(f"data.valid_size={n_valid} leaves no training images out of {len(train.labels)}; "
+                          f"lower it or raise data.train_limit")
+    images, labels = train.images, train.labels
+    cut = len(labels) - n_valid
+    valid = (images[cut:], labels[cut:]) if n_valid else None
+    return (images[:cut], labels[:cut]), valid, (test.images, test.labels)
 
 
 def _finish_phase(run: _Run, phase: str, model: nn.Module) -> None:
     """Record the phase's accuracy (evaluating if it trained no epoch) and save its model."""
     if phase not in run.accuracy:
         _, run.accuracy[phase] = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)
+        _record_valid(run, phase, model)
     if phase in ("baseline", "ssl"):
         _save_phase_model(run, phase, model)
         _save_checkpoint(run, phase, model, None)
@@ -488,11 +516,11 @@ def run(
     if stop_after not in (None, "baseline", "ssl", "compact"):
         raise ConfigError(f"stop_after must be 'baseline', 'ssl' or 'compact', got {stop_after!r}")
     started = time.perf_counter()
-    train, test = _load_data(recipe, data_dir)
+    train, valid, test = _load_data(recipe, data_dir)
     model = build_model(recipe)
     run_ = _Run(
         recipe=recipe, run_dir=Path(run_dir) if run_dir is not None else Path("runs") / recipe.name,
-        train=train, test=test, example=test[0][:16], dense_numel=sum(p.numel() for p in model.parameters()),
+        train=train, valid=valid, test=test, example=test[0][:16], dense_numel=sum(p.numel() for p in model.parameters()),
         progress=progress,
     )
     run_.run_dir.mkdir(parents=True, exist_ok=True)
@@ -543,6 +571,7 @@ def _results(run: _Run, model: nn.Module, finished: bool, seconds: float) -> Run
         save_compact(compact_model, run.run_dir / "compact.pt", arch=getattr(sparse, "arch", None))
     result = RunResult(
         recipe=run.recipe, run_dir=run.run_dir, accuracy=dict(run.accuracy),
+        valid_accuracy=dict(run.valid_accuracy),
         history=[EpochRecord(**r) for r in run.history], epochs_trained=dict(run.trained),
         dense_model=dense, sparse_model=sparse, compact_model=compact_model,
         report=sparsity_report(sparse, run.example) if sparse is not None else None,
@@ -567,6 +596,7 @@ def write_results(result: RunResult, extra: Mapping[str, Any] | None = None) -> 
         "finished": result.finished,
         "seconds": round(result.seconds, 2),
         "accuracy": result.accuracy,
+        "valid_accuracy": result.valid_accuracy,
         "params": {"dense": _param_count(result.dense_model), "compact": _param_count(result.compact_model)},
         "epochs_trained": result.epochs_trained,
         "structure": [dataclasses.asdict(layer) for layer in result.report.layers] if result.report else None,

@@ -58,6 +58,10 @@ class DataSpec:
     name: str = "fashion-mnist"
     train_limit: int | None = None  # None: all 60k training images
     test_limit: int | None = None  # None: all 10k test images
+    valid_size: int = 0  # hold out the last N training images to tune hyper-parameters on, not on test
+
+    def __post_init__(self) -> None:
+        _check_min("data.valid_size", self.valid_size, 0)
 
 
 @dataclass

@@ -11,6 +11,14 @@ Per bucket of ``N`` workers with gradient layers ``g_l`` (one layer = one parame
 5. decodes ``ḡ_l = Σ_i t_l^i · (s_l / N)``: every worker holds the same integers and the same ``s_l``,
    so every worker computes the same bits and the replicas stay identical.
 
+Opt-in, ``reduce="twophase"`` (compression_anchors §8 and §9 (b); DeepSpeed's and Bagua's pattern, and
+the paper's parameter server, which sends gradients quantized in both directions): the codes are cut into
+``N`` shards; an all-to-all gives worker ``j`` every worker's shard ``j``; it re-ternarizes the mean
+``Σ_i t_i / N ∈ [-1, 1]`` (unbiased again, with scale 1) and an all-gather of those codes gives every
+worker all shards. ``2(N-1)/N · 1.6`` bits per element instead of ``(N-1) · 1.6``: 2.4 bits at N = 4,
+where the all-gather sends 4.8. The price is a second rounding: the average is itself ternary,
+``s_l · u`` with ``u ∈ {-1, 0, 1}``, still unbiased but noisier (benchmarks/terngrad_convergence.py).
+
 Layers kept in full precision (small ones, chosen ones, the last layer) are averaged by one fp SUM
 all-reduce per bucket, as are whole buckets during warm-up and buckets holding a non-finite gradient
 (so an AMP ``GradScaler`` still sees the inf/NaN and skips the step).
@@ -33,7 +41,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
-from torchslim.comm.ternary import SCHEMES, pack, packed_numel, scaler, ternarize, unpack_sum
+from torchslim.comm.ternary import SCHEMES, pack, packed_numel, scaler, ternarize, unpack, unpack_sum
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
 
 __all__ = ["TernGradState", "fp16_compress_hook", "terngrad_hook"]
@@ -41,11 +49,11 @@ __all__ = ["TernGradState", "fp16_compress_hook", "terngrad_hook"]
 logger = logging.getLogger(__name__)
 
 Scheme = Literal["base3", "2bit"]
-Reduce = Literal["auto", "allgather", "allreduce"]
+Reduce = Literal["auto", "allgather", "allreduce", "twophase"]
 SumDtype = Literal["int8", "int32"]
-Collective = Literal["allgather", "allreduce"]
+Collective = Literal["allgather", "allreduce", "twophase"]
 
-_REDUCES = ("auto", "allgather", "allreduce")
+_REDUCES = ("auto", "allgather", "allreduce", "twophase")
 _SUM_DTYPES = {"int8": torch.int8, "int32": torch.int32}       # NCCL has no int16 SUM
 _SUM_LIMITS = {"int8": 127, "int32": 2**31 - 1}                 # |Σ_i t_i| ≤ N must fit
 _OPTIONS = (
@@ -55,6 +63,7 @@ _OPTIONS = (
 _COUNTERS = ("step", "bytes_sent", "bytes_received", "numel_reduced")
 _STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
+_SHARD_ALIGN = 20   # twophase shards hold a multiple of 4 and 5 codes: whole bytes in both schemes
 _DDP_PREFIX = "module."
 # recent torch calls it all_gather_single and deprecates all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -80,6 +89,8 @@ class TernGradState:
       the same knob, ``start_powerSGD_iter``); the paper trained with TernGrad from step 0.
     - ``scheme="base3"`` sends 1.6 bits per element, ``"2bit"`` 2 bits with a cheaper pack; ``reduce="auto"``
       switches from all-gather to the integer all-reduce near 10 workers (int8) as the volume rule says.
+    - ``reduce="twophase"`` sends the fewest bytes from 3 workers on (2.4 bits per element at N = 4,
+      ~3.2 at large N) but rounds twice; "auto" never picks it, as it changes the result, not just the cost.
 
     Example:
         >>> state = TernGradState(scheme="2bit", warmup_steps=10)
@@ -165,13 +176,17 @@ class TernGradState:
         bytes moves ``(N-1)·P`` bytes per worker; a SUM all-reduce of ``w``-byte integers moves
         ``2(N-1)/N · numel · w``. ``reduce="auto"`` picks the all-gather iff ``N·P ≤ 2·numel·w``:
         with int8 sums up to N = 10 workers for "base3" and N = 8 for "2bit"; with int32 up to 40 and 32.
+        ``reduce="twophase"`` moves ``2(N-1)/N · P``, as few as the all-gather at N = 2 but with a second
+        rounding, so two workers use the all-gather instead.
 
         Raises:
             ConfigError: the all-reduce is chosen but ``world_size`` exceeds what ``sum_dtype`` holds
                 (``|Σ_i t_i| ≤ N``: 127 for int8).
         """
-        if self.reduce == "allgather":
+        if self.reduce == "allgather" or (self.reduce == "twophase" and world_size <= 2):
             return "allgather"
+        if self.reduce == "twophase":
+            return "twophase"
         width = _SUM_DTYPES[self.sum_dtype].itemsize
         if self.reduce == "auto" and world_size * packed_numel(numel, self.scheme) <= 2 * numel * width:
             return "allgather"
@@ -335,8 +350,11 @@ def _ternary_average(
         return _mean_allreduce(state, group, buffer)
     generator = state._generator(buffer.device, rank, step, bucket.index())
     codes = torch.cat([ternarize(layer.of(buffer), s, generator) for layer, s in zip(split.ternary, shared[:-1])])
-    launch = _all_gather_codes if collective == "allgather" else _all_reduce_codes
-    sums_fut, decode = launch(state, group, codes)
+    if collective == "twophase":
+        sums_fut, decode = _two_phase_codes(state, group, codes, generator)
+    else:
+        launch = _all_gather_codes if collective == "allgather" else _all_reduce_codes
+        sums_fut, decode = launch(state, group, codes)
     full_fut, full_flat = _full_layers_allreduce(state, group, buffer, split.full)
     finish = partial(_write_back, buffer=buffer, split=split, scale=shared[:-1] / world, decode=decode,
                      full_flat=full_flat)
@@ -366,6 +384,36 @@ def _all_gather_codes(
     state._count(_ring_allgather_bytes(packed.nbytes, world))
     rows = gathered.view(world, packed.numel())                                   # (N, P), row i = worker i
     return work.get_future(), partial(unpack_sum, rows, codes.numel(), state.scheme, torch.float32)
+
+
+def _two_phase_codes(
+    state: TernGradState, group: dist.ProcessGroup, codes: Tensor, generator: torch.Generator
+) -> tuple[torch.futures.Future, Callable[[], Tensor]]:
+    """All-to-all of packed shards, re-ternarized shard means, all-gather; see the module docstring.
+
+    Phase 1 blocks (phase 2 needs its result, and gloo matches collectives by launch order). The
+    returned ``decode`` gives ``N · u`` (float32), the re-ternarized mean in the units of ``Σ_i t_i``.
+    """
+    world = dist.get_world_size(group)
+    n = codes.numel()
+    shard = -(-n // (world * _SHARD_ALIGN)) * _SHARD_ALIGN                       # m codes, whole bytes
+    padded = torch.zeros(world * shard, dtype=torch.int8, device=codes.device)
+    padded[:n] = codes
+    packed = pack(padded, state.scheme)                                           # (N·P,) shard j = row j
+    received = torch.empty_like(packed)
+    dist.all_to_all_single(received, packed, group=group)
+    shard_bytes = packed.numel() // world
+    state._count((world - 1) * shard_bytes)
+    mean = unpack_sum(received.view(world, shard_bytes), shard, state.scheme, torch.float32).div_(world)  # [-1, 1]
+    mine = pack(ternarize(mean, torch.ones((), device=mean.device), generator), state.scheme)  # (P,)
+    gathered = torch.empty_like(packed)
+    work = _all_gather_flat(gathered, mine, group=group, async_op=True)
+    state._count(_ring_allgather_bytes(shard_bytes, world))
+
+    def decode() -> Tensor:
+        return unpack(gathered, world * shard, state.scheme)[:n].to(torch.float32).mul_(world)
+
+    return work.get_future(), decode
 
 
 def _all_reduce_codes(
@@ -434,7 +482,8 @@ def _validate_options(state: TernGradState) -> None:
         raise ConfigError(f"unknown scheme {state.scheme!r}; use 'base3' (5 codes per byte, 1.6 bits) or "
                           "'2bit' (4 codes per byte)")
     if state.reduce not in _REDUCES:
-        raise ConfigError(f"unknown reduce {state.reduce!r}; use 'auto' (fewer bytes), 'allgather' or 'allreduce'")
+        raise ConfigError(f"unknown reduce {state.reduce!r}; use 'auto' (fewer bytes), 'allgather', 'allreduce' "
+                          "or 'twophase'")
     if state.sum_dtype not in _SUM_DTYPES:
         raise ConfigError(f"unknown sum_dtype {state.sum_dtype!r}; use 'int8' (up to 127 workers) or 'int32'")
     if state.clip_sigma is not None and not (isinstance(state.clip_sigma, (int, float)) and state.clip_sigma > 0):
@@ -468,7 +517,7 @@ def _log_once(state: TernGradState, index: int, numel: int, world: int, collecti
     if index not in state._logged:
         state._logged.add(index)
         logger.info("TernGrad bucket %d: %d ternarized elements, %d workers, %s (%s)",
-                    index, numel, world, collective, state.scheme if collective == "allgather" else state.sum_dtype)
+                    index, numel, world, collective, state.sum_dtype if collective == "allreduce" else state.scheme)
 
 
 def _ring_allreduce_bytes(nbytes: int, world: int) -> int:

@@ -148,3 +148,63 @@ def test_compact_the_papers_models(name):
     small = compact(model, x)
     assert _n_params(small) < _n_params(model)
     assert verify(model, small, torch.randn(4, 1, 28, 28)).max_abs_diff <= 1e-5
+
+
+# -- operations beyond plain chains: each zeroes some groups, compacts, and must stay exact -----------
+
+class _Chunked(nn.Module):
+    """A conv's output split in two (chunk), one half through a depthwise conv, then concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)  # depthwise, 2 filters per input channel
+        self.bn = nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        left, right = self.a(x).chunk(2, dim=1)
+        return self.head(torch.relu(self.bn(torch.cat([left, self.dw(right)], 1))))
+
+
+class _SqueezeExcite(nn.Module):
+    """Mobilenet-v3 style: x · hardsigmoid(fc2(relu(fc1(mean(x))))), then a permuted Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.mlp = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        gate = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        y = (x * gate).permute(0, 2, 3, 1)                     # NHWC: the Linear reads the channels last
+        return self.out(torch.relu(self.mlp(y))).mean((1, 2))
+
+
+@pytest.mark.parametrize("net_cls, zero", [
+    (_Chunked, ["a:channel[1]", "a:channel[5]", "a:channel[6]"]),
+    (_SqueezeExcite, ["conv+1:channel[2]", "fc1:channel[0]", "mlp:neuron[4]"]),
+])
+def test_chunk_cat_depthwise_and_gating_compact_exactly(net_cls, zero):
+    torch.manual_seed(0)
+    net, x = randomize_bn(net_cls()).eval(), torch.randn(2, 3, 8, 8)
+    groups = {g.name: g for g in structures(net, x, strict=True)}
+    for name in zero:
+        groups[name].zero_()
+    small = compact(net, x)
+    assert verify(net, small, torch.randn(4, 3, 8, 8)).ok
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(small) < n(net)
+
+
+def test_depthwise_conv_shrinks_with_its_input_channels():
+    torch.manual_seed(0)
+    net, x = randomize_bn(_Chunked()).eval(), torch.randn(2, 3, 8, 8)
+    groups = {g.name: g for g in structures(net, x)}
+    groups["a:channel[5]"].zero_()                           # the second input channel of dw
+    small = compact(net, x)
+    assert (small.dw.in_channels, small.dw.out_channels, small.dw.groups) == (3, 6, 3)
+    assert small.bn.num_features == 10 and small.head.in_channels == 10

@@ -79,11 +79,32 @@ class _Cat(nn.Module):
         return self.head(torch.cat([self.a(x), self.b(x)], 1)), self.out(torch.relu(self.side(x)))
 
 
-def test_unknown_operation_leaves_channels_out_or_raises_when_strict():
+def test_cat_offsets_each_input_into_the_consumer():
     net, x = _Cat(), torch.randn(1, 3, 8, 8)
+    groups = {g.family.label: g.family for g in structures(net, x)}
+    assert set(groups) == {"a", "b", "side"}
+    head_a = [s for s in groups["a"].stripes if s.param == "head.weight"]
+    head_b = [s for s in groups["b"].stripes if s.param == "head.weight"]
+    assert [(s.offset, s.lo, s.hi) for s in head_a + head_b] == [(0, 0, 4), (4, 0, 4)]
+    b2 = [g for g in structures(net, x) if g.name == "b:channel[2]"][0].zero_()
+    assert net.head.weight[:, 6].abs().sum() == 0 and net.head.weight[:, 2].abs().sum() != 0
+    assert b2.numel() == 3 * 9 + 1 + 2          # its filter, its bias, its column of head
+
+
+class _Rolled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head, self.side, self.out = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.roll(self.a(x), 1, 1)), self.out(torch.relu(self.side(x)))
+
+
+def test_unknown_operation_leaves_channels_out_or_raises_when_strict():
+    net, x = _Rolled(), torch.randn(1, 3, 8, 8)
     labels = {g.family.label for g in structures(net, x)}
-    assert labels == {"side"}  # cat is not followed (yet): its inputs are kept whole
-    with pytest.raises(UnsupportedOperation, match="cat"):
+    assert labels == {"side"}  # roll mixes channel indices: its input is kept whole
+    with pytest.raises(UnsupportedOperation, match="roll"):
         structures(net, x, strict=True)
 
 

@@ -97,17 +97,34 @@ def _set(model: nn.Module, name: str, value: Tensor) -> None:
         mod._buffers[attr] = value
 
 
-def _cut(model: nn.Module, fam: Family, keep: Tensor) -> None:
-    for s in fam.stripes:
-        t = _get(model, s.param)
-        idx = (keep[:, None] * s.width + torch.arange(s.width)).flatten().to(t.device)
-        _set(model, s.param, t.detach().index_select(s.dim, idx).clone())
+def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
+    """Drop the rows of every member not kept, all families at once.
+
+    Several families can share a tensor (a BatchNorm after ``cat``, a consumer of two chunks), so rows
+    are marked first and each tensor is cut once: cutting family by family would shift the offsets.
+    """
+    drop: dict[tuple[str, int], Tensor] = {}
+    for fam, keep in plan:
+        dead = torch.ones(fam.size, dtype=torch.bool)
+        dead[keep] = False
+        for s in fam.stripes:
+            t = _get(model, s.param)
+            mask = drop.setdefault((s.param, s.dim), torch.zeros(t.shape[s.dim], dtype=torch.bool))
+            mask[s.member_rows(torch.nonzero(dead).flatten())[0]] = True
+    for (name, dim), mask in drop.items():
+        t = _get(model, name)
+        _set(model, name, t.detach().index_select(dim, torch.nonzero(~mask).flatten().to(t.device)).clone())
 
 
-def _sync_sizes(model: nn.Module) -> None:
-    """Make each layer's size attributes agree with its (cut) parameters."""
+def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
+    """Make each layer's size attributes agree with its (cut) parameters.
+
+    ``multipliers``: each depthwise conv's output channels per input channel, from before the cut.
+    """
     for mod in model.modules():
         if isinstance(mod, nn.Conv2d) and not isinstance(mod, LoweredConv2d):
+            if mod in multipliers:
+                mod.groups = mod.weight.shape[0] // multipliers[mod]
             mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
@@ -119,14 +136,12 @@ def _sync_sizes(model: nn.Module) -> None:
 def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple[int, int]]:
     """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``."""
     graph, _ = channel_graph(model, inputs)
-    plan = [(fam, _live_members(fam)) for fam in coupled_families(model, graph)]  # decide, then cut
-    cuts = {}
-    for fam, keep in plan:
-        if len(keep) < fam.size:
-            _cut(model, fam, keep)
-            cuts[fam.label] = (fam.size, len(keep))
-    _sync_sizes(model)
-    return cuts
+    plan = [(fam, keep) for fam in coupled_families(model, graph) if len(keep := _live_members(fam)) < fam.size]
+    depthwise = {m: m.out_channels // m.groups for m in model.modules()
+                 if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+    _cut(model, plan)
+    _sync_sizes(model, depthwise)
+    return {fam.label: (fam.size, len(keep)) for fam, keep in plan}
 
 
 # -- shape-wise: smaller kernels, lowered convolutions -------------------------------------------

@@ -24,6 +24,11 @@ Role = Literal["out", "in", "state"]
 class Stripe:
     """A periodic slice of one parameter: member ``k`` is ``view[k*width:(k+1)*width]`` along ``dim``.
 
+    A stripe may hold only members ``[lo, hi)`` of its family, member ``lo`` starting at row ``offset``:
+    the input columns a consumer of ``cat([a, b])`` reads for ``b``'s channels start after ``a``'s, and a
+    consumer of one ``chunk`` of a tensor reads only that chunk's channels. Member ``k`` is then rows
+    ``offset + (k - lo)*width ...``; the defaults (``lo=0, hi=None, offset=0``) are all members from row 0.
+
     ``flat=True`` indexes ``param.flatten(dim)`` instead of ``param``: a shape fiber ``W[:, c, i, j]``
     of a conv weight ``(N, C, kh, kw)`` is index ``c*kh*kw + i*kw + j`` of ``W.flatten(1)``.
     ``role`` tells compaction which side of the channel the slice is on: ``"out"`` slices produce the
@@ -37,6 +42,20 @@ class Stripe:
     width: int = 1
     flat: bool = False
     role: Role = "out"
+    lo: int = 0
+    hi: int | None = None  # None: up to the family's size
+    offset: int = 0
+
+    def member_rows(self, members: Tensor) -> tuple[Tensor, Tensor]:
+        """``(rows, held)``: the rows of the ``members`` this stripe holds, and which of ``members`` those are.
+
+        ``members`` is a LongTensor ``(M,)``; ``held`` a bool ``(M,)``; ``rows`` ``(held.sum() * width,)``.
+        """
+        held = members >= self.lo
+        if self.hi is not None:
+            held &= members < self.hi
+        start = self.offset + (members[held] - self.lo) * self.width
+        return (start[:, None] + torch.arange(self.width)).flatten(), held
 
     def rows(self, p: Tensor) -> int:
         """Indices along the stripe's dim: ``members * width``."""
@@ -70,8 +89,12 @@ class Family:
         for s in self.stripes:
             if s.role == "state" or (role is not None and s.role != role):
                 continue
-            sq = s.row_sq(self.params[s.param]).view(self.size, s.width).sum(1)
-            total = sq if total is None else total + sq
+            hi = self.size if s.hi is None else s.hi
+            rows = s.row_sq(self.params[s.param])
+            sq = rows[s.offset:s.offset + (hi - s.lo) * s.width].view(hi - s.lo, s.width).sum(1)
+            if total is None:
+                total = torch.zeros(self.size, dtype=sq.dtype, device=sq.device)
+            total[s.lo:hi] += sq
         if total is None:
             return torch.zeros(self.size)
         return total
@@ -80,12 +103,14 @@ class Family:
         return tuple(s for s in self.stripes if s.role != "state")
 
     def numel_per_member(self) -> int:
-        return sum(self.params[s.param].numel() // self.size for s in self.weight_stripes())
+        """Weights of one member, counting a partial stripe (one chunk's consumer) as if it held all."""
+        return sum(self.params[s.param].numel() // s.rows(self.params[s.param]) * s.width
+                   for s in self.weight_stripes())
 
     def zero_members_(self, members: Tensor) -> None:
         """Set members ``members`` (a LongTensor of member indices) to zero in place."""
         for s in self.weight_stripes():
-            rows = (members[:, None] * s.width + torch.arange(s.width)).flatten()
+            rows, _ = s.member_rows(members)
             with torch.no_grad():
                 p = self.params[s.param]
                 v = p.flatten(s.dim) if s.flat else p
@@ -117,10 +142,9 @@ class Group:
     @property
     def slices(self) -> list[tuple[str, int, Tensor]]:
         """``(param name, dim, indices)`` of each slice (``flat`` stripes index ``p.flatten(dim)``)."""
-        return [
-            (s.param, s.dim, torch.arange(self.index * s.width, (self.index + 1) * s.width))
-            for s in self.family.weight_stripes()
-        ]
+        member = torch.tensor([self.index])
+        return [(s.param, s.dim, rows) for s in self.family.weight_stripes()
+                if len(rows := s.member_rows(member)[0])]
 
     def numel(self) -> int:
         """Number of weights in the group, ``|g|``."""

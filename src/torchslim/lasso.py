@@ -152,8 +152,8 @@ class GroupLasso:
             for s in b.family.weight_stripes():
                 p = b.family.params[s.param]
                 _, vec = scales.setdefault((id(p), s.dim, s.flat), (p, torch.ones(s.rows(p), device=dev)))
-                idx = (b.members.to(dev)[:, None] * s.width + torch.arange(s.width, device=dev)).flatten()
-                vec[idx] *= shrink.repeat_interleave(s.width)  # idx unique within a family
+                idx, held = s.member_rows(b.members)
+                vec[idx.to(dev)] *= shrink[held.to(dev)].repeat_interleave(s.width)  # idx unique within a family
         for (_, dim, flat), (p, vec) in scales.items():
             v = p.flatten(dim) if flat else p
             shape = [1] * v.dim()

@@ -37,7 +37,7 @@ class ZeroMask:
                 p = fam.params[s.param]
                 keep = self.keep.setdefault(p, torch.ones_like(p))
                 v = keep.flatten(s.dim) if s.flat else keep  # a view: keep is contiguous
-                rows = (dead[:, None] * s.width + torch.arange(s.width)).flatten()
+                rows, _ = s.member_rows(dead)
                 v.index_fill_(s.dim, rows.to(p.device), 0.0)
         self.keep = {p: k for p, k in self.keep.items() if not bool(k.all())}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []

@@ -2,12 +2,15 @@
 
 We trace with ``torch.fx.symbolic_trace`` (module calls stay visible as ``call_module`` nodes named
 like the model's attributes, which is what group names and compaction need) and propagate shapes
-with the example inputs. Every tensor that carries channels is tagged with a *space*: the channel
-dimension some Conv2d/Linear produced. Operations that keep channels apart (activations, pooling,
-BatchNorm, flatten) pass the space on; a residual addition unites the spaces of its operands, since
-channel ``k`` of both must go together; consumers (the next Conv2d/Linear) record which of their
-input columns read channel ``k``. A space that reaches the network's output, comes from its input,
-or meets an operation we cannot follow is *fixed*: none of its channels becomes a group.
+with the example inputs. Every tensor that carries channels is tagged with its *segments*: runs of
+channels, each a range of a *space* (the channel dimension some Conv2d/Linear produced), laid out one
+after another along the channel dimension. Operations that keep channels apart (activations, pooling,
+BatchNorm, flatten, depthwise convolution, permutes) pass the segments on; ``cat`` joins them and
+``split``/``chunk`` cut them; a residual addition or a per-channel product (squeeze-and-excitation)
+unites the spaces of its operands, since channel ``k`` of both must go together; consumers (the next
+Conv2d/Linear) record which of their input columns read each member. A space that reaches the
+network's output, comes from its input, or meets an operation we cannot follow is *fixed*: none of its
+channels becomes a group.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ _POOL_MODULES: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
+# torchvision's per-sample drop-path scales whole samples: channels stay apart (matched by name, so
+# that tracing does not import torchvision)
+_ELEMENTWISE_NAMES = {"StochasticDepth", "stochastic_depth"}
 _NOT_ZERO_PRESERVING: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 _ELEMENTWISE_FUNCTIONS: dict[Any, bool] = {  # target -> maps 0 to 0
     F.relu: True, torch.relu: True, F.relu6: True, F.leaky_relu: True, F.gelu: True, F.silu: True,
@@ -51,15 +57,55 @@ _POOL_FUNCTIONS = {
 }
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, torch.sub, "sub"}
 _RESHAPE_TARGETS = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+_MUL_TARGETS = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"}
+_CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
+_SPLIT_TARGETS = {torch.split, torch.chunk, torch.tensor_split, "split", "chunk"}
+_PERMUTE_TARGETS = {torch.permute, "permute", torch.transpose, "transpose"}
+_MEAN_TARGETS = {torch.mean, "mean"}
+
+
+@dataclass(frozen=True)
+class _Seg:
+    """Members ``[lo, hi)`` of ``space``, each ``width`` consecutive entries of the channel dimension."""
+
+    space: int
+    lo: int
+    hi: int
+    width: int = 1
+
+    @property
+    def length(self) -> int:
+        return (self.hi - self.lo) * self.width
 
 
 @dataclass(frozen=True)
 class _Chan:
-    """How a tensor carries a space: channel ``k`` is entries ``[k*width, (k+1)*width)`` of ``dim``."""
+    """How a tensor carries channels along ``dim``: its segments, one after another."""
 
-    space: int
     dim: int
-    width: int = 1
+    segs: tuple[_Seg, ...]
+
+    def starts(self) -> list[int]:
+        out, at = [], 0
+        for seg in self.segs:
+            out.append(at)
+            at += seg.length
+        return out
+
+    def widen(self, factor: int) -> "_Chan":
+        return _Chan(self.dim, tuple(_Seg(g.space, g.lo, g.hi, g.width * factor) for g in self.segs))
+
+    def slice(self, start: int, stop: int) -> "_Chan | None":
+        """Entries ``[start, stop)`` of the channel dimension, or None where a member would be split."""
+        segs = []
+        for seg, at in zip(self.segs, self.starts()):
+            a, b = max(start, at), min(stop, at + seg.length)
+            if a >= b:
+                continue
+            if (a - at) % seg.width or (b - at) % seg.width:
+                return None
+            segs.append(_Seg(seg.space, seg.lo + (a - at) // seg.width, seg.lo + (b - at) // seg.width, seg.width))
+        return _Chan(self.dim, tuple(segs))
 
 
 @dataclass
@@ -114,6 +160,14 @@ def _tensor_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _tensor_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
+    """The shapes of a node that returns a tuple of tensors (``split``), else None."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (list, tuple)) and meta and all(hasattr(m, "shape") for m in meta):
+        return [tuple(m.shape) for m in meta]
+    return None
+
+
 class _Walker:
     """Walks a shape-propagated GraphModule and fills a :class:`_DependencyGraph`."""
 
@@ -121,6 +175,7 @@ class _Walker:
         self.gm = gm
         self.graph = _DependencyGraph(strict)
         self.info: dict[fx.Node, _Chan] = {}
+        self.pieces: dict[fx.Node, list[_Chan | None]] = {}  # split/chunk results, read by getitem
 
     # -- helpers -----------------------------------------------------------------------------
     def _inputs(self, node: fx.Node) -> list[fx.Node]:
@@ -128,8 +183,12 @@ class _Walker:
         fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
         return found
 
+    def _fix_chan(self, chan: _Chan, why: str) -> None:
+        for seg in chan.segs:
+            self.graph.fix(seg.space, why)
+
     def _unknown(self, node: fx.Node, what: str) -> None:
-        tracked = [n for n in self._inputs(node) if n in self.info]
+        tracked = [n for n in self._inputs(node) if n in self.info or n in self.pieces]
         if not tracked:
             return
         where = f"'{node.name}'" + (f" (module '{node.target}')" if node.op == "call_module" else "")
@@ -141,7 +200,15 @@ class _Walker:
             )
         log.info("%s; its channels are kept", why)
         for n in tracked:
-            self.graph.fix(self.info[n].space, why)
+            for chan in [self.info.get(n), *self.pieces.get(n, [])]:
+                if chan is not None:
+                    self._fix_chan(chan, why)
+
+    def _stripes(self, chan: _Chan, param: str, dim: int, role: str, scale: int = 1) -> None:
+        """Add ``param``'s rows along ``dim`` that line up with ``chan`` (``scale`` rows per entry)."""
+        for seg, at in zip(chan.segs, chan.starts()):
+            self.graph.spaces[seg.space].stripes.append(
+                Stripe(param, dim, seg.width * scale, role=role, lo=seg.lo, hi=seg.hi, offset=at * scale))
 
     def _consume(self, x: fx.Node, param: str, dim: int, channel_dim: int) -> None:
         """Record that ``param``'s ``dim`` reads the channels of ``x`` (if ``x`` carries any)."""
@@ -149,9 +216,9 @@ class _Walker:
         if chan is None:
             return
         if chan.dim != channel_dim:
-            self.graph.fix(chan.space, f"'{param}' reads a dimension other than the channels")
+            self._fix_chan(chan, f"'{param}' reads a dimension other than the channels")
             return
-        self.graph.spaces[chan.space].stripes.append(Stripe(param, dim, chan.width, role="in"))
+        self._stripes(chan, param, dim, "in")
 
     def _produce(self, node: fx.Node, name: str, size: int, kind: str, has_bias: bool, dim: int) -> None:
         sid = self.graph.new(size)
@@ -161,9 +228,9 @@ class _Walker:
             space.stripes.append(Stripe(f"{name}.bias", 0))
         space.producers.append(name)
         space.producer_kind.add(kind)
-        self.info[node] = _Chan(sid, dim)
+        self.info[node] = _Chan(dim, (_Seg(sid, 0, size),))
 
-    def _pass(self, node: fx.Node, src: fx.Node, zero_preserving: bool = True, channel_dim: int | None = None) -> None:
+    def _pass(self, node: fx.Node, src: Any, zero_preserving: bool = True, channel_dim: int | None = None) -> None:
         chan = self.info.get(src)
         if chan is None:
             return
@@ -171,8 +238,22 @@ class _Walker:
             self._unknown(node, f"{node.target} over a non-channel dimension")
             return
         if not zero_preserving:
-            self.graph.spaces[chan.space].zero_preserving = False
+            for seg in chan.segs:
+                self.graph.spaces[seg.space].zero_preserving = False
         self.info[node] = chan
+
+    def _unite(self, a: _Chan, b: _Chan) -> bool:
+        """Unite channel ``k`` of ``a`` with channel ``k`` of ``b``; False where the layouts differ."""
+        if a.dim != b.dim or len(a.segs) != len(b.segs):
+            return False
+        size = lambda seg: self.graph.spaces[seg.space].size  # noqa: E731
+        pairs = list(zip(a.segs, b.segs))
+        if any(p.width != q.width or (p.lo, p.hi) != (0, size(p)) or (q.lo, q.hi) != (0, size(q))
+               or size(p) != size(q) for p, q in pairs):
+            return False
+        for p, q in pairs:
+            self.graph.union(p.space, q.space)
+        return True
 
     # -- node kinds --------------------------------------------------------------------------
     def run(self) -> _DependencyGraph:
@@ -181,23 +262,26 @@ class _Walker:
                 shape = _tensor_shape(node)
                 if shape is not None and len(shape) >= 2:
                     sid = self.graph.new(shape[1], fixed=f"network input '{node.name}'")
-                    self.info[node] = _Chan(sid, 1)
+                    self.info[node] = _Chan(1, (_Seg(sid, 0, shape[1]),))
             elif node.op == "call_module":
                 self._module(node, self.gm.get_submodule(node.target))
             elif node.op in ("call_function", "call_method"):
                 self._function(node)
             elif node.op == "output":
                 for n in self._inputs(node):
-                    if n in self.info:
-                        self.graph.fix(self.info[n].space, "network output")
+                    for chan in [self.info.get(n), *self.pieces.get(n, [])]:
+                        if chan is not None:
+                            self._fix_chan(chan, "network output")
         return self.graph
 
     def _module(self, node: fx.Node, mod: nn.Module) -> None:
         name = str(node.target)
         x = node.args[0] if node.args else None
-        if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros":
+        if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and mod.groups == 1:
             self._consume(x, f"{name}.weight", 1, channel_dim=1)
             self._produce(node, name, mod.out_channels, "conv", mod.bias is not None, dim=1)
+        elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and mod.groups == mod.in_channels:
+            self._depthwise(node, name, mod, x)
         elif isinstance(mod, nn.Linear):
             shape = _tensor_shape(x)
             last = len(shape) - 1 if shape else 1
@@ -205,7 +289,7 @@ class _Walker:
             self._produce(node, name, mod.out_features, "linear", mod.bias is not None, dim=last)
         elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             self._batchnorm(node, name, mod, x)
-        elif isinstance(mod, _ELEMENTWISE_MODULES):
+        elif isinstance(mod, _ELEMENTWISE_MODULES) or type(mod).__name__ in _ELEMENTWISE_NAMES:
             self._pass(node, x, zero_preserving=not isinstance(mod, _NOT_ZERO_PRESERVING))
         elif isinstance(mod, _POOL_MODULES):
             self._pass(node, x, channel_dim=1)
@@ -214,39 +298,74 @@ class _Walker:
         else:
             self._unknown(node, type(mod).__name__)
 
+    def _depthwise(self, node: fx.Node, name: str, mod: nn.Conv2d, x: fx.Node) -> None:
+        """A depthwise conv (``groups == in_channels``): output channels ``k·m … k·m + m - 1`` read input ``k``.
+
+        Its filters and bias go with their input channel, and its output carries the input's channels,
+        each ``m = out/in`` entries wide.
+        """
+        chan = self.info.get(x)
+        if chan is None or chan.dim != 1:
+            self._unknown(node, "a depthwise Conv2d over a non-channel dimension")
+            return
+        m = mod.out_channels // mod.in_channels
+        self._stripes(chan, f"{name}.weight", 0, "out", scale=m)
+        if mod.bias is not None:
+            self._stripes(chan, f"{name}.bias", 0, "out", scale=m)
+        self.info[node] = chan.widen(m)
+
     def _batchnorm(self, node: fx.Node, name: str, mod: nn.Module, x: fx.Node) -> None:
         chan = self.info.get(x)
         if chan is None:
             return
-        if chan.dim != 1 or chan.width != 1:
+        if chan.dim != 1:
             self._unknown(node, f"{type(mod).__name__} over a non-channel dimension")
             return
-        space = self.graph.spaces[chan.space]
         if mod.affine:
-            space.stripes += [Stripe(f"{name}.weight", 0), Stripe(f"{name}.bias", 0)]
+            self._stripes(chan, f"{name}.weight", 0, "out")
+            self._stripes(chan, f"{name}.bias", 0, "out")
         else:
-            space.zero_preserving = False  # (0 - mean) / std is not 0
+            for seg in chan.segs:
+                self.graph.spaces[seg.space].zero_preserving = False  # (0 - mean) / std is not 0
         if mod.track_running_stats:
-            space.stripes += [Stripe(f"{name}.running_mean", 0, role="state"),
-                              Stripe(f"{name}.running_var", 0, role="state")]
+            self._stripes(chan, f"{name}.running_mean", 0, "state")
+            self._stripes(chan, f"{name}.running_var", 0, "state")
         self.info[node] = chan
 
     def _function(self, node: fx.Node) -> None:
         target = node.target
-        tensor_out = _tensor_shape(node) is not None
         x = node.args[0] if node.args else None
-        if not tensor_out:
+        if target in _SPLIT_TARGETS and _tensor_shapes(node) is not None:
+            self._split(node, x)
+            return
+        if target is operator.getitem and x in self.pieces:
+            index = node.args[1]
+            chans = self.pieces[x]
+            if isinstance(index, int) and chans[index] is not None:
+                self.info[node] = chans[index]
+            elif _tensor_shape(node) is not None:
+                self._unknown(node, "indexing a split")
+            return
+        if _tensor_shape(node) is None:
+            if _tensor_shapes(node) is not None:  # tensors out of an operation we do not know
+                self._unknown(node, getattr(target, "__name__", str(target)))
             return  # x.size(), shapes, scalars: no channels flow through
-        if target in _ELEMENTWISE_FUNCTIONS:
-            self._pass(node, x, zero_preserving=_ELEMENTWISE_FUNCTIONS[target])
+        if target in _ELEMENTWISE_FUNCTIONS or getattr(target, "__name__", None) in _ELEMENTWISE_NAMES:
+            self._pass(node, x, zero_preserving=_ELEMENTWISE_FUNCTIONS.get(target, True))
         elif target in _POOL_FUNCTIONS:
             self._pass(node, x, channel_dim=1)
         elif target in _RESHAPE_TARGETS:
             self._reshape(node, x)
         elif target in _ADD_TARGETS:
             self._add(node)
-        elif target in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        elif target in _MUL_TARGETS:
             self._scale(node)
+        elif target in _CAT_TARGETS:
+            self._cat(node)
+        elif target in _PERMUTE_TARGETS:
+            self._permute(node, x)
+        elif target in _MEAN_TARGETS:
+            self._mean(node, x)
         else:
             self._unknown(node, getattr(target, "__name__", str(target)))
 
@@ -261,7 +380,7 @@ class _Walker:
         d = chan.dim
         if src is not None and dst is not None and len(dst) == d + 1 and dst[:d] == src[:d] \
                 and dst[d] == math.prod(src[d:]):
-            self.info[node] = _Chan(chan.space, d, chan.width * math.prod(src[d + 1:]))
+            self.info[node] = chan.widen(math.prod(src[d + 1:]))
             return
         self._unknown(node, f"a reshape from {list(src or ())} to {list(dst or ())}")
 
@@ -269,26 +388,91 @@ class _Walker:
         operands = [a for a in node.args[:2]]
         chans = [self.info.get(a) for a in operands if isinstance(a, fx.Node)]
         tensors = [a for a in operands if isinstance(a, fx.Node) and _tensor_shape(a) is not None]
-        if len(tensors) == 2 and all(c is not None for c in chans):
-            a, b = chans
-            shapes = [_tensor_shape(t) for t in tensors]
-            if a.dim == b.dim and a.width == b.width and shapes[0] == shapes[1] \
-                    and self.graph.spaces[a.space].size == self.graph.spaces[b.space].size:
-                self.graph.union(a.space, b.space)
-                self.info[node] = a
-                return
+        if len(tensors) == 2 and all(c is not None for c in chans) \
+                and _tensor_shape(tensors[0]) == _tensor_shape(tensors[1]) and self._unite(*chans):
+            self.info[node] = chans[0]
+            return
         if len(tensors) == 1 and chans and chans[0] is not None:  # x + scalar
             self._pass(node, tensors[0], zero_preserving=False)
             return
         self._unknown(node, f"{getattr(node.target, '__name__', node.target)} of these operands")
 
     def _scale(self, node: fx.Node) -> None:
+        """``x * scalar`` keeps channels apart; ``x * gate`` with a per-channel gate unites them."""
         operands = node.args[:2]
         tensors = [a for a in operands if isinstance(a, fx.Node) and _tensor_shape(a) is not None]
-        if len(tensors) == 1 and tensors[0] in self.info:  # x * scalar keeps channels apart
+        if len(tensors) == 1 and tensors[0] in self.info:
             self._pass(node, tensors[0])
+            return
+        if len(tensors) == 2 and all(t in self.info for t in tensors):
+            a, b = (self.info[t] for t in tensors)
+            sa, sb = (_tensor_shape(t) for t in tensors)
+            if len(sa) == len(sb) and a.dim == b.dim and sa[a.dim] == sb[b.dim] and self._unite(a, b):
+                self.info[node] = a  # a zero channel of either factor is zero in the product
+                return
+        self._unknown(node, f"{getattr(node.target, '__name__', node.target)} of two tensors")
+
+    def _cat(self, node: fx.Node) -> None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        shape = _tensor_shape(node)
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+            self._unknown(node, "cat of these operands")
+            return
+        dim = dim % len(shape)
+        chans = [self.info.get(t) for t in tensors]
+        if all(c is not None and c.dim == dim for c in chans):
+            self.info[node] = _Chan(dim, tuple(seg for c in chans for seg in c.segs))
+        elif all(c is not None and c == chans[0] for c in chans):
+            self.info[node] = chans[0]  # along another dim (batch, space): the channels stay as they are
         else:
-            self._unknown(node, f"{getattr(node.target, '__name__', node.target)} of two tensors")
+            self._unknown(node, "cat of these operands")
+
+    def _split(self, node: fx.Node, x: Any) -> None:
+        """``split``/``chunk`` into pieces: each piece carries its range of the channels."""
+        chan, shapes = self.info.get(x), _tensor_shapes(node)
+        if chan is None:
+            return
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = dim % len(shapes[0])
+        if dim != chan.dim:
+            self.pieces[node] = [chan] * len(shapes)
+            return
+        pieces, at = [], 0
+        for shape in shapes:
+            pieces.append(chan.slice(at, at + shape[dim]))
+            at += shape[dim]
+        if any(p is None for p in pieces):
+            self._unknown(node, "a split inside a channel's entries")
+        self.pieces[node] = pieces
+
+    def _permute(self, node: fx.Node, x: Any) -> None:
+        chan, shape = self.info.get(x), _tensor_shape(node)
+        if chan is None:
+            return
+        rank = len(shape)
+        if node.target in ("permute", torch.permute):
+            order = node.args[1:] if node.op == "call_method" else node.args[1]
+            order = tuple(order[0]) if len(order) == 1 and isinstance(order[0], (list, tuple)) else tuple(order)
+            new = [d % rank for d in order].index(chan.dim)
+        else:  # transpose(a, b)
+            a, b = (d % rank for d in node.args[1:3])
+            new = {a: b, b: a}.get(chan.dim, chan.dim)
+        self.info[node] = _Chan(new, chan.segs)
+
+    def _mean(self, node: fx.Node, x: Any) -> None:
+        """A mean over dims other than the channels (global average pooling written as ``x.mean((2, 3))``)."""
+        chan, src = self.info.get(x), _tensor_shape(x)
+        if chan is None:
+            return
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        dims = tuple(d % len(src) for d in dims)
+        if not dims or chan.dim in dims:
+            self._unknown(node, "a mean over the channels")
+            return
+        self.info[node] = _Chan(chan.dim - (0 if keep else sum(d < chan.dim for d in dims)), chan.segs)
 
 
 def _trace(model: nn.Module, example_inputs: tuple[Tensor, ...],

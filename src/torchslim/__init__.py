@@ -17,6 +17,7 @@ from torchslim.compaction import VerifyReport, compact, verify
 from torchslim.groups import Group
 from torchslim.lasso import GroupLasso
 from torchslim.layers import LoweredConv2d
+from torchslim.magnitude import magnitude_prune
 from torchslim.masking import ZeroMask
 from torchslim.report import SparsityReport, sparsity_report
 from torchslim.tracing import structures
@@ -39,6 +40,7 @@ __all__ = [
     "VerifyReport",
     "ZeroMask",
     "compact",
+    "magnitude_prune",
     "sparsity_report",
     "structures",
     "terngrad_hook",

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from terngrad_report import terngrad_sections
+from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -96,6 +97,37 @@ def modes_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _maybe_pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2%}"
+
+
+def magnitude_section(d: dict) -> list[str]:
+    """SSL vs one-shot magnitude pruning at matched multiply-adds (``benchmarks/ssl_vs_magnitude.py``)."""
+    acc, valid, macs, params = d["accuracy"], d.get("valid_accuracy") or {}, d["macs"], d["params"]
+    mag, ft = d["magnitude"], d["finetune"]
+    lines = [f"### SSL vs one-shot magnitude pruning at matched multiply-adds: `{d['recipe']['name']}`", "",
+             f"The SSL run's dense baseline, with its lowest-L2-norm {'/'.join(mag['kinds'])} groups removed "
+             f"({mag['scope']} scope, `torchslim.magnitude_prune`) down to at most the SSL model's multiply-adds, "
+             f"then fine-tuned as SSL's compact model was: {ft['epochs']} epochs, lr {ft['lr']} ({ft['lr_schedule']}), "
+             f"batch {ft['batch_size']}; {_machine(d)}.", "",
+             "| | dense | SSL: compact + fine-tuned | magnitude: pruned | magnitude: + fine-tuned |",
+             "|---|---|---|---|---|",
+             f"| test accuracy | {acc['dense']:.2%} | {acc['ssl']:.2%} ({_pts(acc['ssl'], acc['dense'])} pts) "
+             f"| {acc['magnitude_pruned']:.2%} | {acc['magnitude']:.2%} ({_pts(acc['magnitude'], acc['dense'])} pts) |"]
+    if valid:
+        lines.append(f"| validation accuracy | {_maybe_pct(valid['dense'])} | {_maybe_pct(valid['ssl'])} "
+                     f"| {_maybe_pct(valid['magnitude_pruned'])} | {_maybe_pct(valid['magnitude'])} |")
+    lines += [f"| multiply-adds / sample | {macs['dense']:,} | {macs['ssl']:,} "
+              f"({macs['dense'] / macs['ssl']:.1f}× fewer) | {macs['magnitude']:,} "
+              f"({macs['dense'] / macs['magnitude']:.1f}× fewer) | |",
+              f"| parameters | {params['dense']:,} | {params['ssl']:,} | {params['magnitude']:,} | |", "",
+              "| layer | output channels / neurons: dense | SSL (kernel) | magnitude |", "|---|---|---|---|"]
+    for s in d["layers"]:
+        kernel = f" ({s['ssl_kernel'][0]}×{s['ssl_kernel'][1]})" if s["ssl_kernel"] else ""
+        lines.append(f"| {s['name']} | {s['dense']} | {s['ssl']}{kernel} | {s['magnitude']} |")
+    return lines + [""]
+
+
 def codec_section(d: dict) -> list[str]:
     lines = ["### TernGrad codec throughput", "",
              f"GB/s of fp32 gradient ({d['numel']:,} elements), median of {d['repeats']}; encode = ternarize + pack "
@@ -141,10 +173,15 @@ def main() -> None:
         out += overhead_section(overhead)
     if modes:
         out += modes_section(modes)
+    for path in sorted(RESULTS.glob("ssl_vs_magnitude_*.json")):
+        if not path.stem.endswith("_smoke"):
+            out += magnitude_section(json.loads(path.read_text()))
     codec = _load("codec_throughput")
     if codec:
         out += codec_section(codec)
     out += terngrad_sections(RESULTS)
+    out += zoo_section(zoo) if (zoo := _load("zoo_speed")) is not None else []
+    out += exactness_section(exact) if (exact := _load("zoo_exactness")) is not None else []
     (ROOT / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()
     readme = re.sub(r"<!-- results:start -->.*<!-- results:end -->",

@@ -12,6 +12,7 @@ in onnxruntime.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,8 @@ from torchslim import compact
 from torchslim.engine import run
 from torchslim.profile import profile
 from torchslim.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent  # run folders in <repo>/runs, wherever this is started from
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -33,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)
-    result = run(recipe, resume=args.resume, progress=False)
+    result = run(recipe, run_dir=ROOT / "runs" / recipe.name, resume=args.resume, progress=False)
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     x1 = result.example[:1]
     lowered = compact(result.sparse_model, result.example, shapes="lowered")

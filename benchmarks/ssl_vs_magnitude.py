@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch: checks that it runs")
     args = ap.parse_args()
     torch.manual_seed(0)
-    run_dir = args.run_dir or Path("runs") / args.recipe
+    run_dir = args.run_dir or Path(__file__).resolve().parent.parent / "runs" / args.recipe
     if not (run_dir / "compact.pt").is_file():
         raise SystemExit(f"{run_dir} holds no finished SSL run (compact.pt); run "
                          f"`python benchmarks/ssl_recipe.py --recipe {args.recipe}` first, or pass --run-dir")

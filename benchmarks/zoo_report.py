@@ -1,0 +1,102 @@
+"""RESULTS.md section for ``zoo_speed.py``: half-width torchvision models, and the tool's own speed.
+
+``make_results.py`` adds ``out += zoo_section(zoo)`` for ``results/zoo_speed.json``; every number here
+comes from that file. A file marked ``"smoke": true`` (a quick check, not a result) is labelled as such.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["exactness_section", "zoo_section"]
+
+_ENGINES = (("pytorch", "PyTorch"), ("channels_last", "channels_last"), ("onnxruntime", "ORT"))
+
+
+def zoo_section(d: dict[str, Any]) -> list[str]:
+    """Markdown lines: one latency table per model, then the tool-speed table."""
+    s = d["settings"]
+    lines = ["### Half of the channel groups removed: torchvision models on CPU", "",
+             (f"Input {'×'.join(map(str, s['input']))}, `weights=None`, seed 0; the lowest-norm "
+              f"{1 - s['keep']:.0%} of every channel family zeroed, then `compact`. Dense and compact timed in "
+              f"alternation, median of {s['repeats']} rounds ({s['repeats_resnet50_batch8']} for resnet50 at batch 8), "
+              f"in PyTorch eager, in PyTorch with channels_last model and input, and in onnxruntime "
+              f"{s['onnxruntime']} (CPU). *MAC ratio* is dense / compact multiply-adds; *÷ MACs* is the speedup "
+              f"divided by it (1.00 = the speedup the multiply-adds promise). {_machine(d)}"), ""]
+    for name, m in d["models"].items():
+        lines += _model_table(name, m)
+    return lines + _tool_table(d["tool"])
+
+
+def _machine(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    smoke = " **Smoke run (tiny settings): not a result.**" if d.get("smoke") else ""
+    load = d["settings"].get("loadavg_start"), d["settings"].get("loadavg_end")
+    busy = f" Load average (1 min) at start / end: {load[0][0]:.1f} / {load[1][0]:.1f}." if all(load) else ""
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}."
+            f"{busy}{smoke}")
+
+
+def _model_table(name: str, m: dict[str, Any]) -> list[str]:
+    c, ratio = m["coverage"], m["mac_ratio"]
+    head = "| threads | batch | MAC ratio |" + "".join(
+        f" {label} dense ms | {label} compact ms | {label} speedup | ÷ MACs |" for _, label in _ENGINES)
+    lines = [f"#### {name}", "",
+             (f"{c['groups']:,} channel groups in {c['families']} families cover {c['conv_channels_in_groups']:,} of "
+              f"{c['conv_output_channels']:,} conv output channels ({c['convs']} convs); {m['groups_zeroed']:,} groups "
+              f"zeroed. Parameters {m['params']['dense']:,} → {m['params']['compact']:,} "
+              f"({m['params_ratio']:.2f}× fewer), multiply-adds / sample {m['macs']['dense']:,} → "
+              f"{m['macs']['compact']:,} ({ratio:.2f}× fewer); max |dense − compact| "
+              f"= {m['max_abs_diff']:.1e}; compact convs whose width is not a multiple of 8: "
+              f"{m.get('widths_not_multiple_of_8', '?')}."), "",
+             head, "|" + "---|" * (3 + 4 * len(_ENGINES))]
+    for key, row in m["speed"].items():
+        threads, batch = re.match(r"threads(\d+)_batch(\d+)", key).groups()
+        cells = [threads, batch, f"{ratio:.2f}"]
+        for engine, _ in _ENGINES:
+            v = row[engine]
+            cells += [f"{v['dense']['median_ms']:.2f}", f"{v['compact']['median_ms']:.2f}",
+                      f"{v['speedup']:.2f}×", f"{v['speedup'] / ratio:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _tool_table(t: dict[str, Any]) -> list[str]:
+    lines = [f"#### The tool's speed: `structures` + `compact` on {t['model']}", "",
+             (f"Input {'×'.join(map(str, t['input']))}, {t['threads']} thread(s); seconds: median of {t['repeats']} "
+              "calls after a first one, in a fresh process. Memory, of that first call: the peak of Python "
+              "allocations (tracemalloc; tensor storage not included), and how far the peak resident memory "
+              "(VmHWM, reset before the call) rose above the resident memory before it (tensors included)."), "",
+             "| step | seconds | Python heap peak MiB | RSS peak growth MiB |", "|---|---|---|---|"]
+    for step in ("structures", "compact"):
+        mem = t["memory"][step]
+        growth = mem["rss_peak_growth_mib"]
+        lines.append(f"| `{step}` | {t['seconds'][step]:.3f} | {mem['python_heap_peak_mib']:.1f} "
+                     f"| {'-' if growth is None else f'{growth:.0f}'} |")
+    total = sum(t["seconds"].values())
+    return lines + [f"| total | {total:.3f} | | |", ""]
+
+
+def exactness_section(d: dict[str, Any]) -> list[str]:
+    """Markdown lines for ``zoo_exactness.py``: every torchvision classifier, groups found, exactness."""
+    rows = d["rows"]
+    ok = sum(1 for r in rows if r.get("exact"))
+    lines = ["### Compaction across the torchvision classifiers", "",
+             f"Every classification model of torchvision (`weights=None`, random BatchNorm statistics, eval mode): "
+             f"`structures(kinds=(\"channel\", \"neuron\"))`, {d['fraction_zeroed']:.0%} of the groups zeroed at random, "
+             f"`compact`, outputs compared on fresh random inputs. **{ok} of {len(rows)} exact** "
+             f"(max |difference| ≤ 1e-4 × output scale). *Strict* names the operation that stops the tracer "
+             f"where some channels stay unremovable (`strict=True` raises there). "
+             f"{d['machine'].get('cpu', '?')}, 1 thread, torch {d['machine'].get('torch', '?')}, {d['date']}.", "",
+             "| model | groups | conv/linear outputs | parameters: dense → compact | max abs diff | "
+             "structures s | compact s | strict |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | | | | | | error: {r['error'][:80]} |")
+            continue
+        stop = re.sub(r"^cannot follow channels through ", "", r["strict_stops_at"] or "ok")
+        lines.append(f"| {r['model']} | {r['groups']:,} | {r['layer_outputs']:,} | {r['params'][0] / 1e6:.1f}M → "
+                     f"{r['params'][1] / 1e6:.1f}M | {r['max_abs_diff']:.1e} | {r['structures_s']:.2f} | "
+                     f"{r['compact_s']:.2f} | {stop[:70]} |")
+    return lines + [""]

@@ -7,6 +7,7 @@ from torch import nn
 import torchslim.compaction as compaction
 from nets import MLP, TinyLeNet, TinyResNet, randomize_bn
 from torchslim import LoweredConv2d, VerificationError, compact, structures, verify
+from torchslim.errors import ConfigError
 
 
 def _n_params(m):
@@ -122,7 +123,7 @@ def test_auto_picks_one_of_the_two_and_stays_exact():
 
 def test_compact_refuses_a_model_that_differs(monkeypatch):
     model, x = TinyLeNet().eval(), torch.randn(2, 1, 28, 28)
-    monkeypatch.setattr(compaction, "_live_members", lambda fam: torch.arange(fam.size - 1))
+    monkeypatch.setattr(compaction, "_live_members", lambda fam, multiple: torch.arange(fam.size - 1))
     with pytest.raises(VerificationError, match="differs"):
         compact(model, x)
 
@@ -208,3 +209,21 @@ def test_depthwise_conv_shrinks_with_its_input_channels():
     small = compact(net, x)
     assert (small.dw.in_channels, small.dw.out_channels, small.dw.groups) == (3, 6, 3)
     assert small.bn.num_features == 10 and small.head.in_channels == 10
+
+
+def test_channel_multiple_keeps_widths_a_multiple_and_stays_exact():
+    torch.manual_seed(0)
+    net, x = randomize_bn(_Chunked()).eval(), torch.randn(2, 3, 8, 8)
+    net.head = nn.Conv2d(12, 20, 1)
+    tail = nn.Conv2d(20, 3, 1)
+    model = nn.Sequential(net, tail).eval()
+    groups = [g for g in structures(model, x) if g.family.label == "0.head"]
+    for g in groups[:15]:                                    # 5 of 20 channels stay
+        g.zero_()
+    assert compact(model, x)[1].in_channels == 5
+    small = compact(model, x, channel_multiple=4)
+    assert small[0].head.out_channels == small[1].in_channels == 8
+    assert verify(model, small, torch.randn(3, 3, 8, 8)).ok
+    assert compact(model, x, channel_multiple=32)[1].in_channels == 20   # capped at the layer's width
+    with pytest.raises(ConfigError, match="channel_multiple"):
+        compact(model, x, channel_multiple=0)

@@ -73,6 +73,8 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the compact model file to write (torchslim.serialize format)")
     p.add_argument("--shapes", choices=("crop", "lowered", "auto", "off"), default=None,
                    help="zero shape fibers: crop kernels, lowered GEMM, auto (measured), off (default: recipe's)")
+    p.add_argument("--channel-multiple", type=int, default=None,
+                   help="keep every width a multiple of this, e.g. 8 for onnxruntime (default: recipe's)")
     p.add_argument("--recipe", help="recipe that builds the model (needed for a plain state dict)")
     p.set_defaults(func=cmd_compact)
 
@@ -183,7 +185,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else None
     model, recipe = load_phase_model(args.checkpoint, recipe)
     x = example_inputs(recipe, batch=8)
-    small = compact(model, x, shapes=args.shapes or recipe.compact.shapes)
+    small = compact(model, x, shapes=args.shapes or recipe.compact.shapes,
+                    channel_multiple=args.channel_multiple or recipe.compact.channel_multiple)
     report = verify(model, small, x)
     save_compact(small, args.out, arch=getattr(model, "arch", None))
     before, after = _numel(model), _numel(small)

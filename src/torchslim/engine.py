@@ -439,7 +439,8 @@ def _one_epoch(
 
 def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
     """Cut the zeros out; the result is checked against ``model`` and saved as ``compacted.pt``."""
-    small = compact(model, run.example, shapes=run.recipe.compact.shapes)
+    small = compact(model, run.example, shapes=run.recipe.compact.shapes,
+                    channel_multiple=run.recipe.compact.channel_multiple)
     _, run.accuracy["compact"] = evaluate(small, *run.test, batch_size=run.recipe.eval_batch_size)
     _record_valid(run, "compact", small)
     save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))

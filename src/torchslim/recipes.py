@@ -115,9 +115,13 @@ class SSLSpec(PhaseSpec):
 
 @dataclass
 class CompactSpec:
-    """How :func:`torchslim.compaction.compact` handles zero shape fibers."""
+    """How :func:`torchslim.compaction.compact` handles zero shape fibers and rounds widths."""
 
     shapes: Literal["crop", "lowered", "auto", "off"] = "crop"  # crop: shrink kernels at zero borders
+    channel_multiple: int = 1  # 8: widths stay multiples of 8 (onnxruntime's blocked convolutions)
+
+    def __post_init__(self) -> None:
+        _check_min("compact.channel_multiple", self.channel_multiple, 1)
 
 
 @dataclass

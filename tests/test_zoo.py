@@ -1,4 +1,4 @@
-"""Compaction on torchvision classifiers no one here wrote: 30% of the channel groups zeroed, then cut.
+"""Compaction on torchvision classifiers no one here wrote: 30% of the channel and depth groups zeroed, then cut.
 
 weights=None and random BatchNorm statistics (eval mode), small inputs: the test is about exactness
 of the dependency tracing, not about accuracy. Each model must trace with ``strict=True`` (every
@@ -41,7 +41,7 @@ def test_torchvision_model_compacts_exactly(name, one_thread):
     if name in PARTIAL:
         with pytest.raises(UnsupportedOperation, match=PARTIAL[name]):
             structures(model, x, kinds=("channel", "neuron"), strict=True)
-    groups = structures(model, x, kinds=("channel", "neuron"), strict=name not in PARTIAL)
+    groups = structures(model, x, kinds=("channel", "neuron", "depth"), strict=name not in PARTIAL)
     assert groups
     gen = torch.Generator().manual_seed(0)
     for i in torch.randperm(len(groups), generator=gen)[: int(0.3 * len(groups))]:

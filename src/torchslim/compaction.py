@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from torchslim.errors import ConfigError, ShapeMismatch, VerificationError
+from torchslim.depth import remove_branches, residual_branches
 from torchslim.groups import Family
 from torchslim.layers import LoweredConv2d
 from torchslim.tracing import channel_graph, coupled_families
@@ -247,7 +248,8 @@ def compact(
 ) -> nn.Module:
     """A physically smaller copy of ``model`` without its all-zero removable structures.
 
-    Removes every zero ``channel``/``neuron`` group (a channel is removed when all the weights that
+    Replaces every residual block whose branch is all zero (a zero ``depth`` group) by its shortcut,
+    removes every zero ``channel``/``neuron`` group (a channel is removed when all the weights that
     read it are zero, or when all that produce it are zero and every operation on its way maps 0 to 0),
     then, by ``shapes``:
 
@@ -273,6 +275,10 @@ def compact(
         raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     inputs = _as_tuple(example_inputs)
     small = copy.deepcopy(model).eval()
+    _, gm = channel_graph(small, inputs)
+    blocks = remove_branches(small, residual_branches(small, gm))
+    if blocks:
+        log.info("blocks reduced to their shortcut: %s", blocks)
     cuts = remove_channels(small, inputs, channel_multiple)
     log.info("removed channels: %s", cuts)
     if shapes != "off":

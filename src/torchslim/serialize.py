@@ -107,6 +107,9 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
     "BatchNorm2d": (nn.BatchNorm2d, _describe_bn, lambda a: nn.BatchNorm2d(**a)),
     "ZeroPad2d": (nn.ZeroPad2d, lambda m: {"padding": m.padding}, lambda a: nn.ZeroPad2d(_tup(a["padding"]))),
     "Identity": (nn.Identity, lambda m: {}, lambda a: nn.Identity()),
+    # what a residual block keeps after its add when depth compaction reduces it to the shortcut
+    "ReLU": (nn.ReLU, lambda m: {"inplace": m.inplace}, lambda a: nn.ReLU(a["inplace"])),
+    "ReLU6": (nn.ReLU6, lambda m: {"inplace": m.inplace}, lambda a: nn.ReLU6(a["inplace"])),
     "LoweredConv2d": (LoweredConv2d, _describe_lowered, _build_lowered),
     "LSTM": (nn.LSTM, _describe_rnn, lambda a: nn.LSTM(**a)),  # ISS narrows hidden_size
     "GRU": (nn.GRU, _describe_rnn, lambda a: nn.GRU(**a)),

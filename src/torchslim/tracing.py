@@ -574,7 +574,8 @@ def structures(
         example_inputs: a tensor or tuple of tensors the model accepts, e.g. ``(B, 1, 28, 28)``.
         kinds: any of ``"channel"`` (a conv output channel coupled with its bias, BatchNorm entries
             and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
-            ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``) and ``"shape"`` (``W[:, c, i, j]``).
+            ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``), ``"shape"`` (``W[:, c, i, j]``) and
+            ``"depth"`` (all weights of a residual branch; see :mod:`torchslim.depth`).
         strict: raise :class:`UnsupportedOperation` for an operation whose channels cannot be
             followed, instead of leaving its channels out of the groups.
         leaf_modules: module types to treat as opaque (not traced into).
@@ -586,9 +587,13 @@ def structures(
     if unknown:
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
-    if {"channel", "neuron"} & set(kinds) or strict:
-        graph, _ = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
+    if {"channel", "neuron", "depth"} & set(kinds) or strict:
+        graph, gm = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
         families += [f for f in coupled_families(model, graph) if f.kind in kinds]
+        if "depth" in kinds:
+            from torchslim.depth import depth_families, residual_branches  # depth builds on this module
+
+            families += depth_families(model, residual_branches(model, gm))
     families += layer_families(model, kinds)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     families.sort(key=lambda f: (order.get(f.label.split("+")[0], 0), KINDS.index(f.kind)))

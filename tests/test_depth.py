@@ -1,0 +1,82 @@
+"""Depth groups: a residual branch as one group; a zero branch turns its block into the shortcut."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nets import randomize_bn
+from torchslim import compact, structures, verify
+from torchslim.models import create_model
+from torchslim.serialize import load_compact, save_compact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _resnet20():
+    torch.manual_seed(0)
+    return randomize_bn(create_model("resnet20")).eval(), torch.randn(2, 1, 28, 28)
+
+
+def _depth(model, x):
+    return {g.family.label: g for g in structures(model, x, kinds=("depth",))}
+
+
+def test_every_block_of_resnet20_is_a_depth_group():
+    model, x = _resnet20()
+    groups = _depth(model, x)
+    assert sorted(groups) == [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
+    block = model.layer2[1]
+    assert groups["layer2.1"].numel() == sum(p.numel() for n, p in block.named_parameters()
+                                             if not n.startswith("shortcut"))
+
+
+def test_zero_branch_becomes_the_shortcut_exactly(tmp_path):
+    model, x = _resnet20()
+    groups = _depth(model, x)
+    groups["layer1.1"].zero_()
+    groups["layer2.0"].zero_()                                 # a projection block: conv 1x1 + BN shortcut
+    small = compact(model, x)
+    assert isinstance(small.layer1[1], nn.Sequential) and [type(m) for m in small.layer1[1]] == [nn.ReLU]
+    assert [type(m) for m in small.layer2[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert verify(model, small, torch.randn(3, 1, 28, 28)).ok
+    removed = sum(p.numel() for n, p in model.named_parameters()
+                  if n.startswith(("layer1.1.", "layer2.0.conv", "layer2.0.bn")))
+    assert sum(p.numel() for p in small.parameters()) == sum(p.numel() for p in model.parameters()) - removed
+    save_compact(small, tmp_path / "small.pt", arch={"name": "resnet20", "kwargs": {}})
+    torch.testing.assert_close(load_compact(tmp_path / "small.pt")(x), small(x))
+
+
+def test_a_branch_that_is_not_zero_stays():
+    model, x = _resnet20()
+    g = _depth(model, x)["layer3.2"].zero_()
+    with torch.no_grad():
+        model.layer3[2].bn2.bias[0] = 1.0                      # the branch now adds a constant
+    assert not g.is_zero()
+    small = compact(model, x)
+    assert type(small.layer3[2]) is type(model.layer3[2])
+
+
+class _TwoAdds(nn.Module):
+    """``x + a(x) + b(x)`` in one module: which branch would the block become? No depth group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.a(x) + self.b(x)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 4, 1), _TwoAdds(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_blocks_that_are_not_a_plain_residual_give_no_depth_group():
+    assert _depth(_Net(), torch.randn(1, 3, 8, 8)) == {}

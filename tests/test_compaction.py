@@ -227,3 +227,28 @@ def test_channel_multiple_keeps_widths_a_multiple_and_stays_exact():
     assert compact(model, x, channel_multiple=32)[1].in_channels == 20   # capped at the layer's width
     with pytest.raises(ConfigError, match="channel_multiple"):
         compact(model, x, channel_multiple=0)
+
+
+class _Grouped(nn.Module):
+    """A 1x1 conv into a grouped 3x3 conv (4 groups of 3 → 2 channels), as in ResNeXt and RegNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12)
+        self.g, self.bn2 = nn.Conv2d(12, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn2(self.g(torch.relu(self.bn(self.a(x)))))))
+
+
+def test_grouped_conv_loses_whole_groups_exactly():
+    torch.manual_seed(0)
+    net, x = randomize_bn(_Grouped()).eval(), torch.randn(2, 3, 8, 8)
+    groups = structures(net, x, strict=True)
+    assert [g.name for g in groups] == [f"a+1:channel[{i}]" for i in range(4)]   # one member per group
+    assert groups[1].numel() == 3 * 4 + 3 * 2 + 2 * (3 * 9 + 1) + 2 * 2 + 5 * 2
+    groups[1].zero_()
+    small = compact(net, x)
+    assert (small.g.in_channels, small.g.out_channels, small.g.groups) == (9, 6, 3)
+    assert verify(net, small, torch.randn(3, 3, 8, 8)).ok

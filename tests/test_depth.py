@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 from nets import randomize_bn
+from support import needs_fashion_mnist
 from torchslim import compact, structures, verify
+from torchslim.engine import run
 from torchslim.models import create_model
+from torchslim.recipes import load_recipe
 from torchslim.serialize import load_compact, save_compact
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,3 +83,15 @@ class _Net(nn.Module):
 
 def test_blocks_that_are_not_a_plain_residual_give_no_depth_group():
     assert _depth(_Net(), torch.randn(1, 3, 8, 8)) == {}
+
+
+@needs_fashion_mnist
+def test_depth_ssl_end_to_end_removes_blocks(tmp_path):
+    recipe = load_recipe("resnet20_depth", overrides=[
+        "data.train_limit=256", "data.test_limit=128", "data.valid_size=0", "batch_size=64",
+        "baseline.epochs=1", "ssl.epochs=1", "ssl.lr=0.05", "ssl.lr_schedule=constant", "ssl.strength={depth: 50.0}",
+        "finetune.epochs=1"])
+    result = run(recipe, run_dir=tmp_path, progress=False)
+    blocks = [m for m in result.compact_model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) < 9, "a strong depth λ should have zeroed some branches"
+    assert result.accuracy["compact"] == pytest.approx(result.accuracy["ssl"], abs=1 / 128)

@@ -23,8 +23,6 @@ MORE = ["mobilenet_v3_small", "efficientnet_b0", "googlenet", "squeezenet1_0", "
 # models whose channels are only partly removable, and the operation that stops the tracer
 PARTIAL = {
     "shufflenet_v2_x0_5": "reshape",            # channel shuffle: view-transpose-view
-    "regnet_x_400mf": "Conv2d",                 # grouped (not depthwise) convolutions
-    "resnext50_32x4d": "Conv2d",
     "convnext_tiny": "layer_norm",              # LayerNorm statistics couple every channel of the trunk
 }
 

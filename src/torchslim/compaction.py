@@ -128,7 +128,8 @@ def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
 def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
     """Make each layer's size attributes agree with its (cut) parameters.
 
-    ``multipliers``: each depthwise conv's output channels per input channel, from before the cut.
+    ``multipliers``: each grouped (or depthwise) conv's output channels per group, from before the cut:
+    whole groups are cut, so the new number of groups is ``out_channels / multiplier``.
     """
     for mod in model.modules():
         if isinstance(mod, nn.Conv2d) and not isinstance(mod, LoweredConv2d):
@@ -147,10 +148,9 @@ def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int 
     graph, _ = channel_graph(model, inputs)
     plan = [(fam, keep) for fam in coupled_families(model, graph)
             if len(keep := _live_members(fam, multiple)) < fam.size]
-    depthwise = {m: m.out_channels // m.groups for m in model.modules()
-                 if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+    grouped = {m: m.out_channels // m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
     _cut(model, plan)
-    _sync_sizes(model, depthwise)
+    _sync_sizes(model, grouped)
     return {fam.label: (fam.size, len(keep)) for fam, keep in plan}
 
 

@@ -15,6 +15,7 @@ channels becomes a group.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -124,11 +125,13 @@ class _DependencyGraph:
     def __init__(self, strict: bool) -> None:
         self.spaces: list[_Space] = []
         self.parent: list[int] = []
+        self.count: list[int] = []  # per root: members M of the class; a space of size C has C/M per member
         self.strict = strict
 
     def new(self, size: int, fixed: str | None = None) -> int:
         self.spaces.append(_Space(size, fixed=fixed))
         self.parent.append(len(self.parent))
+        self.count.append(size)
         return len(self.parent) - 1
 
     def find(self, i: int) -> int:
@@ -137,10 +140,12 @@ class _DependencyGraph:
             i = self.parent[i]
         return i
 
-    def union(self, a: int, b: int) -> int:
+    def union(self, a: int, b: int, groups: int | None = None) -> int:
+        """Unite the classes of ``a`` and ``b``; ``groups``: only whole blocks of ``C/groups`` go together."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+        self.count[ra] = math.gcd(self.count[ra], self.count[rb], groups or 0)
         return ra
 
     def fix(self, i: int, why: str) -> None:
@@ -282,6 +287,8 @@ class _Walker:
             self._produce(node, name, mod.out_channels, "conv", mod.bias is not None, dim=1)
         elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and mod.groups == mod.in_channels:
             self._depthwise(node, name, mod, x)
+        elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
+            self._grouped(node, name, mod, x)
         elif isinstance(mod, nn.Linear):
             shape = _tensor_shape(x)
             last = len(shape) - 1 if shape else 1
@@ -313,6 +320,23 @@ class _Walker:
         if mod.bias is not None:
             self._stripes(chan, f"{name}.bias", 0, "out", scale=m)
         self.info[node] = chan.widen(m)
+
+    def _grouped(self, node: fx.Node, name: str, mod: nn.Conv2d, x: fx.Node) -> None:
+        """A grouped conv: group ``i``'s input and output channels can only go together, as one member.
+
+        The input's space and the conv's output space are united at the granularity of whole groups
+        (``C_in/groups`` and ``C_out/groups`` channels per member); the per-group input width
+        (``weight.shape[1]``) does not change, the number of groups does.
+        """
+        chan = self.info.get(x)
+        if chan is None:
+            return
+        seg = chan.segs[0] if len(chan.segs) == 1 else None
+        if chan.dim != 1 or seg is None or seg.width != 1 or (seg.lo, seg.hi) != (0, self.graph.spaces[seg.space].size):
+            self._unknown(node, "a grouped Conv2d over several channel segments")
+            return
+        self._produce(node, name, mod.out_channels, "conv", mod.bias is not None, dim=1)
+        self.graph.union(seg.space, self.info[node].segs[0].space, groups=mod.groups)
 
     def _batchnorm(self, node: fx.Node, name: str, mod: nn.Module, x: fx.Node) -> None:
         chan = self.info.get(x)
@@ -527,15 +551,29 @@ def coupled_families(model: nn.Module, graph: _DependencyGraph) -> list[Family]:
         if not producers or any(s.fixed for s in spaces):
             continue
         kinds = set().union(*(s.producer_kind for s in spaces))
+        count = graph.count[root]
+        stripes = [_coarse(st, s.size // count) for s in spaces for st in s.stripes]
+        if any(st is None for st in stripes):
+            continue  # a consumer reads part of a grouped conv's channel block
         families.append(Family(
             kind="channel" if "conv" in kinds else "neuron",
             label=_label(producers),
-            size=spaces[0].size,
-            stripes=tuple(st for s in spaces for st in s.stripes),
+            size=count,
+            stripes=tuple(stripes),
             params=params,
             zero_preserving=all(s.zero_preserving for s in spaces),
         ))
     return families
+
+
+def _coarse(st: Stripe, per: int) -> Stripe | None:
+    """``st`` with ``per`` consecutive members as one (grouped convs); None where a range splits a block."""
+    if per == 1:
+        return st
+    if st.lo % per or (st.hi is not None and st.hi % per):
+        return None
+    return dataclasses.replace(st, width=st.width * per, lo=st.lo // per,
+                               hi=None if st.hi is None else st.hi // per)
 
 
 def layer_families(model: nn.Module, kinds: Sequence[str]) -> list[Family]:

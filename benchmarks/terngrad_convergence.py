@@ -5,7 +5,8 @@
 Runs of ``torchrun -m torchslim.distributed`` with identical options but the gradients:
 ``fp32`` (plain DDP all-reduce), ``terngrad`` (the paper's clipping, s = min(max|g|, 2.5σ)) and
 ``terngrad-noclip`` (``--clip-sigma inf``, s = max|g|), which shows what clipping buys, and
-``terngrad-twophase`` (``--reduce twophase``: the fewest bytes, the average rounded to ternary again). TernGrad keeps the
+``terngrad-twophase`` (``--reduce twophase``: the fewest bytes, the average rounded to ternary
+again). TernGrad keeps the
 last layer in fp32, as the paper's runs did. Each worker draws a batch of ``--batch-size`` examples per
 step (64: a total batch of 256) and SGD applies ``--lr`` to the averaged gradient (no scaling by N).
 

@@ -84,7 +84,8 @@ def exactness_section(d: dict[str, Any]) -> list[str]:
     ok = sum(1 for r in rows if r.get("exact"))
     lines = ["### Compaction across the torchvision classifiers", "",
              f"Every classification model of torchvision (`weights=None`, random BatchNorm statistics, eval mode): "
-             f"`structures(kinds=(\"channel\", \"neuron\"))`, {d['fraction_zeroed']:.0%} of the groups zeroed at random, "
+             f"`structures(kinds=(\"channel\", \"neuron\"))`, {d['fraction_zeroed']:.0%} of the groups zeroed "
+             "at random, "
              f"`compact`, outputs compared on fresh random inputs. **{ok} of {len(rows)} exact** "
              f"(max |difference| ≤ 1e-4 × output scale). *Strict* names the operation that stops the tracer "
              f"where some channels stay unremovable (`strict=True` raises there). "

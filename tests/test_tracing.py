@@ -94,7 +94,8 @@ def test_cat_offsets_each_input_into_the_consumer():
 class _Rolled(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.head, self.side, self.out = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.Conv2d(3, 5, 1), nn.Conv2d(5, 2, 1)
+        self.a, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
+        self.side, self.out = nn.Conv2d(3, 5, 1), nn.Conv2d(5, 2, 1)
 
     def forward(self, x):
         return self.head(torch.roll(self.a(x), 1, 1)), self.out(torch.relu(self.side(x)))

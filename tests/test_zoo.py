@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from nets import randomize_bn
 from torchslim import UnsupportedOperation, compact, structures, verify

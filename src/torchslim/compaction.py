@@ -34,7 +34,8 @@ class VerifyReport:
 
     def __str__(self) -> str:
         verdict = "equal" if self.ok else "DIFFERENT"
-        return f"{verdict}: max |a - b| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, tolerance {self.tolerance:.3g})"
+        return (f"{verdict}: max |a - b| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, "
+                f"tolerance {self.tolerance:.3g})")
 
 
 def _as_tuple(inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:

@@ -302,7 +302,8 @@ def _save_checkpoint(run: _Run, phase: str, model: nn.Module, optimizer: torch.o
         "engine_format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),
         "done": dict(run.done), "history": list(run.history), "accuracy": dict(run.accuracy),
-        "valid_accuracy": dict(run.valid_accuracy), "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "valid_accuracy": dict(run.valid_accuracy), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(),
     })
 
@@ -521,7 +522,8 @@ def run(
     model = build_model(recipe)
     run_ = _Run(
         recipe=recipe, run_dir=Path(run_dir) if run_dir is not None else Path("runs") / recipe.name,
-        train=train, valid=valid, test=test, example=test[0][:16], dense_numel=sum(p.numel() for p in model.parameters()),
+        train=train, valid=valid, test=test, example=test[0][:16],
+        dense_numel=sum(p.numel() for p in model.parameters()),
         progress=progress,
     )
     run_.run_dir.mkdir(parents=True, exist_ok=True)

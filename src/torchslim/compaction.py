@@ -98,13 +98,33 @@ def _get(model: nn.Module, name: str) -> Tensor:
 
 
 def _set(model: nn.Module, name: str, value: Tensor) -> None:
+    """Replace the tensor ``name`` everywhere it is used: tied weights stay tied."""
     owner, _, attr = name.rpartition(".")
-    mod = model.get_submodule(owner)
-    old = getattr(mod, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        mod._buffers[attr] = value
+    old = getattr(model.get_submodule(owner), attr)
+    new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+    for mod in model.modules():
+        for key, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is old:
+                if isinstance(new, nn.Parameter):
+                    setattr(mod, key, new)
+                else:
+                    mod._buffers[key] = new
+
+
+def _uniform(plan: list[tuple[Family, Tensor]]) -> list[tuple[Family, Tensor]]:
+    """One hidden size per nn.LSTM/GRU: its layers all keep the largest count, padded with the strongest."""
+    need: dict[str, int] = {}
+    for fam, keep in plan:
+        if fam.uniform is not None:
+            need[fam.uniform] = max(need.get(fam.uniform, 0), len(keep))
+    out = []
+    for fam, keep in plan:
+        extra = need.get(fam.uniform, 0) - len(keep) if fam.uniform is not None else 0
+        if extra > 0:
+            spare = fam.row_sq().cpu().index_fill(0, keep, -1.0)
+            keep = torch.sort(torch.cat([keep, spare.topk(extra).indices])).values
+        out.append((fam, keep))
+    return out
 
 
 def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
@@ -139,6 +159,10 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
             mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1] * mod.groups
         elif isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif isinstance(mod, (nn.LSTM, nn.GRU)):
+            mod.hidden_size, mod.input_size = mod.weight_hh_l0.shape[1], mod.weight_ih_l0.shape[1]
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             ref = mod.weight if mod.weight is not None else mod.running_mean
             mod.num_features = ref.shape[0]
@@ -147,8 +171,8 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
 def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1) -> dict[str, tuple[int, int]]:
     """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``."""
     graph, _ = channel_graph(model, inputs)
-    plan = [(fam, keep) for fam in coupled_families(model, graph)
-            if len(keep := _live_members(fam, multiple)) < fam.size]
+    plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph)])
+    plan = [(fam, keep) for fam, keep in plan if len(keep) < fam.size]
     grouped = {m: m.out_channels // m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
     _cut(model, plan)
     _sync_sizes(model, grouped)

@@ -74,6 +74,8 @@ class Family:
 
     ``zero_preserving`` is False when a channel whose producers are zero may still carry a non-zero
     value (through a sigmoid, say); such a channel is removable only when its consumers are zero.
+    ``uniform`` names the RNN module whose layers this family's members belong to: one module holds
+    one hidden size, so compaction keeps as many members in each of its families.
     """
 
     kind: str
@@ -82,6 +84,7 @@ class Family:
     stripes: tuple[Stripe, ...]
     params: Mapping[str, Tensor] = field(repr=False)
     zero_preserving: bool = True
+    uniform: str | None = None  # an nn.LSTM/GRU: every family of it must keep the same number of members
 
     def row_sq(self, role: Role | None = None) -> Tensor:
         """Squared L2 norm of every member, shape ``(size,)``; ``role`` restricts to one side."""

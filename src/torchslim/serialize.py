@@ -113,6 +113,9 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
     "LoweredConv2d": (LoweredConv2d, _describe_lowered, _build_lowered),
     "LSTM": (nn.LSTM, _describe_rnn, lambda a: nn.LSTM(**a)),  # ISS narrows hidden_size
     "GRU": (nn.GRU, _describe_rnn, lambda a: nn.GRU(**a)),
+    "Embedding": (nn.Embedding, lambda m: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
+                                           "padding_idx": m.padding_idx},
+                  lambda a: nn.Embedding(a["num_embeddings"], a["embedding_dim"], a["padding_idx"])),
 }
 _NAME_OF = {cls: name for name, (cls, _, _) in _KINDS.items()}
 
@@ -197,6 +200,9 @@ def save_compact(model: nn.Module, path: str | os.PathLike, *, arch: Mapping[str
     except (TypeError, ValueError) as e:
         raise ConfigError(f"arch must be JSON-serializable (str, numbers, lists, dicts), got {arch!r}: {e}") from e
     spec = _spec_of(model)
+    spec_ties = _ties(model)
+    if spec_ties:
+        spec = {**spec, _TIES: spec_ties}
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # no shared storage
     _atomic_save(
         {"format": FORMAT, "version": VERSION, "spec": json.dumps(spec), "arch": arch_json, "state_dict": state},
@@ -334,6 +340,7 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
     arch = _parse_json(ckpt.get("arch"), "arch", path)
     if not isinstance(spec, dict):
         raise CheckpointError(f"the module spec in '{path}' is not a JSON object; the file is damaged")
+    ties = spec.pop(_TIES, [])
     skeleton = _skeleton(model, arch, spec)
     for name, desc in spec.items():
         new = _build(desc, name or "<root>")
@@ -341,8 +348,31 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
             _replace(skeleton, name, new)
         else:
             skeleton = new
+    _retie(skeleton, ties, path)
     _load_state(skeleton, ckpt["state_dict"], path)
     return skeleton.eval()
+
+
+_TIES = "__tied__"  # spec entry: lists of parameter names that are one tensor (a decoder tied to an embedding)
+
+
+def _ties(model: nn.Module) -> list[list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, ties: Any, path: str | os.PathLike) -> None:
+    """Share each tied group's first parameter again: rebuilt modules got their own tensors."""
+    try:
+        for first, *others in ties:
+            shared = model.get_parameter(first)
+            for name in others:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, shared)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the tied parameters {ties!r} in '{path}' do not fit the model: {e}") from e
 
 
 def _as_tuple(inputs: Inputs) -> tuple[Tensor, ...]:

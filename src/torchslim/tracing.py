@@ -117,6 +117,14 @@ class _Space:
     producer_kind: set[str] = field(default_factory=set)  # "conv" / "linear"
     fixed: str | None = None  # why its channels cannot be removed
     zero_preserving: bool = True
+    rnn: str | None = None  # the nn.LSTM/GRU whose hidden units these are: all its layers keep one size
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """An RNN's final state ``(layers·directions, N, H)``: index ``i`` along dim 0 carries ``chans[i]``."""
+
+    chans: tuple[_Chan, ...]
 
 
 class _DependencyGraph:
@@ -165,6 +173,22 @@ def _tensor_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _span(st: Stripe, size: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` a stripe of a space of ``size`` members covers."""
+    return st.offset, st.offset + ((size if st.hi is None else st.hi) - st.lo) * st.width
+
+
+def _all_chans(pieces: Any) -> list[_Chan]:
+    """Every channel description inside nested pieces (lists, stacks, None)."""
+    if pieces is None:
+        return []
+    if isinstance(pieces, _Chan):
+        return [pieces]
+    if isinstance(pieces, _Stack):
+        return list(pieces.chans)
+    return [c for p in pieces for c in _all_chans(p)]
+
+
 def _tensor_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
     """The shapes of a node that returns a tuple of tensors (``split``), else None."""
     meta = node.meta.get("tensor_meta")
@@ -180,7 +204,8 @@ class _Walker:
         self.gm = gm
         self.graph = _DependencyGraph(strict)
         self.info: dict[fx.Node, _Chan] = {}
-        self.pieces: dict[fx.Node, list[_Chan | None]] = {}  # split/chunk results, read by getitem
+        self.pieces: dict[fx.Node, list[Any]] = {}  # tuples (split, RNN): _Chan, _Stack, list or None each
+        self.stacks: dict[fx.Node, _Stack] = {}     # RNN final states, read by indexing dim 0
 
     # -- helpers -----------------------------------------------------------------------------
     def _inputs(self, node: fx.Node) -> list[fx.Node]:
@@ -193,7 +218,7 @@ class _Walker:
             self.graph.fix(seg.space, why)
 
     def _unknown(self, node: fx.Node, what: str) -> None:
-        tracked = [n for n in self._inputs(node) if n in self.info or n in self.pieces]
+        tracked = [n for n in self._inputs(node) if n in self.info or n in self.pieces or n in self.stacks]
         if not tracked:
             return
         where = f"'{node.name}'" + (f" (module '{node.target}')" if node.op == "call_module" else "")
@@ -205,9 +230,11 @@ class _Walker:
             )
         log.info("%s; its channels are kept", why)
         for n in tracked:
-            for chan in [self.info.get(n), *self.pieces.get(n, [])]:
-                if chan is not None:
-                    self._fix_chan(chan, why)
+            self._fix_node(n, why)
+
+    def _fix_node(self, n: fx.Node, why: str) -> None:
+        for chan in _all_chans([self.info.get(n), self.pieces.get(n), self.stacks.get(n)]):
+            self._fix_chan(chan, why)
 
     def _stripes(self, chan: _Chan, param: str, dim: int, role: str, scale: int = 1) -> None:
         """Add ``param``'s rows along ``dim`` that line up with ``chan`` (``scale`` rows per entry)."""
@@ -274,10 +301,39 @@ class _Walker:
                 self._function(node)
             elif node.op == "output":
                 for n in self._inputs(node):
-                    for chan in [self.info.get(n), *self.pieces.get(n, [])]:
-                        if chan is not None:
-                            self._fix_chan(chan, "network output")
+                    self._fix_node(n, "network output")
+        self._shared_tensors()
         return self.graph
+
+    def _shared_tensors(self) -> None:
+        """Tied weights (a decoder sharing the embedding's table): one tensor, one name, one family.
+
+        Stripes are renamed to the tensor's first name; two classes whose stripes cover the same rows
+        of one tensor are united when the rows line up member for member, and fixed otherwise.
+        """
+        first: dict[int, str] = {}
+        canon = {}
+        for name, t in [*self.gm.named_parameters(remove_duplicate=False),
+                        *self.gm.named_buffers(remove_duplicate=False)]:
+            canon[name] = first.setdefault(id(t), name)
+        claims: dict[tuple[str, int], list[tuple[int, Stripe]]] = {}
+        for sid, space in enumerate(self.graph.spaces):
+            space.stripes = [dataclasses.replace(st, param=canon.get(st.param, st.param)) for st in space.stripes]
+            for st in space.stripes:
+                claims.setdefault((st.param, st.dim), []).append((sid, st))
+        for (param, _), owners in claims.items():
+            for i, (a, sa) in enumerate(owners):
+                for b, sb in owners[i + 1:]:
+                    (a0, a1), (b0, b1) = _span(sa, self.graph.spaces[a].size), _span(sb, self.graph.spaces[b].size)
+                    if self.graph.find(a) == self.graph.find(b) or a1 <= b0 or b1 <= a0:
+                        continue
+                    if (a0, a1, sa.width, sa.lo) == (b0, b1, sb.width, sb.lo) \
+                            and self.graph.spaces[a].size == self.graph.spaces[b].size:
+                        self.graph.union(a, b)
+                    else:
+                        why = f"'{param}' is shared by layers whose channels do not line up"
+                        self.graph.fix(a, why)
+                        self.graph.fix(b, why)
 
     def _module(self, node: fx.Node, mod: nn.Module) -> None:
         name = str(node.target)
@@ -289,6 +345,14 @@ class _Walker:
             self._depthwise(node, name, mod, x)
         elif isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
             self._grouped(node, name, mod, x)
+        elif isinstance(mod, (nn.LSTM, nn.GRU)):
+            self._rnn(node, name, mod, x)
+        elif isinstance(mod, nn.Embedding):  # token ids in, a new feature space out: column k of the table
+            sid = self.graph.new(mod.embedding_dim)
+            self.graph.spaces[sid].stripes.append(Stripe(f"{name}.weight", 1))
+            self.graph.spaces[sid].producers.append(name)
+            self.graph.spaces[sid].producer_kind.add("linear")
+            self.info[node] = _Chan(len(_tensor_shape(node)) - 1, (_Seg(sid, 0, mod.embedding_dim),))
         elif isinstance(mod, nn.Linear):
             shape = _tensor_shape(x)
             last = len(shape) - 1 if shape else 1
@@ -338,6 +402,48 @@ class _Walker:
         self._produce(node, name, mod.out_channels, "conv", mod.bias is not None, dim=1)
         self.graph.union(seg.space, self.info[node].segs[0].space, groups=mod.groups)
 
+    def _rnn(self, node: fx.Node, name: str, mod: nn.LSTM | nn.GRU, x: Any) -> None:
+        """ISS (Wen et al., ICLR 2018): hidden unit ``k`` of a layer is one member.
+
+        Its rows ``g·H + k`` of ``weight_ih``, ``weight_hh`` and both biases for every gate ``g``
+        (PyTorch's order: i, f, g, o; GRU: r, z, n), column ``k`` of its own ``weight_hh`` and of the
+        next layer's ``weight_ih`` (at the direction's offset), and whatever reads the output. With
+        zero rows a unit's gates are constants and its state stays 0 from a zero start, so zero rows
+        make it silent; an explicit initial state breaks that.
+        """
+        if getattr(mod, "proj_size", 0):
+            self._unknown(node, "an LSTM with proj_size > 0 (projections are not supported)")
+            return
+        gates, hidden = (4 if isinstance(mod, nn.LSTM) else 3), mod.hidden_size
+        dirs = ["", "_reverse"] if mod.bidirectional else [""]
+        chan = self.info.get(x)
+        if chan is not None and chan.dim != len(_tensor_shape(x)) - 1:
+            self._fix_chan(chan, f"'{name}' reads a dimension other than the features")
+        elif chan is not None:
+            for sfx in dirs:
+                self._stripes(chan, f"{name}.weight_ih_l0{sfx}", 1, "in")
+        spaces = []
+        for layer in range(mod.num_layers):
+            for sfx in dirs:
+                sid = self.graph.new(hidden)
+                space = self.graph.spaces[sid]
+                space.producers.append(f"{name}.l{layer}{sfx}")
+                space.producer_kind.add("rnn")
+                space.rnn = name
+                space.zero_preserving = len(node.args) < 2 and "hx" not in node.kwargs
+                names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if mod.bias else [])
+                space.stripes += [Stripe(f"{name}.{w}_l{layer}{sfx}", 0, offset=g * hidden)
+                                  for w in names for g in range(gates)]
+                space.stripes.append(Stripe(f"{name}.weight_hh_l{layer}{sfx}", 1, role="in"))
+                if layer + 1 < mod.num_layers:
+                    space.stripes += [Stripe(f"{name}.weight_ih_l{layer + 1}{s2}", 1, role="in",
+                                             offset=dirs.index(sfx) * hidden) for s2 in dirs]
+                spaces.append(sid)
+        last = len(_tensor_shape(x) or (0, 0, 0)) - 1
+        out = _Chan(last, tuple(_Seg(sid, 0, hidden) for sid in spaces[-len(dirs):]))
+        h = _Stack(tuple(_Chan(1, (_Seg(sid, 0, hidden),)) for sid in spaces))  # h_n[i]: (N, H)
+        self.pieces[node] = [out, [h, h] if isinstance(mod, nn.LSTM) else h]     # LSTM: (h_n, c_n)
+
     def _batchnorm(self, node: fx.Node, name: str, mod: nn.Module, x: fx.Node) -> None:
         chan = self.info.get(x)
         if chan is None:
@@ -364,11 +470,25 @@ class _Walker:
             return
         if target is operator.getitem and x in self.pieces:
             index = node.args[1]
-            chans = self.pieces[x]
-            if isinstance(index, int) and chans[index] is not None:
-                self.info[node] = chans[index]
-            elif _tensor_shape(node) is not None:
+            piece = self.pieces[x][index] if isinstance(index, int) else None
+            if isinstance(piece, _Chan):
+                self.info[node] = piece
+            elif isinstance(piece, _Stack):
+                self.stacks[node] = piece
+            elif isinstance(piece, list):
+                self.pieces[node] = piece
+            else:
                 self._unknown(node, "indexing a split")
+            return
+        if target is operator.getitem and x in self.stacks:
+            index = node.args[1]
+            if isinstance(index, int) and _tensor_shape(node) is not None and len(_tensor_shape(node)) == 2:
+                self.info[node] = self.stacks[x].chans[index]
+            else:
+                self._unknown(node, "indexing an RNN state other than by layer")
+            return
+        if target is operator.getitem and x in self.info:
+            self._index(node, x, node.args[1])
             return
         if _tensor_shape(node) is None:
             if _tensor_shapes(node) is not None:  # tensors out of an operation we do not know
@@ -470,6 +590,17 @@ class _Walker:
             self._unknown(node, "a split inside a channel's entries")
         self.pieces[node] = pieces
 
+    def _index(self, node: fx.Node, x: fx.Node, index: Any) -> None:
+        """``x[..]`` that keeps every channel: ints and slices on other dims (``out[:, -1]``)."""
+        chan = self.info[x]
+        items = index if isinstance(index, tuple) else (index,)
+        if any(i is None or i is Ellipsis or not isinstance(i, (int, slice)) for i in items) \
+                or (len(items) > chan.dim and items[chan.dim] != slice(None)):
+            self._unknown(node, "indexing into the channels")
+            return
+        dropped = sum(isinstance(i, int) for i in items[:chan.dim])
+        self.info[node] = _Chan(chan.dim - dropped, chan.segs)
+
     def _permute(self, node: fx.Node, x: Any) -> None:
         chan, shape = self.info.get(x), _tensor_shape(node)
         if chan is None:
@@ -551,17 +682,19 @@ def coupled_families(model: nn.Module, graph: _DependencyGraph) -> list[Family]:
         if not producers or any(s.fixed for s in spaces):
             continue
         kinds = set().union(*(s.producer_kind for s in spaces))
+        kind = "channel" if "conv" in kinds else "hidden" if "rnn" in kinds else "neuron"
         count = graph.count[root]
-        stripes = [_coarse(st, s.size // count) for s in spaces for st in s.stripes]
+        stripes = list(dict.fromkeys(_coarse(st, s.size // count) for s in spaces for st in s.stripes))
         if any(st is None for st in stripes):
             continue  # a consumer reads part of a grouped conv's channel block
         families.append(Family(
-            kind="channel" if "conv" in kinds else "neuron",
+            kind=kind,
             label=_label(producers),
             size=count,
             stripes=tuple(stripes),
             params=params,
             zero_preserving=all(s.zero_preserving for s in spaces),
+            uniform=next((s.rnn for s in spaces if s.rnn), None),
         ))
     return families
 
@@ -613,7 +746,8 @@ def structures(
         kinds: any of ``"channel"`` (a conv output channel coupled with its bias, BatchNorm entries
             and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
             ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``), ``"shape"`` (``W[:, c, i, j]``) and
-            ``"depth"`` (all weights of a residual branch; see :mod:`torchslim.depth`).
+            ``"depth"`` (all weights of a residual branch; see :mod:`torchslim.depth`) and ``"hidden"``
+            (an LSTM/GRU hidden unit across its gates and consumers: ISS, Wen et al., ICLR 2018).
         strict: raise :class:`UnsupportedOperation` for an operation whose channels cannot be
             followed, instead of leaving its channels out of the groups.
         leaf_modules: module types to treat as opaque (not traced into).
@@ -625,7 +759,7 @@ def structures(
     if unknown:
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
-    if {"channel", "neuron", "depth"} & set(kinds) or strict:
+    if {"channel", "neuron", "depth", "hidden"} & set(kinds) or strict:
         graph, gm = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
         families += [f for f in coupled_families(model, graph) if f.kind in kinds]
         if "depth" in kinds:

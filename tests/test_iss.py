@@ -1,0 +1,121 @@
+"""ISS: LSTM/GRU hidden units as groups (Wen et al., ICLR 2018), and exact, smaller nn.LSTM/nn.GRU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim import UnsupportedOperation, compact, structures, verify
+from torchslim.serialize import load_compact, save_compact
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _LM(nn.Module):
+    """Embedding → stacked RNN → dropout → decoder, PTB-style; ``tie`` shares the embedding table."""
+
+    def __init__(self, rnn: type[nn.RNNBase] = nn.LSTM, bidirectional: bool = False, batch_first: bool = True,
+                 tie: bool = False, bias: bool = True):
+        super().__init__()
+        hidden = 6
+        self.emb = nn.Embedding(40, hidden if tie else 8)
+        self.rnn = rnn(self.emb.embedding_dim, hidden, num_layers=2, batch_first=batch_first,
+                       bidirectional=bidirectional, bias=bias)
+        self.drop = nn.Dropout(0.2)
+        self.dec = nn.Linear(hidden * (2 if bidirectional else 1), 40)
+        if tie:
+            self.dec.weight = self.emb.weight
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.emb(tokens))
+        return self.dec(self.drop(out))
+
+
+class _Classifier(nn.Module):
+    """Sequential Fashion-MNIST style: rows as time steps; reads the last step and the final state."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(28, 10, batch_first=True)
+        self.fc, self.fc_h = nn.Linear(10, 3), nn.Linear(10, 3)
+
+    def forward(self, x):
+        out, (h, _) = self.rnn(x)
+        return self.fc(out[:, -1, :]) + self.fc_h(h[-1])
+
+
+def _tokens(batch_first: bool = True):
+    return torch.randint(0, 40, (3, 7) if batch_first else (7, 3), generator=torch.Generator().manual_seed(0))
+
+
+def test_hidden_group_is_the_unit_across_gates_and_consumers():
+    torch.manual_seed(0)
+    model = _LM()
+    groups = {g.name: g for g in structures(model, _tokens(), kinds=("hidden",), strict=True)}
+    assert len(groups) == 12                                     # 2 layers x 6 units
+    g = groups["rnn.l0:hidden[2]"].zero_()
+    w_ih, w_hh = model.rnn.weight_ih_l0, model.rnn.weight_hh_l0
+    assert all(w_ih[gate * 6 + 2].abs().sum() == 0 for gate in range(4))   # i, f, g, o rows
+    assert w_hh[:, 2].abs().sum() == 0 and model.rnn.weight_ih_l1[:, 2].abs().sum() == 0
+    assert w_ih[3].abs().sum() != 0
+    # rows of 4 gates x (8 inputs + 6 recurrent + 2 biases), then its column of weight_hh_l0 and weight_ih_l1
+    assert g.numel() == 4 * (8 + 6 + 2) + 4 * 6 + 4 * 6
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"bidirectional": True}, {"rnn": nn.GRU, "batch_first": False}, {"bias": False}, {"tie": True},
+])
+def test_zero_units_are_cut_exactly(options, tmp_path):
+    torch.manual_seed(0)
+    model, x = _LM(**options).eval(), _tokens(options.get("batch_first", True))
+    groups = structures(model, x, kinds=("hidden",), strict=True)
+    per_module = len(groups) // (4 if options.get("bidirectional") else 2)
+    for g in groups:
+        if g.index in (1, 4):                                     # the same units in every layer
+            g.zero_()
+    small = compact(model, x)
+    assert small.rnn.hidden_size == per_module - 2
+    assert verify(model, small, x).ok
+    if options.get("tie"):
+        assert small.dec.weight is small.emb.weight
+    save_compact(small, tmp_path / "lm.pt")
+    torch.testing.assert_close(load_compact(tmp_path / "lm.pt", model=_LM(**options))(x), small(x))
+
+
+def test_one_hidden_size_per_module_keeps_the_strongest_extra_units():
+    torch.manual_seed(0)
+    model, x = _LM().eval(), _tokens()
+    groups = {g.name: g for g in structures(model, x, kinds=("hidden",))}
+    for k in (0, 1, 2):
+        groups[f"rnn.l0:hidden[{k}]"].zero_()
+    groups["rnn.l1:hidden[5]"].zero_()
+    small = compact(model, x)
+    assert small.rnn.hidden_size == 5                            # layer 1 needs 5; layer 0 keeps 2 zero units
+    assert verify(model, small, x).ok
+
+
+def test_last_step_and_final_state_readers_are_followed():
+    torch.manual_seed(0)
+    model, x = _Classifier().eval(), torch.randn(2, 5, 28)
+    groups = structures(model, x, kinds=("hidden",), strict=True)
+    for g in groups[:4]:
+        g.zero_()
+    small = compact(model, x)
+    assert small.rnn.hidden_size == 6 and small.fc.in_features == small.fc_h.in_features == 6
+    assert verify(model, small, torch.randn(3, 5, 28)).ok
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+def test_projections_are_refused_clearly():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(4, 8, proj_size=3, batch_first=True), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0])
+
+    with pytest.raises(UnsupportedOperation, match="proj_size"):
+        structures(Net(), torch.randn(2, 5, 4), kinds=("hidden",), strict=True)
+    assert structures(Net(), torch.randn(2, 5, 4), kinds=("hidden",)) == []

@@ -119,3 +119,18 @@ def test_projections_are_refused_clearly():
     with pytest.raises(UnsupportedOperation, match="proj_size"):
         structures(Net(), torch.randn(2, 5, 4), kinds=("hidden",), strict=True)
     assert structures(Net(), torch.randn(2, 5, 4), kinds=("hidden",)) == []
+
+
+def test_sparsity_report_counts_live_units_per_layer():
+    from torchslim import sparsity_report
+    from torchslim.models import create_model
+
+    torch.manual_seed(0)
+    model, x = create_model("rowlstm", hidden_size=16).eval(), torch.randn(2, 1, 28, 28)
+    groups = structures(model, x, kinds=("hidden",), strict=True)
+    for g in groups[:4]:                                          # 4 units of layer 0
+        g.zero_()
+    rows = {s.name: s for s in sparsity_report(model, x, groups).layers}
+    assert (rows["lstm.l0"].filters_alive, rows["lstm.l1"].channels_alive) == (12, 12)
+    assert rows["lstm.l0"].macs_dense == 4 * 16 * (28 + 16) * 28       # gates · H · (in + H) · steps
+    assert rows["lstm.l0"].macs_sparse == 4 * 12 * (28 + 12) * 28

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 Schedule = Literal["cosine", "constant", "step"]
-GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth"]
+GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden"]
 
 
 @dataclass

@@ -66,13 +66,14 @@ def _spatial(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, int]:
     sizes: dict[str, int] = {}
 
     def hook(name: str):
-        def record(mod: nn.Module, args, out: Tensor) -> None:
+        def record(mod: nn.Module, args, out: Tensor | tuple) -> None:
+            out = out[0] if isinstance(out, tuple) else out  # an RNN's (output, state): time steps
             units = out.shape[1] if isinstance(mod, nn.Conv2d) else out.shape[-1]
             sizes[name] = out.numel() // (inputs[0].shape[0] * units)
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTM, nn.GRU))]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -100,18 +101,45 @@ def _layer(name: str, mod: nn.Module, positions: int) -> LayerSparsity:
     )
 
 
+@torch.no_grad()
+def _rnn_layers(name: str, mod: nn.LSTM | nn.GRU, steps: int) -> list[LayerSparsity]:
+    """One row per layer and direction: live hidden units (any gate row non-zero) and input columns."""
+    gates = 4 if isinstance(mod, nn.LSTM) else 3
+    rows = []
+    for layer in range(mod.num_layers):
+        for sfx in ("", "_reverse") if mod.bidirectional else ("",):
+            w_ih, w_hh = getattr(mod, f"weight_ih_l{layer}{sfx}"), getattr(mod, f"weight_hh_l{layer}{sfx}")
+            hidden = w_hh.shape[1]
+            units = ((w_ih != 0).any(1) | (w_hh != 0).any(1)).view(gates, hidden).any(0)
+            inputs, recurrent = (w_ih != 0).any(0), (w_hh != 0).any(0)
+            dense = gates * hidden * (w_ih.shape[1] + hidden) * steps
+            live = gates * int(units.sum()) * (int(inputs.sum()) + int(recurrent.sum())) * steps
+            rows.append(LayerSparsity(
+                name=f"{name}.l{layer}{sfx}", type=type(mod).__name__,
+                filters_alive=int(units.sum()), filters_total=hidden,
+                channels_alive=int(inputs.sum()), channels_total=w_ih.shape[1],
+                shape_alive=int(inputs.sum()), shape_total=w_ih.shape[1], macs_dense=dense, macs_sparse=live))
+    return rows
+
+
 def sparsity_report(
     model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], groups: Sequence[Group] = ()
 ) -> SparsityReport:
     """Per-layer live filters, channels, shape fibers and multiply-adds of ``model`` (per sample).
 
     Args:
-        model: a (sparse) model; every Conv2d and Linear is reported.
+        model: a (sparse) model; every Conv2d and Linear is reported, and every LSTM/GRU layer
+            (hidden units with a non-zero gate row as "filters", live input columns as "channels").
         example_inputs: a batch the model accepts, for output sizes.
         groups: optional groups to count zero groups per kind.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     positions = _spatial(model, inputs)
-    layers = tuple(_layer(n, m, positions.get(n, 0)) for n, m in model.named_modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1)
+    layers = []
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "groups", 1) == 1:
+            layers.append(_layer(n, m, positions.get(n, 0)))
+        elif isinstance(m, (nn.LSTM, nn.GRU)) and not getattr(m, "proj_size", 0):
+            layers += _rnn_layers(n, m, positions.get(n, 0))
+    layers = tuple(layers)
     return SparsityReport(layers, zero_counts(groups))

@@ -223,6 +223,9 @@ class _Walker:
             return
         where = f"'{node.name}'" + (f" (module '{node.target}')" if node.op == "call_module" else "")
         why = f"cannot follow channels through {what} at {where}"
+        chans = [c for n in tracked for c in _all_chans([self.info.get(n), self.pieces.get(n), self.stacks.get(n)])]
+        if all(self.graph.spaces[seg.space].fixed for c in chans for seg in c.segs):
+            return  # channels that were never removable (the network input): nothing is lost
         if self.graph.strict:
             raise UnsupportedOperation(
                 f"{why}. Its input channels stay unremovable; pass strict=False to skip them, "

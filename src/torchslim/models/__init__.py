@@ -125,3 +125,12 @@ def resnet32(num_classes: int = 10, in_channels: int = 1) -> CifarResNet:
 
 
 from torchslim.models import fc as _fc  # noqa: E402,F401  registers "fcnet" (it needs register_model above)
+
+
+@register_model("rowlstm")
+def rowlstm(num_classes: int = 10, input_size: int = 28, hidden_size: int = 128, num_layers: int = 2,
+            dropout: float = 0.0) -> nn.Module:
+    """An LSTM over image rows (sequential Fashion-MNIST), for ISS."""
+    from torchslim.models.rnn import RowLSTM
+
+    return RowLSTM(num_classes, input_size, hidden_size, num_layers, dropout)

@@ -415,7 +415,11 @@ class _Walker:
         make it silent; an explicit initial state breaks that.
         """
         if getattr(mod, "proj_size", 0):
-            self._unknown(node, "an LSTM with proj_size > 0 (projections are not supported)")
+            why = f"'{name}' is an LSTM with proj_size > 0: its hidden units are not removable (no ISS groups)"
+            if self.graph.strict:
+                raise UnsupportedOperation(f"{why}; pass strict=False to skip it, or build it without proj_size")
+            log.info(why)
+            self._unknown(node, "an LSTM with proj_size > 0")
             return
         gates, hidden = (4 if isinstance(mod, nn.LSTM) else 3), mod.hidden_size
         dirs = ["", "_reverse"] if mod.bidirectional else [""]

@@ -153,13 +153,15 @@ def train_epoch(
     steps: int,
     lasso: GroupLasso | None = None,
     mask: ZeroMask | None = None,
+    grad_clip: float | None = None,
     desc: str = "train",
     progress: bool | None = None,
 ) -> tuple[float, float]:
     """One pass of momentum SGD over ``data``; returns ``(mean loss, accuracy)``.
 
-    Each step: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → optimizer.step() →
-    lasso.step_(lr) → mask.apply_(optimizer)``. ``lr(i)`` gives the rate of the epoch's step ``i``.
+    Each step: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → clip the global gradient norm to
+    grad_clip (if set) → optimizer.step() → lasso.step_(lr) → mask.apply_(optimizer)``. ``lr(i)`` gives
+    the rate of the epoch's step ``i``.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -173,6 +175,8 @@ def train_epoch(
         objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         if lasso is not None:
             lasso.step_(rate)
@@ -415,6 +419,7 @@ def _one_epoch(
     train_loss, train_acc = train_epoch(
         model, optimizer, batches(images, labels, run.recipe.batch_size, shuffle=True, generator=gen),
         lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps), steps=steps, lasso=lasso, mask=mask,
+        grad_clip=spec.grad_clip,
         desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
     )
     test_loss, test_acc = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)

@@ -73,12 +73,15 @@ class PhaseSpec:
     momentum: float = 0.9  # the paper's Caffe solvers all use 0.9
     weight_decay: float = 5.0e-4  # Caffe LeNet's L2 decay; SSL keeps it beside the group Lasso
     lr_schedule: Schedule = "cosine"  # per-step cosine to 0; "step" divides by 10 at 50% and 75%
+    grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)
 
     def __post_init__(self) -> None:
         _check_min("epochs", self.epochs, 0)
         _check_positive("lr", self.lr)
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_min("weight_decay", self.weight_decay, 0.0)
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip)
 
 
 @dataclass

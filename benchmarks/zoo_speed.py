@@ -260,7 +260,8 @@ def main() -> None:
         "smoke": s.smoke,
         "settings": {"input": [3, s.size, s.size], "keep": KEEP, "threads": THREADS, "batches": BATCHES,
                      "repeats": s.repeats, "repeats_resnet50_batch8": s.slow_repeats,
-                     "onnxruntime": version("onnxruntime"), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+                     "onnxruntime": version("onnxruntime"), "loadavg_start": load_start,
+                     "loadavg_end": os.getloadavg()},
         "models": models,
         "tool": tool,
     })

@@ -132,7 +132,8 @@ def test_kjv_txt_wrapped_or_not_reads_as_the_program(tmp_path: Path) -> None:
 
 
 def test_kjv_tokens_hand_computed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write(tmp_path, "kjv.txt", "Ge1:1 The LORD's shepherds' well-beloved; (Selah.) Amen!\nGe1:2 b a b c\nGe1:3 a c b\n")
+    _write(tmp_path, "kjv.txt",
+           "Ge1:1 The LORD's shepherds' well-beloved; (Selah.) Amen!\nGe1:2 b a b c\nGe1:3 a c b\n")
     monkeypatch.setenv("TORCHSLIM_DATA", str(tmp_path))                  # found through the variable
     corpus = load_corpus("kjv")
     assert _words(corpus, corpus.train[:7]) == ["the", "lord's", "shepherds", "well", "beloved", "selah", "amen"]

@@ -38,16 +38,15 @@ _SCALERS = {"StochasticDepth", "stochastic_depth", "dropout"}  # drop-path and d
 class Branch:
     """One removable residual branch: ``block`` computes ``post(branch(x) + shortcut(x))``.
 
-    ``modules`` are the branch's modules (their parameters form the depth group), ``shortcut`` and
-    ``post`` the module names (or ``"relu"``) the block becomes when the branch is zero, and ``last``
-    the module whose output is the branch's (zero when its weights and bias are).
+    ``modules`` are the branch's modules (their parameters form the depth group); ``shortcut`` and
+    ``post`` the module names (or ``"relu"``) the block becomes when the branch is zero. The branch
+    ends in a Conv/Linear/affine BatchNorm, so zero weights make its output exactly zero.
     """
 
     block: str
     modules: tuple[str, ...]
     shortcut: tuple[str, ...]
     post: tuple[str, ...]
-    last: str
 
 
 def _scope(node: fx.Node) -> str | None:
@@ -124,22 +123,21 @@ def residual_branches(model: nn.Module, gm: fx.GraphModule) -> list[Branch]:
         branch = _classify(model, block, add, calls)
         post = _post_chain(add, block)
         if branch is not None and post is not None:
-            out.append(Branch(block, branch[0], branch[1], tuple(post), branch[2]))
+            out.append(Branch(block, *branch, tuple(post)))
     return out
 
 
 def _classify(model: nn.Module, block: str, add: fx.Node,
-              calls: dict[str, int]) -> tuple[tuple[str, ...], tuple[str, ...], str] | None:
-    """``(branch modules, shortcut modules, last branch module)`` for ``add = a + b``, or None."""
+              calls: dict[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """``(branch modules, shortcut modules)`` for ``add = a + b``, or None: the heavier side is the branch."""
     a, b = add.all_input_nodes
     anc_a, anc_b = _ancestors(a), _ancestors(b)
     sides = []
-    for own, other, out in ((anc_a - anc_b, anc_b, a), (anc_b - anc_a, anc_a, b)):
+    for own, out in ((anc_a - anc_b, a), (anc_b - anc_a, b)):
         mods = [str(n.target) for n in own if n.op == "call_module"]
-        n_params = sum(p.numel() for m in mods for p in model.get_submodule(m).parameters())
-        sides.append((n_params, own, other, out, mods))
+        sides.append((sum(p.numel() for m in mods for p in model.get_submodule(m).parameters()), own, out, mods))
     sides.sort(key=lambda s: -s[0])
-    (n_branch, own, _, out, mods), (n_short, short_own, _, short_out, short_mods) = sides
+    (n_branch, own, out, mods), (n_short, short_own, short_out, _) = sides
     if n_branch == 0 or n_branch == n_short:
         return None
     if any(not _inside(m, block) or (calls[m] != 1 and _has_params(model, m)) for m in mods):
@@ -157,10 +155,9 @@ def _classify(model: nn.Module, block: str, add: fx.Node,
     chain = _chain_back(short_out, x) if short_out is not x else []
     if chain is None or any(calls[str(n.target)] != 1 and _has_params(model, str(n.target)) for n in chain):
         return None
-    last = _last_producer(model, out)
-    if last is None:
+    if _last_producer(model, out) is None:
         return None
-    return tuple(sorted(mods)), tuple(str(n.target) for n in chain), last
+    return tuple(sorted(mods)), tuple(str(n.target) for n in chain)
 
 
 def _has_params(model: nn.Module, name: str) -> bool:

@@ -142,6 +142,28 @@ def codec_section(d: dict) -> list[str]:
     return lines + [""]
 
 
+def _terngrad_rows(wire: dict | None, speed: dict | None, conv: dict | None) -> list[str]:
+    """README rows for TernGrad: bytes on the wire, speed over a 1 Gbit/s link, accuracy vs fp32."""
+    rows = []
+    if wire and not wire.get("smoke"):
+        best = max((r for r in wire["rows"] if r["world_size"] == 4 and r.get("wire_vs_fp32")),
+                   key=lambda r: r["wire_vs_fp32"], default=None)
+        if best:
+            rows.append(f"| TernGrad wire bytes, {best['model']}, 4 workers | | {best['wire_vs_fp32']:.1f}× fewer "
+                        f"than fp32 ({best['variant']}, {best['wire_bits_per_element']:.2f} bits/element) | |")
+    if speed and not speed.get("smoke") and "1gbit" in speed["rates"]:
+        run = speed["rates"]["1gbit"]["runs"].get("terngrad-base3", {})
+        if run.get("speedup_vs_fp32"):
+            rows.append(f"| TernGrad steps/s, {speed['model']}, {speed['world_size']} workers, 1 Gbit/s | | | "
+                        f"{run['speedup_vs_fp32']:.2f}× fp32 all-reduce |")
+    if conv and not conv.get("smoke"):
+        c, base = conv["configs"].get("terngrad"), conv["configs"].get("fp32")
+        if c and base:
+            rows.append(f"| TernGrad LeNet, 4 workers, {len(conv['seeds'])} seeds | {base['test_accuracy_mean']:.2%} "
+                        f"(fp32) → {c['test_accuracy_mean']:.2%} | | |")
+    return rows
+
+
 def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, rowlstm: dict | None) -> str:
     rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup, batch 64 / 1, 1 thread: "
             "PyTorch; onnxruntime |", "|---|---|---|---|"]
@@ -157,6 +179,7 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
                      if so else "")
         rows.append(f"| {what} | {acc['baseline']:.2%} → {acc['finetune']:.2%} | {red} | "
                     f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}×{ort_speed} |")
+    rows += _terngrad_rows(_load("terngrad_wire"), _load("terngrad_speed"), _load("terngrad_convergence"))
     if overhead:
         share = overhead["overhead"]["prox_alone"]
         rows.append(f"| GroupLasso prox step, LeNet | | {share:.1%} of a training step | |")

@@ -83,6 +83,18 @@ def test_validation_split_is_held_out_of_training_and_reported(tmp_path):
         engine._load_data(tiny("data.valid_size=512"), None)
 
 
+def test_history_records_groups_alive_per_layer_and_plots_them(tmp_path):
+    from torchslim.plots import plot_history
+
+    result = engine.run(tiny(), run_dir=tmp_path, progress=False)
+    ssl = [r for r in result.history if r.phase == "ssl"][-1]
+    assert ssl.alive["conv1:channel"] < 20 and ssl.alive["conv2:shape"] <= 500      # groups the Lasso zeroed
+    assert result.history[-1].alive == {}                                              # fine-tuning: compacted
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["history"][1]["alive"] == ssl.alive
+    assert plot_history(result.history, tmp_path / "h.png").stat().st_size > 10_000
+
+
 def test_finetuning_keeps_removed_structures_at_zero(tmp_path):
     result = engine.run(tiny("compact.shapes=off", "finetune.lr=0.05"), run_dir=tmp_path, progress=False)
     before = load_compact(tmp_path / "compacted.pt")  # the compact model before fine-tuning

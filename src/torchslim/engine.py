@@ -41,7 +41,7 @@ from torchslim.checkpoint import load_checkpoint, load_state_dict_checked, rng_s
 from torchslim.compaction import compact
 from torchslim.data import batches, load_dataset
 from torchslim.errors import CheckpointError, ConfigError
-from torchslim.groups import Group, zero_counts
+from torchslim.groups import Group, families_of, zero_counts
 from torchslim.lasso import GroupLasso
 from torchslim.masking import ZeroMask
 from torchslim.models import create_model
@@ -85,6 +85,7 @@ class EpochRecord:
     zero_fraction: dict[str, float]  # all-zero groups per SSL kind; {} once compacted (fine-tuning)
     seconds: float
     valid_acc: float | None = None  # on the held-out training images, when ``data.valid_size`` > 0
+    alive: dict[str, int] = field(default_factory=dict)  # non-zero groups per "layer:kind" (ISS units alive...)
 
 
 @dataclass
@@ -207,6 +208,13 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
         model.train(was_training)
     n = max(len(labels), 1)
     return total_loss / n, correct / n
+
+
+@torch.no_grad()
+def alive_members(groups: Sequence[Group]) -> dict[str, int]:
+    """Groups that are not all zero, per family: ``{"lstm.l0:hidden": 71, "conv1:channel": 7, ...}``."""
+    return {f"{fam.label}:{fam.kind}": int((fam.row_sq()[members] > 0).sum())
+            for fam, members in families_of(list(groups)).items()}
 
 
 def zero_fractions(groups: Sequence[Group]) -> dict[str, float]:
@@ -429,6 +437,7 @@ def _one_epoch(
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
         density=_nonzero(model) / run.dense_numel,
         zero_fraction=zero_fractions(groups) if phase != "finetune" else {},
+        alive=alive_members(groups) if phase != "finetune" else {},
         seconds=time.perf_counter() - start, valid_acc=valid_acc,
     )
     run.history.append(dataclasses.asdict(record))

@@ -229,11 +229,12 @@ def _shade_phases(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def plot_history(history: Sequence[Any], path: str | Path, *, title: str | None = None) -> Path:
-    """Write a PNG of test accuracy (left) and sparsity (right) per epoch.
+    """Write a PNG of test accuracy, sparsity and, when recorded, groups alive per layer, per epoch.
 
     Args:
         history: :class:`torchslim.engine.EpochRecord` s or their dicts, in training order; each has
-            ``phase``, ``test_acc``, ``train_acc``, ``density`` and ``zero_fraction`` (kind → fraction).
+            ``phase``, ``test_acc``, ``train_acc``, ``density`` and ``zero_fraction`` (kind → fraction),
+            and may have ``alive`` ("layer:kind" → non-zero groups; ISS's components alive per layer).
         path: the PNG to write.
     Raises:
         ConfigError: an empty history.
@@ -242,9 +243,11 @@ def plot_history(history: Sequence[Any], path: str | Path, *, title: str | None 
     if not records:
         raise ConfigError("the history is empty: train at least one epoch before plotting it")
     x = np.arange(1, len(records) + 1)
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    acc_ax, sp_ax = fig.subplots(1, 2)
-    for ax in (acc_ax, sp_ax):
+    families = sorted({k for r in records for k in r.get("alive") or {}})
+    fig = Figure(figsize=(16 if families else 11, 4), layout="constrained")
+    axes = fig.subplots(1, 3 if families else 2)
+    acc_ax, sp_ax = axes[0], axes[1]
+    for ax in axes:
         _shade_phases(ax, records)
         ax.set_xlabel("epoch (all phases)")
         ax.set_xlim(0.5, len(records) + 0.5)
@@ -262,6 +265,12 @@ def plot_history(history: Sequence[Any], path: str | Path, *, title: str | None 
     sp_ax.set_ylabel("%")
     sp_ax.set_ylim(-2, 102)
     sp_ax.legend(loc="upper left", fontsize=8)
+    if families:
+        alive_ax = axes[2]
+        for fam in families:
+            alive_ax.plot(x, [(r.get("alive") or {}).get(fam, np.nan) for r in records], ".-", label=fam)
+        alive_ax.set_ylabel("groups alive (not all zero)")
+        alive_ax.legend(loc="upper right", fontsize=7)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

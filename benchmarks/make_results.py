@@ -49,6 +49,8 @@ def ssl_section(d: dict, title: str) -> list[str]:
     for s in d["layers"]:
         lines.append(f"| {s['name']} | {s['filters'][0]}/{s['filters'][1]} | {s['channels'][0]}/{s['channels'][1]} "
                      f"| {s['shape'][0]}/{s['shape'][1]} | {s['macs_kept']:.1%} |")
+    if d.get("history_plot") and (RESULTS / d["history_plot"]).exists():
+        lines += ["", f"![training history](benchmarks/results/{d['history_plot']})"]
     valid = d.get("valid_accuracy") or {}
     if valid:
         lines.insert(7, f"| validation accuracy (λ chosen on it) | {valid['baseline']:.2%} | {valid['ssl']:.2%} "

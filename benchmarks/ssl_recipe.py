@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from _common import interleaved_latency, interleaved_onnx_latency, write
+from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, write
 from torchslim import compact
 from torchslim.engine import run
+from torchslim.plots import plot_history
 from torchslim.profile import profile
 from torchslim.recipes import load_recipe
 
@@ -65,6 +66,8 @@ def main() -> None:
         "conv_macs": {"dense": conv_macs(dense, x1), "compact": conv_macs(small, x1)},
         "flop_reduction": p_dense.macs / p_small.macs,
         "conv_flop_reduction": conv_macs(dense, x1) / max(1, conv_macs(small, x1)),
+        "history_plot": plot_history(result.history, RESULTS / f"ssl_{recipe.name}_history.png",
+                                     title=f"{recipe.name}: accuracy, sparsity and groups alive per epoch").name,
         "speed": speed,
         "speed_onnxruntime": speed_onnx,
         "valid_accuracy": result.valid_accuracy,

@@ -97,18 +97,26 @@ def _get(model: nn.Module, name: str) -> Tensor:
     return getattr(model.get_submodule(owner), attr)
 
 
-def _set(model: nn.Module, name: str, value: Tensor) -> None:
-    """Replace the tensor ``name`` everywhere it is used: tied weights stay tied."""
-    owner, _, attr = name.rpartition(".")
-    old = getattr(model.get_submodule(owner), attr)
-    new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) that holds each parameter or buffer, by tensor id (tied weights: several)."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
     for mod in model.modules():
         for key, t in [*mod._parameters.items(), *mod._buffers.items()]:
-            if t is old:
-                if isinstance(new, nn.Parameter):
-                    setattr(mod, key, new)
-                else:
-                    mod._buffers[key] = new
+            if t is not None:
+                out.setdefault(id(t), []).append((mod, key))
+    return out
+
+
+def _set(model: nn.Module, name: str, value: Tensor, holders: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Replace the tensor ``name`` everywhere it is used: tied weights stay tied."""
+    old = _get(model, name)
+    new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+    holders[id(new)] = holders.pop(id(old))         # the same tensor may be cut again along another dim
+    for mod, key in holders[id(new)]:
+        if isinstance(new, nn.Parameter):
+            setattr(mod, key, new)
+        else:
+            mod._buffers[key] = new
 
 
 def _uniform(plan: list[tuple[Family, Tensor]]) -> list[tuple[Family, Tensor]]:
@@ -141,9 +149,10 @@ def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
             t = _get(model, s.param)
             mask = drop.setdefault((s.param, s.dim), torch.zeros(t.shape[s.dim], dtype=torch.bool))
             mask[s.member_rows(torch.nonzero(dead).flatten())[0]] = True
+    holders = _holders(model)
     for (name, dim), mask in drop.items():
         t = _get(model, name)
-        _set(model, name, t.detach().index_select(dim, torch.nonzero(~mask).flatten().to(t.device)).clone())
+        _set(model, name, t.detach().index_select(dim, torch.nonzero(~mask).flatten().to(t.device)).clone(), holders)
 
 
 def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:

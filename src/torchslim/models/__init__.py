@@ -134,3 +134,12 @@ def rowlstm(num_classes: int = 10, input_size: int = 28, hidden_size: int = 128,
     from torchslim.models.rnn import RowLSTM
 
     return RowLSTM(num_classes, input_size, hidden_size, num_layers, dropout)
+
+
+@register_model("wordlm")
+def wordlm(vocab_size: int = 10_002, hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
+           tie_weights: bool = True) -> nn.Module:
+    """A PTB-style word LSTM language model, for ISS."""
+    from torchslim.models.wordlm import WordLM
+
+    return WordLM(vocab_size, hidden_size, num_layers, dropout, tie_weights)

@@ -55,3 +55,12 @@ def test_bad_data_shape_is_a_config_error():
     model = create_model("wordlm", vocab_size=5, hidden_size=4)
     with pytest.raises(ConfigError, match=r"\(T, B\)"):
         train_lm_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.arange(10), lr=lambda i: 0.1)
+
+
+def test_arch_rebuilds_the_same_lm():
+    model = create_model("wordlm", vocab_size=50, hidden_size=8)
+    twin = create_model(model.arch["name"], **model.arch["kwargs"])
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    traced = torch.fx.symbolic_trace(model.eval())
+    x = torch.randint(0, 50, (5, 2))
+    torch.testing.assert_close(traced(x), model(x))

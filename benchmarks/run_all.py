@@ -9,6 +9,7 @@ STEPS = [
     ["lasso_overhead.py"],
     ["ssl_recipe.py", "--recipe", "lenet_ssl_full"],
     ["ssl_recipe.py", "--recipe", "mlp_ssl"],
+    ["ssl_recipe.py", "--recipe", "rowlstm_iss"],
     ["prox_vs_subgradient.py", "--recipe", "lenet_ssl"],
     ["ssl_vs_magnitude.py", "--recipe", "lenet_ssl_full"],
     ["zoo_exactness.py"],

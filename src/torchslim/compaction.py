@@ -16,7 +16,7 @@ from torchslim.errors import ConfigError, ShapeMismatch, VerificationError
 from torchslim.depth import remove_branches, residual_branches
 from torchslim.groups import Family
 from torchslim.layers import LoweredConv2d
-from torchslim.tracing import channel_graph, coupled_families
+from torchslim.tracing import _DependencyGraph, channel_graph, coupled_families
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,20 @@ def _live_members(fam: Family, multiple: int = 1) -> Tensor:
     has_in = any(s.role == "in" for s in fam.stripes)
     unread = fam.row_sq("in") == 0 if has_in else torch.ones(fam.size, dtype=torch.bool)
     silent = (fam.row_sq("out") == 0) & fam.zero_preserving
-    alive = ~(unread.cpu() | silent.cpu())
-    want = min(fam.size, max(1, -(-int(alive.sum()) // multiple) * multiple))  # keep one: no 0-width layers
-    if want > alive.sum():
-        spare = fam.row_sq().cpu().masked_fill(alive, -1.0)
-        alive[spare.topk(want - int(alive.sum())).indices] = True
-    return torch.nonzero(alive).flatten()
+    live = torch.nonzero(~(unread.cpu() | silent.cpu())).flatten()
+    want = min(fam.size, max(1, -(-len(live) // multiple) * multiple))  # keep one: no 0-width layers
+    return _keep_strongest(fam, live, want)
+
+
+def _keep_strongest(fam: Family, keep: Tensor, count: int) -> Tensor:
+    """``keep`` (sorted member indices) plus the largest other members, up to ``count`` in all.
+
+    Keeping a removable member as it is changes nothing, so this only trades size for a shape.
+    """
+    if count <= len(keep):
+        return keep
+    spare = fam.row_sq().cpu().index_fill(0, keep, -1.0)
+    return torch.sort(torch.cat([keep, spare.topk(count - len(keep)).indices])).values
 
 
 def _get(model: nn.Module, name: str) -> Tensor:
@@ -125,14 +133,8 @@ def _uniform(plan: list[tuple[Family, Tensor]]) -> list[tuple[Family, Tensor]]:
     for fam, keep in plan:
         if fam.uniform is not None:
             need[fam.uniform] = max(need.get(fam.uniform, 0), len(keep))
-    out = []
-    for fam, keep in plan:
-        extra = need.get(fam.uniform, 0) - len(keep) if fam.uniform is not None else 0
-        if extra > 0:
-            spare = fam.row_sq().cpu().index_fill(0, keep, -1.0)
-            keep = torch.sort(torch.cat([keep, spare.topk(extra).indices])).values
-        out.append((fam, keep))
-    return out
+    return [(fam, _keep_strongest(fam, keep, need[fam.uniform]) if fam.uniform is not None else keep)
+            for fam, keep in plan]
 
 
 def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
@@ -177,9 +179,14 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
             mod.num_features = ref.shape[0]
 
 
-def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1) -> dict[str, tuple[int, int]]:
-    """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``."""
-    graph, _ = channel_graph(model, inputs)
+def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1,
+                    graph: _DependencyGraph | None = None) -> dict[str, tuple[int, int]]:
+    """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``.
+
+    ``graph``: ``model``'s channel graph if the caller has traced it already (it is traced otherwise).
+    """
+    if graph is None:
+        graph, _ = channel_graph(model, inputs)
     plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph)])
     plan = [(fam, keep) for fam, keep in plan if len(keep) < fam.size]
     grouped = {m: m.out_channels // m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
@@ -309,11 +316,11 @@ def compact(
         raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     inputs = _as_tuple(example_inputs)
     small = copy.deepcopy(model).eval()
-    _, gm = channel_graph(small, inputs)
+    graph, gm = channel_graph(small, inputs)
     blocks = remove_branches(small, residual_branches(small, gm))
     if blocks:
         log.info("blocks reduced to their shortcut: %s", blocks)
-    cuts = remove_channels(small, inputs, channel_multiple)
+    cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph)  # re-trace if changed
     log.info("removed channels: %s", cuts)
     if shapes != "off":
         log.info("kernels: %s", shrink_kernels(small, inputs, shapes))

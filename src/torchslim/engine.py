@@ -61,6 +61,7 @@ __all__ = [
     "example_inputs",
     "load_phase_model",
     "lr_at",
+    "optimizer_step",
     "run",
     "train_epoch",
 ]
@@ -145,6 +146,30 @@ def _sgd(model: nn.Module, spec: PhaseSpec) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
 
 
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    *,
+    rate: float,
+    grad_clip: float | None = None,
+    lasso: GroupLasso | None = None,
+    mask: ZeroMask | None = None,
+) -> None:
+    """One SSL update: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → clip the global gradient
+    norm to grad_clip (if set) → optimizer.step() → lasso.step_(rate) → mask.apply_(optimizer)``."""
+    objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if lasso is not None:
+        lasso.step_(rate)
+    if mask is not None:
+        mask.apply_(optimizer)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -160,9 +185,7 @@ def train_epoch(
 ) -> tuple[float, float]:
     """One pass of momentum SGD over ``data``; returns ``(mean loss, accuracy)``.
 
-    Each step: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → clip the global gradient norm to
-    grad_clip (if set) → optimizer.step() → lasso.step_(lr) → mask.apply_(optimizer)``. ``lr(i)`` gives
-    the rate of the epoch's step ``i``.
+    Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -173,16 +196,7 @@ def train_epoch(
             group["lr"] = rate
         logits = model(x)  # (B, classes)
         loss = F.cross_entropy(logits, y)
-        objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if lasso is not None:
-            lasso.step_(rate)
-        if mask is not None:
-            mask.apply_(optimizer)
+        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask)
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)

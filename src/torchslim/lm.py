@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchslim.data import bptt_batches
+from torchslim.engine import optimizer_step
 from torchslim.errors import ConfigError
 from torchslim.lasso import GroupLasso
 from torchslim.masking import ZeroMask
@@ -40,29 +41,20 @@ def train_lm_epoch(
 ) -> float:
     """One pass over ``data (T, B)``; returns the mean cross-entropy per token (nats).
 
-    Each chunk: ``loss → backward → clip the gradient norm → optimizer.step() → lasso.step_(lr) →
-    mask.apply_(optimizer)``; ``lr(i)`` is the rate of chunk ``i``.
+    Each chunk is :func:`torchslim.engine.optimizer_step` at rate ``lr(i)`` for chunk ``i``.
     """
     if data.dim() != 2 or data.shape[0] < 2:
         raise ConfigError(f"data must be (T, B) token columns with T >= 2, got shape {tuple(data.shape)}")
     model.train()
     state, total, tokens = None, 0.0, 0
     for i, (x, y) in enumerate(bptt_batches(data, bptt)):
+        rate = lr(i)
         for group in optimizer.param_groups:
-            group["lr"] = lr(i)
+            group["lr"] = rate
         logits, state = model.step(x, state)
         state = _detach(state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        if lasso is not None:
-            lasso.step_(lr(i))
-        if mask is not None:
-            mask.apply_(optimizer)
+        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask)
         total += float(loss.detach()) * y.numel()
         tokens += y.numel()
     return total / tokens

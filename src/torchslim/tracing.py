@@ -223,7 +223,7 @@ class _Walker:
             return
         where = f"'{node.name}'" + (f" (module '{node.target}')" if node.op == "call_module" else "")
         why = f"cannot follow channels through {what} at {where}"
-        chans = [c for n in tracked for c in _all_chans([self.info.get(n), self.pieces.get(n), self.stacks.get(n)])]
+        chans = [c for n in tracked for c in self._node_chans(n)]
         if all(self.graph.spaces[seg.space].fixed for c in chans for seg in c.segs):
             return  # channels that were never removable (the network input): nothing is lost
         if self.graph.strict:
@@ -235,8 +235,12 @@ class _Walker:
         for n in tracked:
             self._fix_node(n, why)
 
+    def _node_chans(self, n: fx.Node) -> list[_Chan]:
+        """Every channel description ``n`` carries: as a tensor, a tuple's pieces or an RNN state."""
+        return _all_chans([self.info.get(n), self.pieces.get(n), self.stacks.get(n)])
+
     def _fix_node(self, n: fx.Node, why: str) -> None:
-        for chan in _all_chans([self.info.get(n), self.pieces.get(n), self.stacks.get(n)]):
+        for chan in self._node_chans(n):
             self._fix_chan(chan, why)
 
     def _stripes(self, chan: _Chan, param: str, dim: int, role: str, scale: int = 1) -> None:

@@ -1,7 +1,8 @@
-"""SSL with a recipe (LeNet or the MLP on Fashion-MNIST): accuracy, structure, FLOPs, CPU speedup.
+"""A recipe end to end (SSL, ISS, force + low rank): accuracy, structure, FLOPs, CPU speedup.
 
     python benchmarks/ssl_recipe.py --recipe lenet_ssl_full [--resume]
-    python benchmarks/ssl_recipe.py --recipe mlp_ssl_full
+    python benchmarks/ssl_recipe.py --recipe mlp_ssl
+    python benchmarks/ssl_recipe.py --recipe lenet_force_lowrank      # also writes the per-layer ranks
 
 Trains baseline → SSL → compact → fine-tune with ``recipes/<recipe>.yaml`` (checkpoints in
 ``runs/<recipe>``, so ``--resume`` continues an interrupted run), then times the dense baseline and
@@ -71,6 +72,7 @@ def main() -> None:
         "speed": speed,
         "speed_onnxruntime": speed_onnx,
         "valid_accuracy": result.valid_accuracy,
+        "lowrank": result.lowrank,
         "train_seconds": result.seconds,
     }
     write(f"ssl_{recipe.name}", data)

@@ -13,6 +13,7 @@ import torchslim.engine as engine
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.recipes import PhaseSpec, load_recipe
 from torchslim.serialize import load_compact
+from torchslim.tasks import load_task
 
 TINY = [
     "data.train_limit=512", "data.test_limit=256", "eval_batch_size=256",
@@ -76,11 +77,12 @@ def test_validation_split_is_held_out_of_training_and_reported(tmp_path):
     assert result.history[0].valid_acc == result.valid_accuracy["baseline"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["valid_accuracy"] == pytest.approx(result.valid_accuracy)
-    train, valid, _ = engine._load_data(tiny("data.valid_size=128"), None)
+    task = load_task(tiny("data.valid_size=128"))
+    train, valid = task.splits["train"], task.splits["valid"]
     assert len(train[1]) == 384 and len(valid[1]) == 128
     assert not any(torch.equal(valid[0][0], img) for img in train[0])
     with pytest.raises(ConfigError, match="valid_size"):
-        engine._load_data(tiny("data.valid_size=512"), None)
+        load_task(tiny("data.valid_size=512"))
 
 
 def test_history_records_groups_alive_per_layer_and_plots_them(tmp_path):

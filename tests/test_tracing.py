@@ -135,3 +135,105 @@ def test_wrong_example_shape_is_a_shape_mismatch():
         structures(TinyLeNet(), torch.randn(2, 3, 28, 28))
     with pytest.raises(ShapeMismatch):
         compact(TinyLeNet(), torch.randn(2, 1, 20, 20))
+
+
+def _channel_shuffle(x, groups):
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class _Shuffle(nn.Module):
+    """ShuffleNet-like: two branches, cat, shuffle (g=2), chunk, two branches on one half, cat, shuffle (g=3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.b, self.bn_b = nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6)
+        self.dw, self.bn_dw = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6)  # reads a strided half
+        self.d, self.bn_d = nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)
+        self.e = nn.Conv2d(6, 6, 1)
+        self.head = nn.Conv2d(18, 5, 1)
+        self.fc = nn.Linear(18 * 4, 5)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.bn_a(self.a(x))), torch.relu(self.bn_b(self.b(x)))], 1)
+        y1, y2 = _channel_shuffle(y, 2).chunk(2, dim=1)
+        d = torch.relu(self.bn_d(self.d(self.bn_dw(self.dw(y2)))))
+        z = _channel_shuffle(torch.cat([y1, d, torch.relu(self.e(y2))], 1), 3)
+        flat = torch.flatten(nn.functional.adaptive_avg_pool2d(z, 2), 1)   # channel k: features 4k..4k+3
+        return self.head(z).mean((2, 3)) + self.fc(flat)
+
+
+def test_channel_shuffle_is_followed_exactly():
+    net, x = _Shuffle(), torch.randn(2, 3, 8, 8)
+    fams = {g.family.label: g.family for g in structures(net, x, strict=True)}
+    assert set(fams) == {"a", "b", "d", "e"}
+    # shuffle(g=2) puts a's channel i at 2i, so y1 = a[0:3], b[0:3] interleaved and y2 the rest;
+    # shuffle(g=3) of [y1, d, e] puts y1's entry k at 3k: a[0:3] at 0, 6, 12 of z
+    head = [(s.lo, s.hi, s.offset, s.stride) for s in fams["a"].stripes if s.param == "head.weight"]
+    assert head == [(0, 3, 0, 6)]
+    fc = [(s.lo, s.hi, s.offset, s.stride, s.width) for s in fams["a"].stripes if s.param == "fc.weight"]
+    assert fc == [(0, 3, 0, 24, 4)]
+    dw = [(s.lo, s.hi, s.offset, s.stride) for s in fams["a"].stripes if s.param == "dw.weight"]
+    assert dw == [(3, 6, 0, 2)]                               # y2 = a[3:6] at 0, 2, 4 and b[3:6] at 1, 3, 5
+    assert [(s.offset, s.stride) for s in fams["e"].stripes if s.param == "head.weight"] == [(2, 3)]
+    g = [g for g in structures(net, x) if g.name == "a:channel[1]"][0]
+    expected = (net.a.weight[1].pow(2).sum() + net.a.bias[1] ** 2 + net.bn_a.weight[1] ** 2
+                + net.bn_a.bias[1] ** 2 + net.head.weight[:, 6].pow(2).sum()
+                + net.fc.weight[:, 24:28].pow(2).sum()).sqrt()
+    torch.testing.assert_close(g.norm(), expected.detach())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_channel_shuffle_compacts_exactly(seed):
+    from nets import randomize_bn
+    from torchslim import verify
+
+    torch.manual_seed(seed)
+    net, x = randomize_bn(_Shuffle(), seed).eval(), torch.randn(2, 3, 8, 8)
+    groups = structures(net, x, strict=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in torch.randperm(len(groups), generator=gen)[: len(groups) // 2]:
+        groups[i].zero_()
+    small = compact(net, x)   # raises VerificationError if the shuffles or chunks came out misaligned
+    assert verify(net, small, torch.randn(4, 3, 8, 8)).ok
+
+
+def test_shuffled_trunk_channels_are_removed_in_line():
+    """Two channels of a and of b (one in each chunk), two of d and of e: all go, renumbered to line up."""
+    from nets import randomize_bn
+    from torchslim import verify
+
+    torch.manual_seed(0)
+    net, x = randomize_bn(_Shuffle()).eval(), torch.randn(2, 3, 8, 8)
+    groups = {g.name: g for g in structures(net, x, strict=True)}
+    for name in ["a:channel[0]", "a:channel[5]", "b:channel[1]", "b:channel[4]", "d:channel[2]", "d:channel[3]",
+                 "e:channel[0]", "e:channel[3]"]:
+        groups[name].zero_()
+    small = compact(net, x)
+    # b is renumbered onto a's kept positions (per chunk), d and e onto y1's: a shuffle needs the same in each group
+    assert [small.get_submodule(m).out_channels for m in "abde"] == [4, 4, 4, 4]
+    assert small.head.in_channels == 12 and small.fc.in_features == 48
+    assert verify(net, small, torch.randn(4, 3, 8, 8)).ok
+
+
+class _NotAShuffle(nn.Module):
+    """Channels viewed as (2, 2, C/4) and reversed: a permutation, but not one swap of two factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        self.side, self.out = nn.Conv2d(3, 5, 1), nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, h, w = y.size()
+        y = y.view(b, 2, 2, c // 4, h, w).permute(0, 3, 2, 1, 4, 5).reshape(b, c, h, w)
+        return self.head(y), self.out(torch.relu(self.side(x)))
+
+
+def test_a_permutation_that_is_not_a_shuffle_stays_fixed():
+    net, x = _NotAShuffle(), torch.randn(1, 3, 4, 4)
+    assert {g.family.label for g in structures(net, x)} == {"side"}
+    with pytest.raises(UnsupportedOperation, match="reshape"):
+        structures(net, x, strict=True)

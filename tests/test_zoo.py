@@ -21,7 +21,6 @@ MORE = ["mobilenet_v3_small", "efficientnet_b0", "googlenet", "squeezenet1_0", "
         "shufflenet_v2_x0_5", "regnet_x_400mf", "resnext50_32x4d", "convnext_tiny"]
 # models whose channels are only partly removable, and the operation that stops the tracer
 PARTIAL = {
-    "shufflenet_v2_x0_5": "reshape",            # channel shuffle: view-transpose-view
     "convnext_tiny": "layer_norm",              # LayerNorm statistics couple every channel of the trunk
 }
 

@@ -1,4 +1,5 @@
-"""torchslim: learn structured sparsity, then cut it out; ternary gradients for DDP.
+"""torchslim: learn structured sparsity, then cut it out; low rank after force regularization;
+ternary gradients for DDP.
 
 The public API is what this module exports; everything else is private.
 """
@@ -14,9 +15,11 @@ from torchslim.errors import (
 )
 from torchslim.comm import TernGradState, terngrad_hook
 from torchslim.compaction import VerifyReport, compact, verify
+from torchslim.force import ForceRegularizer
 from torchslim.groups import Group
 from torchslim.lasso import GroupLasso
 from torchslim.layers import LoweredConv2d
+from torchslim.lowrank import LowRank, LowRankResult, lowrank
 from torchslim.magnitude import magnitude_prune
 from torchslim.masking import ZeroMask
 from torchslim.report import SparsityReport, sparsity_report
@@ -28,8 +31,11 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DatasetNotFound",
+    "ForceRegularizer",
     "Group",
     "GroupLasso",
+    "LowRank",
+    "LowRankResult",
     "LoweredConv2d",
     "ShapeMismatch",
     "SparsityReport",
@@ -40,6 +46,7 @@ __all__ = [
     "VerifyReport",
     "ZeroMask",
     "compact",
+    "lowrank",
     "magnitude_prune",
     "sparsity_report",
     "structures",

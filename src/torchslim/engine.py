@@ -39,15 +39,18 @@ from tqdm.auto import tqdm
 
 from torchslim.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
 from torchslim.compaction import compact
-from torchslim.data import batches, load_dataset
+from torchslim.data import batches
 from torchslim.errors import CheckpointError, ConfigError
+from torchslim.force import ForceRegularizer
 from torchslim.groups import Group, families_of, zero_counts
 from torchslim.lasso import GroupLasso
+from torchslim.lowrank import lowrank
 from torchslim.masking import ZeroMask
 from torchslim.models import create_model
 from torchslim.report import SparsityReport, sparsity_report
 from torchslim.recipes import PhaseSpec, Recipe, recipe_from_dict
 from torchslim.serialize import load_compact, save_compact
+from torchslim.tasks import Task, is_text, load_task, random_inputs
 from torchslim.tracing import structures
 
 log = logging.getLogger(__name__)
@@ -68,12 +71,15 @@ __all__ = [
 
 PHASES: tuple[str, ...] = ("baseline", "ssl", "finetune")
 CHECKPOINT_FORMAT = 1
-_INPUT_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
 
 
 @dataclass
 class EpochRecord:
-    """One finished epoch; ``density`` is non-zero weights / weights of the dense architecture."""
+    """One finished epoch; ``density`` is non-zero weights / weights of the dense architecture.
+
+    Losses are mean cross-entropies (per image, or per token for a language model, whose perplexity
+    is ``exp(loss)``); accuracies are top-1 (next-word for a language model).
+    """
 
     phase: str
     epoch: int  # 1-based within the phase
@@ -86,6 +92,7 @@ class EpochRecord:
     zero_fraction: dict[str, float]  # all-zero groups per SSL kind; {} once compacted (fine-tuning)
     seconds: float
     valid_acc: float | None = None  # on the held-out training images, when ``data.valid_size`` > 0
+    valid_loss: float | None = None
     alive: dict[str, int] = field(default_factory=dict)  # non-zero groups per "layer:kind" (ISS units alive...)
 
 
@@ -97,13 +104,16 @@ class RunResult:
     run_dir: Path
     accuracy: dict[str, float]  # "baseline", "ssl", "compact" (before fine-tuning), "finetune"
     valid_accuracy: dict[str, float]  # the same keys on the validation split; {} without one
+    loss: dict[str, float]  # test cross-entropy, the same keys
+    valid_loss: dict[str, float]
+    lowrank: list[dict[str, Any]]  # rows of torchslim.lowrank.LowRankLayer; [] without a decomposition
     history: list[EpochRecord]
     epochs_trained: dict[str, int]  # epochs trained by this call (resumed ones not counted)
     dense_model: nn.Module | None  # after the baseline
     sparse_model: nn.Module | None  # after SSL: same architecture, learned zeros
     compact_model: nn.Module | None  # physically smaller, after fine-tuning
     report: SparsityReport | None  # per-layer live filters, channels, shape fibers of ``sparse_model``
-    example: Tensor  # a few test images, (B, C, H, W)
+    example: Tensor  # a few test inputs: images (B, C, H, W) or tokens (bptt, B)
     seconds: float
     finished: bool  # False when stopped early by ``stop_after``
 
@@ -114,15 +124,15 @@ class _Run:
 
     recipe: Recipe
     run_dir: Path
-    train: tuple[Tensor, Tensor]
-    test: tuple[Tensor, Tensor]
-    valid: tuple[Tensor, Tensor] | None
-    example: Tensor
+    task: Task
     dense_numel: int
     progress: bool | None
     history: list[dict[str, Any]] = field(default_factory=list)
     accuracy: dict[str, float] = field(default_factory=dict)
     valid_accuracy: dict[str, float] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    valid_loss: dict[str, float] = field(default_factory=dict)
+    lowrank: list[dict[str, Any]] = field(default_factory=list)  # per-layer rows of the decomposition
     done: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     trained: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     optimizer_state: dict[str, Any] | None = None  # from a checkpoint, for the phase it was taken in
@@ -155,14 +165,20 @@ def optimizer_step(
     grad_clip: float | None = None,
     lasso: GroupLasso | None = None,
     mask: ZeroMask | None = None,
+    force: ForceRegularizer | None = None,
 ) -> None:
     """One SSL update: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → clip the global gradient
-    norm to grad_clip (if set) → optimizer.step() → lasso.step_(rate) → mask.apply_(optimizer)``."""
+    norm to grad_clip (if set) → force.apply_() → optimizer.step() → lasso.step_(rate) → mask.apply_(optimizer)``.
+
+    The force goes after clipping, as the authors add it to the data gradient just before the update.
+    """
     objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if force is not None:
+        force.apply_()
     optimizer.step()
     if lasso is not None:
         lasso.step_(rate)
@@ -180,6 +196,7 @@ def train_epoch(
     lasso: GroupLasso | None = None,
     mask: ZeroMask | None = None,
     grad_clip: float | None = None,
+    force: ForceRegularizer | None = None,
     desc: str = "train",
     progress: bool | None = None,
 ) -> tuple[float, float]:
@@ -196,7 +213,8 @@ def train_epoch(
             group["lr"] = rate
         logits = model(x)  # (B, classes)
         loss = F.cross_entropy(logits, y)
-        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask)
+        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
+                       force=force)
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -247,11 +265,9 @@ def _disable(progress: bool | None) -> bool | None:
 
 
 def example_inputs(recipe: Recipe, batch: int = 2) -> Tensor:
-    """Random inputs of the recipe's dataset shape, ``(batch, C, H, W)``, for tracing and profiling."""
-    shape = _INPUT_SHAPES.get(recipe.data.name)
-    if shape is None:
-        raise ConfigError(f"no input shape known for dataset '{recipe.data.name}'; known: {sorted(_INPUT_SHAPES)}")
-    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    """Seeded random inputs of the recipe's data, for tracing and profiling: images ``(batch, C, H, W)``,
+    or token ids ``(data.bptt, batch)`` for a language model."""
+    return random_inputs(recipe, batch)
 
 
 def build_model(recipe: Recipe) -> nn.Module:
@@ -328,7 +344,9 @@ def _save_checkpoint(run: _Run, phase: str, model: nn.Module, optimizer: torch.o
         "engine_format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),
         "done": dict(run.done), "history": list(run.history), "accuracy": dict(run.accuracy),
-        "valid_accuracy": dict(run.valid_accuracy), "model": model.state_dict(),
+        "valid_accuracy": dict(run.valid_accuracy), "loss": dict(run.loss), "valid_loss": dict(run.valid_loss),
+        "lowrank": list(run.lowrank),
+        "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(),
     })
@@ -365,6 +383,9 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
     run.history = list(state["history"])
     run.accuracy = dict(state.get("accuracy", {}))
     run.valid_accuracy = dict(state.get("valid_accuracy", {}))
+    run.loss = dict(state.get("loss", {}))
+    run.valid_loss = dict(state.get("valid_loss", {}))
+    run.lowrank = list(state.get("lowrank", []))
     run.optimizer_state = state.get("optimizer")
     if state.get("rng") is not None:
         set_rng_state(state["rng"])
@@ -399,10 +420,18 @@ def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
     return lasso
 
 
+def _force(model: nn.Module, spec: PhaseSpec) -> ForceRegularizer | None:
+    """The phase's force regularizer (Wen et al., ICCV 2017), or None when ``force.strength`` is 0."""
+    f = spec.force
+    if f.strength == 0:
+        return None
+    return ForceRegularizer(model, f.strength, f.kind, multipliers=f.multipliers, exclude=f.exclude)
+
+
 def _mask_groups(run: _Run, model: nn.Module) -> list[Group]:
     """Groups of the compact model whose zeros fine-tuning must keep: SSL's kinds and shape fibers."""
     kinds = tuple(dict.fromkeys([*run.recipe.ssl.kinds, "shape"]))
-    return structures(model, run.example, kinds=kinds)
+    return structures(model, run.task.example, kinds=kinds)
 
 
 def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | None = None) -> None:
@@ -419,7 +448,7 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
         mask = ZeroMask(groups).attach()
         log.info("fine-tuning with %d zero groups frozen", mask.num_frozen)
     else:
-        groups = structures(model, run.example, kinds=tuple(run.recipe.ssl.kinds))
+        groups = structures(model, run.task.example, kinds=tuple(run.recipe.ssl.kinds))
         lasso = _lasso(run, groups) if phase == "ssl" else None
     try:
         for epoch in range(run.done[phase], spec.epochs):
@@ -434,30 +463,27 @@ def _one_epoch(
     lasso: GroupLasso | None, mask: ZeroMask | None, groups: Sequence[Group],
 ) -> None:
     spec: PhaseSpec = getattr(run.recipe, phase)
-    images, labels = run.train
-    steps = math.ceil(len(labels) / run.recipe.batch_size)
-    gen = torch.Generator().manual_seed(run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch)
+    steps = run.task.steps_per_epoch()
     start = time.perf_counter()
-    train_loss, train_acc = train_epoch(
-        model, optimizer, batches(images, labels, run.recipe.batch_size, shuffle=True, generator=gen),
-        lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps), steps=steps, lasso=lasso, mask=mask,
-        grad_clip=spec.grad_clip,
+    train_loss, train_acc = run.task.train_epoch(
+        model, optimizer, lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps),
+        seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
+        lasso=lasso, mask=mask, grad_clip=spec.grad_clip, force=_force(model, spec),
         desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
     )
-    test_loss, test_acc = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)
-    valid_acc = _record_valid(run, phase, model)
+    test_loss, test_acc = _record_test(run, phase, model)
+    valid_loss, valid_acc = _record_valid(run, phase, model)
     record = EpochRecord(
         phase=phase, epoch=epoch + 1, lr=lr_at(spec, epoch * steps, spec.epochs * steps),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
         density=_nonzero(model) / run.dense_numel,
         zero_fraction=zero_fractions(groups) if phase != "finetune" else {},
         alive=alive_members(groups) if phase != "finetune" else {},
-        seconds=time.perf_counter() - start, valid_acc=valid_acc,
+        seconds=time.perf_counter() - start, valid_acc=valid_acc, valid_loss=valid_loss,
     )
     run.history.append(dataclasses.asdict(record))
     run.done[phase] = epoch + 1
     run.trained[phase] += 1
-    run.accuracy[phase] = test_acc
     zeros = ", ".join(f"{k} {v:.0%}" for k, v in record.zero_fraction.items())
     valid = f"valid acc {100 * valid_acc:.2f}%, " if valid_acc is not None else ""
     log.info("%s %d/%d: train loss %.4f, acc %.2f%% | %stest acc %.2f%% | non-zero weights %.1f%%%s | %.0f s",
@@ -468,9 +494,16 @@ def _one_epoch(
 
 def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
     """Cut the zeros out; the result is checked against ``model`` and saved as ``compacted.pt``."""
-    small = compact(model, run.example, shapes=run.recipe.compact.shapes,
+    small = compact(model, run.task.example, shapes=run.recipe.compact.shapes,
                     channel_multiple=run.recipe.compact.channel_multiple)
-    _, run.accuracy["compact"] = evaluate(small, *run.test, batch_size=run.recipe.eval_batch_size)
+    spec = run.recipe.lowrank
+    if spec.enabled:
+        result = lowrank(small, run.task.example, energy=spec.energy, ranks=spec.ranks, method=spec.method,
+                         skip=spec.skip)
+        small = result.model
+        run.lowrank = [dataclasses.asdict(row) for row in result.layers]
+        log.info("low rank:\n%s", result.format())
+    _record_test(run, "compact", small)
     _record_valid(run, "compact", small)
     save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
     log.info("compacted: %d → %d parameters, test acc %.2f%%",
@@ -485,35 +518,24 @@ def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
 # the whole run
 
 
-def _record_valid(run: _Run, key: str, model: nn.Module) -> float | None:
-    """Accuracy on the validation split (None without one), kept under ``key``."""
-    if run.valid is None:
-        return None
-    _, run.valid_accuracy[key] = evaluate(model, *run.valid, batch_size=run.recipe.eval_batch_size)
-    return run.valid_accuracy[key]
+def _record_test(run: _Run, key: str, model: nn.Module) -> tuple[float, float]:
+    """``(loss, accuracy)`` on the test split, kept under ``key``."""
+    run.loss[key], run.accuracy[key] = run.task.evaluate(model, "test")
+    return run.loss[key], run.accuracy[key]
 
 
-_Pair = tuple[Tensor, Tensor]
-
-
-def _load_data(recipe: Recipe, data_dir: str | Path | None) -> tuple[_Pair, _Pair | None, _Pair]:
-    """(train, valid or None, test); valid is the last ``data.valid_size`` training images."""
-    train = load_dataset(recipe.data.name, "train", data_dir=data_dir, limit=recipe.data.train_limit)
-    test = load_dataset(recipe.data.name, "test", data_dir=data_dir, limit=recipe.data.test_limit)
-    n_valid = recipe.data.valid_size
-    if n_valid >= len(train.labels):
-        raise ConfigError(f"data.valid_size={n_valid} leaves no training images out of {len(train.labels)}; "
-                          f"lower it or raise data.train_limit")
-    images, labels = train.images, train.labels
-    cut = len(labels) - n_valid
-    valid = (images[cut:], labels[cut:]) if n_valid else None
-    return (images[:cut], labels[:cut]), valid, (test.images, test.labels)
+def _record_valid(run: _Run, key: str, model: nn.Module) -> tuple[float | None, float | None]:
+    """``(loss, accuracy)`` on the validation split (None without one), kept under ``key``."""
+    if not run.task.has_valid:
+        return None, None
+    run.valid_loss[key], run.valid_accuracy[key] = run.task.evaluate(model, "valid")
+    return run.valid_loss[key], run.valid_accuracy[key]
 
 
 def _finish_phase(run: _Run, phase: str, model: nn.Module) -> None:
     """Record the phase's accuracy (evaluating if it trained no epoch) and save its model."""
     if phase not in run.accuracy:
-        _, run.accuracy[phase] = evaluate(model, *run.test, batch_size=run.recipe.eval_batch_size)
+        _record_test(run, phase, model)
         _record_valid(run, phase, model)
     if phase in ("baseline", "ssl"):
         _save_phase_model(run, phase, model)
@@ -546,12 +568,11 @@ def run(
     if stop_after not in (None, "baseline", "ssl", "compact"):
         raise ConfigError(f"stop_after must be 'baseline', 'ssl' or 'compact', got {stop_after!r}")
     started = time.perf_counter()
-    train, valid, test = _load_data(recipe, data_dir)
+    task = load_task(recipe, data_dir)
     model = build_model(recipe)
     run_ = _Run(
         recipe=recipe, run_dir=Path(run_dir) if run_dir is not None else Path("runs") / recipe.name,
-        train=train, valid=valid, test=test, example=test[0][:16],
-        dense_numel=sum(p.numel() for p in model.parameters()),
+        task=task, dense_numel=sum(p.numel() for p in model.parameters()),
         progress=progress,
     )
     run_.run_dir.mkdir(parents=True, exist_ok=True)
@@ -602,11 +623,12 @@ def _results(run: _Run, model: nn.Module, finished: bool, seconds: float) -> Run
         save_compact(compact_model, run.run_dir / "compact.pt", arch=getattr(sparse, "arch", None))
     result = RunResult(
         recipe=run.recipe, run_dir=run.run_dir, accuracy=dict(run.accuracy),
-        valid_accuracy=dict(run.valid_accuracy),
+        valid_accuracy=dict(run.valid_accuracy), loss=dict(run.loss), valid_loss=dict(run.valid_loss),
+        lowrank=list(run.lowrank),
         history=[EpochRecord(**r) for r in run.history], epochs_trained=dict(run.trained),
         dense_model=dense, sparse_model=sparse, compact_model=compact_model,
-        report=sparsity_report(sparse, run.example) if sparse is not None else None,
-        example=run.example, seconds=seconds, finished=finished,
+        report=sparsity_report(sparse, run.task.example) if sparse is not None else None,
+        example=run.task.example, seconds=seconds, finished=finished,
     )
     write_results(result)
     return result
@@ -628,6 +650,12 @@ def write_results(result: RunResult, extra: Mapping[str, Any] | None = None) -> 
         "seconds": round(result.seconds, 2),
         "accuracy": result.accuracy,
         "valid_accuracy": result.valid_accuracy,
+        "loss": result.loss,
+        "valid_loss": result.valid_loss,
+        "lowrank": result.lowrank,
+        **({"perplexity": {k: math.exp(v) for k, v in result.loss.items()},
+            "valid_perplexity": {k: math.exp(v) for k, v in result.valid_loss.items()}}
+           if is_text(result.recipe) else {}),
         "params": {"dense": _param_count(result.dense_model), "compact": _param_count(result.compact_model)},
         "epochs_trained": result.epochs_trained,
         "structure": [dataclasses.asdict(layer) for layer in result.report.layers] if result.report else None,

@@ -27,7 +27,9 @@ class Stripe:
     A stripe may hold only members ``[lo, hi)`` of its family, member ``lo`` starting at row ``offset``:
     the input columns a consumer of ``cat([a, b])`` reads for ``b``'s channels start after ``a``'s, and a
     consumer of one ``chunk`` of a tensor reads only that chunk's channels. Member ``k`` is then rows
-    ``offset + (k - lo)*width ...``; the defaults (``lo=0, hi=None, offset=0``) are all members from row 0.
+    ``offset + (k - lo)*stride + [0, width)``; the defaults (``lo=0, hi=None, offset=0``, ``stride``
+    = ``width``) are all members side by side from row 0. A larger ``stride`` interleaves members with
+    other stripes' rows: a consumer of a channel shuffle reads group ``j``'s channel ``i`` at ``i*g + j``.
 
     ``flat=True`` indexes ``param.flatten(dim)`` instead of ``param``: a shape fiber ``W[:, c, i, j]``
     of a conv weight ``(N, C, kh, kw)`` is index ``c*kh*kw + i*kw + j`` of ``W.flatten(1)``.
@@ -45,6 +47,11 @@ class Stripe:
     lo: int = 0
     hi: int | None = None  # None: up to the family's size
     offset: int = 0
+    stride: int = 0  # rows from one member to the next; 0: width (members side by side)
+
+    def __post_init__(self) -> None:
+        if not self.stride:
+            object.__setattr__(self, "stride", self.width)
 
     def member_rows(self, members: Tensor) -> tuple[Tensor, Tensor]:
         """``(rows, held)``: the rows of the ``members`` this stripe holds, and which of ``members`` those are.
@@ -54,7 +61,7 @@ class Stripe:
         held = members >= self.lo
         if self.hi is not None:
             held &= members < self.hi
-        start = self.offset + (members[held] - self.lo) * self.width
+        start = self.offset + (members[held] - self.lo) * self.stride
         return (start[:, None] + torch.arange(self.width)).flatten(), held
 
     def rows(self, p: Tensor) -> int:
@@ -94,7 +101,12 @@ class Family:
                 continue
             hi = self.size if s.hi is None else s.hi
             rows = s.row_sq(self.params[s.param])
-            sq = rows[s.offset:s.offset + (hi - s.lo) * s.width].view(hi - s.lo, s.width).sum(1)
+            if s.stride == s.width:
+                sq = rows[s.offset:s.offset + (hi - s.lo) * s.width].view(hi - s.lo, s.width).sum(1)
+            else:  # interleaved members: gather rows offset + i*stride + [0, width)
+                ix = s.offset + torch.arange(hi - s.lo, device=rows.device)[:, None] * s.stride \
+                    + torch.arange(s.width, device=rows.device)
+                sq = rows[ix].sum(1)
             if total is None:
                 total = torch.zeros(self.size, dtype=sq.dtype, device=sq.device)
             total[s.lo:hi] += sq

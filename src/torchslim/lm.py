@@ -14,18 +14,23 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from torchslim.data import bptt_batches
 from torchslim.engine import optimizer_step
 from torchslim.errors import ConfigError
+from torchslim.force import ForceRegularizer
 from torchslim.lasso import GroupLasso
 from torchslim.masking import ZeroMask
 
-__all__ = ["evaluate_lm", "train_lm_epoch"]
+__all__ = ["evaluate_lm", "evaluate_lm_loss", "train_lm_epoch"]
 
 
 def _detach(state):
-    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    """The state with its history cut: a tensor, an ``(h, c)`` tuple, or a list of them (one per layer)."""
+    if isinstance(state, (tuple, list)):
+        return type(state)(_detach(s) for s in state)
+    return state.detach()
 
 
 def train_lm_epoch(
@@ -38,35 +43,57 @@ def train_lm_epoch(
     grad_clip: float | None = 0.25,
     lasso: GroupLasso | None = None,
     mask: ZeroMask | None = None,
-) -> float:
-    """One pass over ``data (T, B)``; returns the mean cross-entropy per token (nats).
+    force: ForceRegularizer | None = None,
+    desc: str = "train",
+    progress: bool | None = False,
+) -> tuple[float, float]:
+    """One pass over ``data (T, B)``; returns ``(mean cross-entropy per token in nats, next-word accuracy)``.
 
     Each chunk is :func:`torchslim.engine.optimizer_step` at rate ``lr(i)`` for chunk ``i``.
+    ``progress``: a bar on stderr (``None``: on a terminal only).
     """
     if data.dim() != 2 or data.shape[0] < 2:
         raise ConfigError(f"data must be (T, B) token columns with T >= 2, got shape {tuple(data.shape)}")
     model.train()
-    state, total, tokens = None, 0.0, 0
-    for i, (x, y) in enumerate(bptt_batches(data, bptt)):
+    state, total, correct, tokens = None, 0.0, 0, 0
+    chunks = math.ceil((len(data) - 1) / bptt)
+    bar = tqdm(bptt_batches(data, bptt), total=chunks, desc=desc, leave=False, unit="chunk",
+               disable=None if progress is None else not progress)
+    for i, (x, y) in enumerate(bar):
         rate = lr(i)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        logits, state = model.step(x, state)
+        logits, state = model.step(x, state)  # (t, B, V)
         state = _detach(state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask)
+        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
+                       force=force)
         total += float(loss.detach()) * y.numel()
+        correct += int((logits.detach().argmax(-1) == y).sum())
         tokens += y.numel()
-    return total / tokens
+        if i % 50 == 0:
+            bar.set_postfix(ppl=f"{math.exp(total / tokens):.1f}")
+    return total / tokens, correct / tokens
 
 
 @torch.no_grad()
+def evaluate_lm_loss(model: nn.Module, data: Tensor, bptt: int = 35) -> tuple[float, float]:
+    """``(mean cross-entropy per token, next-word accuracy)`` on ``data (T, B)``, the state carried
+    across chunks; eval mode, the training flag restored."""
+    was_training = model.training
+    model.eval()
+    state, total, correct, tokens = None, 0.0, 0, 0
+    try:
+        for x, y in bptt_batches(data, bptt):
+            logits, state = model.step(x, state)  # (t, B, V)
+            total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            tokens += y.numel()
+    finally:
+        model.train(was_training)
+    return total / tokens, correct / tokens
+
+
 def evaluate_lm(model: nn.Module, data: Tensor, bptt: int = 35) -> float:
     """Perplexity ``exp(mean cross-entropy per token)`` of ``model`` on ``data (T, B)``, state carried."""
-    model.eval()
-    state, total, tokens = None, 0.0, 0
-    for x, y in bptt_batches(data, bptt):
-        logits, state = model.step(x, state)
-        total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-        tokens += y.numel()
-    return math.exp(total / tokens)
+    return math.exp(evaluate_lm_loss(model, data, bptt)[0])

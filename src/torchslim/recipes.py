@@ -28,6 +28,8 @@ from torchslim.errors import ConfigError
 __all__ = [
     "CompactSpec",
     "DataSpec",
+    "ForceSpec",
+    "LowRankSpec",
     "ModelSpec",
     "PhaseSpec",
     "Recipe",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 Schedule = Literal["cosine", "constant", "step"]
-GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden"]
+GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "rank"]
 
 
 @dataclass
@@ -53,20 +55,44 @@ class ModelSpec:
 
 @dataclass
 class DataSpec:
-    """Which dataset; ``*_limit`` keep only the first N images (quick runs and tests)."""
+    """Which dataset; ``*_limit`` keep only the first N images (or tokens of a corpus: quick runs and tests).
+
+    Images: ``"fashion-mnist"``, ``"mnist"``. Word corpora (language models): ``"kjv"``, ``"ptb"``;
+    for those ``bptt`` and ``vocab_size`` apply, ``test_limit`` cuts valid and test, and the corpus's
+    own validation split is used instead of ``valid_size``.
+    """
 
     name: str = "fashion-mnist"
-    train_limit: int | None = None  # None: all 60k training images
-    test_limit: int | None = None  # None: all 10k test images
+    train_limit: int | None = None  # None: all 60k training images (all tokens)
+    test_limit: int | None = None  # None: all 10k test images (all tokens)
     valid_size: int = 0  # hold out the last N training images to tune hyper-parameters on, not on test
+    bptt: int = 35  # corpora: truncated-BPTT steps per chunk (Zaremba et al.'s PTB models)
+    vocab_size: int = 10_000  # corpora: words with their own id, besides <unk> and <eos>
 
     def __post_init__(self) -> None:
         _check_min("data.valid_size", self.valid_size, 0)
+        _check_min("data.bptt", self.bptt, 1)
+        _check_min("data.vocab_size", self.vocab_size, 1)
+
+
+@dataclass
+class ForceSpec:
+    """Force regularization (Wen et al., ICCV 2017) on the filters of every Conv/Linear layer while training."""
+
+    strength: float = 0.0  # λ_s (the solver's force_decay); 0: off
+    kind: Literal["l2", "l1"] = "l2"  # l2: f_ji = w_j − w_i (Caffe "Degradation"); l1: unit force ("Constant")
+    multipliers: dict[str, float] = field(default_factory=dict)  # per-layer λ_s scale (force_mult); 0 disables
+    exclude: list[str] = field(default_factory=list)  # layers left alone
+
+    def __post_init__(self) -> None:
+        _check_min("strength", self.strength, 0.0)
+        for layer, mult in self.multipliers.items():
+            _check_min(f"multipliers.{layer}", mult, 0.0)
 
 
 @dataclass
 class PhaseSpec:
-    """One training phase: momentum SGD with L2 weight decay and a learning-rate schedule."""
+    """One training phase: momentum SGD with L2 weight decay, a learning-rate schedule, optionally a force."""
 
     epochs: int = 1
     lr: float = 0.01
@@ -74,6 +100,7 @@ class PhaseSpec:
     weight_decay: float = 5.0e-4  # Caffe LeNet's L2 decay; SSL keeps it beside the group Lasso
     lr_schedule: Schedule = "cosine"  # per-step cosine to 0; "step" divides by 10 at 50% and 75%
     grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)
+    force: ForceSpec = field(default_factory=ForceSpec)  # coordinate filters toward low rank (off by default)
 
     def __post_init__(self) -> None:
         _check_min("epochs", self.epochs, 0)
@@ -128,6 +155,24 @@ class CompactSpec:
 
 
 @dataclass
+class LowRankSpec:
+    """Low-rank decomposition after compaction (:func:`torchslim.lowrank.lowrank`), before fine-tuning."""
+
+    energy: float | None = None  # None: no decomposition; 0.95: the paper's "<= 5% PCA reconstruction error"
+    method: Literal["pca", "svd"] = "pca"  # pca: uncentered, energy by eigenvalues (the original tool's default)
+    ranks: dict[str, int] = field(default_factory=dict)  # explicit r per layer (wins over energy)
+    skip: list[str] = field(default_factory=list)  # layers left alone (e.g. ResNet projection shortcuts)
+
+    def __post_init__(self) -> None:
+        if self.energy is not None:
+            _check_range("lowrank.energy", self.energy, 0.0, 1.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.energy is not None or bool(self.ranks)
+
+
+@dataclass
 class Recipe:
     """A whole experiment: baseline → SSL → compact → fine-tune."""
 
@@ -141,6 +186,7 @@ class Recipe:
     ssl: SSLSpec = field(default_factory=SSLSpec)
     finetune: PhaseSpec = field(default_factory=lambda: PhaseSpec(epochs=1, lr=0.001))
     compact: CompactSpec = field(default_factory=CompactSpec)
+    lowrank: LowRankSpec = field(default_factory=LowRankSpec)
 
     def __post_init__(self) -> None:
         _check_min("batch_size", self.batch_size, 1)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
 from torchslim.layers import LoweredConv2d
+from torchslim.lowrank import LowRank
 
 logger = logging.getLogger(__name__)
 
@@ -118,21 +119,22 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
                   lambda a: nn.Embedding(a["num_embeddings"], a["embedding_dim"], a["padding_idx"])),
 }
 _NAME_OF = {cls: name for name, (cls, _, _) in _KINDS.items()}
+_CONTAINERS: dict[str, type[nn.Sequential]] = {"Sequential": nn.Sequential, "LowRank": LowRank}
 
-#: Module classes a compact checkpoint can describe (exact classes; a Sequential only if all its children are).
-ALLOWED: tuple[type[nn.Module], ...] = (*_NAME_OF, nn.Sequential)
+#: Module classes a compact checkpoint can describe (exact classes; a container only if all its children are).
+ALLOWED: tuple[type[nn.Module], ...] = (*_NAME_OF, *_CONTAINERS.values())
 
 
 def _describable(m: nn.Module) -> bool:
-    if type(m) is nn.Sequential:
+    if type(m) in _CONTAINERS.values():
         return all(_describable(child) for child in m.children())
     return type(m) in _NAME_OF
 
 
 def _describe(m: nn.Module) -> dict[str, Any]:
     """The JSON-able description of a describable module."""
-    if type(m) is nn.Sequential:
-        return {"type": "Sequential", "children": [_describe(child) for child in m.children()]}
+    if type(m) in _CONTAINERS.values():
+        return {"type": type(m).__name__, "children": [_describe(child) for child in m.children()]}
     name = _NAME_OF[type(m)]
     return {"type": name, "args": _KINDS[name][1](m)}
 
@@ -141,15 +143,15 @@ def _build(desc: Mapping[str, Any], where: str) -> nn.Module:
     """A fresh module from its description; ``where`` names it in errors."""
     kind = desc.get("type") if isinstance(desc, Mapping) else None
     try:
-        if kind == "Sequential":
-            return nn.Sequential(*(_build(child, f"{where}.{i}") for i, child in enumerate(desc["children"])))
+        if kind in _CONTAINERS:
+            return _CONTAINERS[kind](*(_build(child, f"{where}.{i}") for i, child in enumerate(desc["children"])))
         if kind in _KINDS:
             return _KINDS[kind][2](desc.get("args", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"bad description of module '{where}' ({kind}): {e!r}; the file is damaged") from e
     raise CheckpointError(
         f"module '{where}' has type {kind!r}, which compact checkpoints do not allow "
-        f"(allowed: {sorted(_KINDS) + ['Sequential']}); was the file written by a newer torchslim?"
+        f"(allowed: {sorted([*_KINDS, *_CONTAINERS])}); was the file written by a newer torchslim?"
     )
 
 

@@ -8,7 +8,8 @@ after another along the channel dimension. Operations that keep channels apart (
 BatchNorm, flatten, depthwise convolution, permutes) pass the segments on; ``cat`` joins them and
 ``split``/``chunk`` cut them; a residual addition or a per-channel product (squeeze-and-excitation)
 unites the spaces of its operands, since channel ``k`` of both must go together; consumers (the next
-Conv2d/Linear) record which of their input columns read each member. A space that reaches the
+Conv2d/Linear) record which of their input columns read each member. A channel shuffle interleaves
+segments (each then has a stride), and records a tie that compaction must keep. A space that reaches the
 network's output, comes from its input, or meets an operation we cannot follow is *fixed*: none of its
 channels becomes a group.
 """
@@ -67,45 +68,64 @@ _MEAN_TARGETS = {torch.mean, "mean"}
 
 @dataclass(frozen=True)
 class _Seg:
-    """Members ``[lo, hi)`` of ``space``, each ``width`` consecutive entries of the channel dimension."""
+    """Members ``[lo, hi)`` of ``space``: member ``k`` is entries ``offset + (k - lo)·stride + [0, width)``.
+
+    ``stride`` is ``width`` for members side by side; a channel shuffle interleaves segments, each
+    member ``stride`` entries after the previous one.
+    """
 
     space: int
     lo: int
     hi: int
     width: int = 1
+    offset: int = 0
+    stride: int = 0  # 0: width
+
+    def __post_init__(self) -> None:
+        if not self.stride:
+            object.__setattr__(self, "stride", self.width)
 
     @property
-    def length(self) -> int:
-        return (self.hi - self.lo) * self.width
+    def end(self) -> int:
+        """One past the segment's last entry."""
+        return self.offset + (self.hi - self.lo - 1) * self.stride + self.width
+
+    def moved(self, by: int) -> "_Seg":
+        return dataclasses.replace(self, offset=self.offset + by)
 
 
 @dataclass(frozen=True)
 class _Chan:
-    """How a tensor carries channels along ``dim``: its segments, one after another."""
+    """How a tensor carries channels along ``dim``: its segments, by offset (they cover every entry)."""
 
     dim: int
     segs: tuple[_Seg, ...]
 
-    def starts(self) -> list[int]:
-        out, at = [], 0
-        for seg in self.segs:
-            out.append(at)
-            at += seg.length
-        return out
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segs", tuple(sorted(self.segs, key=lambda g: g.offset)))
 
     def widen(self, factor: int) -> "_Chan":
-        return _Chan(self.dim, tuple(_Seg(g.space, g.lo, g.hi, g.width * factor) for g in self.segs))
+        return _Chan(self.dim, tuple(_Seg(g.space, g.lo, g.hi, g.width * factor, g.offset * factor,
+                                          g.stride * factor) for g in self.segs))
 
     def slice(self, start: int, stop: int) -> "_Chan | None":
-        """Entries ``[start, stop)`` of the channel dimension, or None where a member would be split."""
+        """Entries ``[start, stop)`` of the channel dimension, or None where a member would be split.
+
+        A strided segment keeps the members that start inside (a contiguous range of them), so a
+        chunk of a shuffled tensor holds a strided part of each shuffled segment.
+        """
         segs = []
-        for seg, at in zip(self.segs, self.starts()):
-            a, b = max(start, at), min(stop, at + seg.length)
-            if a >= b:
-                continue
-            if (a - at) % seg.width or (b - at) % seg.width:
+        for seg in self.segs:
+            n = seg.hi - seg.lo
+            first = min(n, max(0, -(-(start - seg.offset) // seg.stride)))  # members [first, last) start inside
+            last = min(n, max(0, -(-(stop - seg.offset) // seg.stride)))
+            if first > 0 and seg.offset + (first - 1) * seg.stride + seg.width > start:
                 return None
-            segs.append(_Seg(seg.space, seg.lo + (a - at) // seg.width, seg.lo + (b - at) // seg.width, seg.width))
+            if last > 0 and seg.offset + (last - 1) * seg.stride + seg.width > stop:
+                return None
+            if first < last:
+                segs.append(_Seg(seg.space, seg.lo + first, seg.lo + last, seg.width,
+                                 seg.offset + first * seg.stride - start, seg.stride))
         return _Chan(self.dim, tuple(segs))
 
 
@@ -135,6 +155,8 @@ class _DependencyGraph:
         self.parent: list[int] = []
         self.count: list[int] = []  # per root: members M of the class; a space of size C has C/M per member
         self.strict = strict
+        # operations whose compact form needs aligned channels: (kind, input channels, sizes); see compaction._tied
+        self.ties: list[tuple[str, _Chan, tuple[int, ...]]] = []
 
     def new(self, size: int, fixed: str | None = None) -> int:
         self.spaces.append(_Space(size, fixed=fixed))
@@ -175,7 +197,51 @@ def _tensor_shape(node: Any) -> tuple[int, ...] | None:
 
 def _span(st: Stripe, size: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` a stripe of a space of ``size`` members covers."""
-    return st.offset, st.offset + ((size if st.hi is None else st.hi) - st.lo) * st.width
+    n = (size if st.hi is None else st.hi) - st.lo
+    return st.offset, st.offset + (n - 1) * st.stride + st.width if n > 0 else st.offset
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _swaps(node: fx.Node, d: int, e: int) -> bool:
+    """Whether ``node`` is a transpose/permute that swaps dims ``d`` and ``e`` and keeps the others."""
+    shape = _tensor_shape(node)
+    if shape is None:
+        return False
+    rank = len(shape)
+    if node.target in ("transpose", torch.transpose) and len(node.args) >= 3 \
+            and all(isinstance(i, int) for i in node.args[1:3]):
+        return {node.args[1] % rank, node.args[2] % rank} == {d, e}
+    if node.target in ("permute", torch.permute):
+        order = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        order = tuple(order[0]) if len(order) == 1 and isinstance(order[0], (list, tuple)) else tuple(order)
+        want = list(range(rank))
+        want[d], want[e] = e, d
+        return all(isinstance(i, int) for i in order) and [i % rank for i in order] == want
+    return False
+
+
+def _literal(node: fx.Node, dim: int) -> bool:
+    """Whether a view/reshape spells the size of ``dim`` as a constant (not -1): the compact model keeps it."""
+    if node.target in ("view", "reshape"):
+        shape = node.args[1:]
+    elif node.target is torch.reshape:
+        shape = node.args[1:2] or (node.kwargs.get("shape"),)
+    else:
+        return False  # flatten
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (list, tuple)) else tuple(shape)
+    return dim < len(shape) and isinstance(shape[dim], int) and shape[dim] != -1
+
+
+def _interleaved(a: Stripe, size_a: int, b: Stripe, size_b: int) -> bool:
+    """Whether two strided stripes whose spans overlap hold disjoint rows (two shuffled segments)."""
+    if a.stride == a.width and b.stride == b.width:
+        return False
+    rows = [st.member_rows(torch.arange(st.lo, size if st.hi is None else st.hi))[0]
+            for st, size in ((a, size_a), (b, size_b))]
+    return not bool(torch.isin(rows[0], rows[1]).any())
 
 
 def _all_chans(pieces: Any) -> list[_Chan]:
@@ -206,6 +272,7 @@ class _Walker:
         self.info: dict[fx.Node, _Chan] = {}
         self.pieces: dict[fx.Node, list[Any]] = {}  # tuples (split, RNN): _Chan, _Stack, list or None each
         self.stacks: dict[fx.Node, _Stack] = {}     # RNN final states, read by indexing dim 0
+        self.shuffled: dict[fx.Node, _Chan] = {}    # the last reshape of a channel shuffle -> its channels
 
     # -- helpers -----------------------------------------------------------------------------
     def _inputs(self, node: fx.Node) -> list[fx.Node]:
@@ -245,9 +312,10 @@ class _Walker:
 
     def _stripes(self, chan: _Chan, param: str, dim: int, role: str, scale: int = 1) -> None:
         """Add ``param``'s rows along ``dim`` that line up with ``chan`` (``scale`` rows per entry)."""
-        for seg, at in zip(chan.segs, chan.starts()):
+        for seg in chan.segs:
             self.graph.spaces[seg.space].stripes.append(
-                Stripe(param, dim, seg.width * scale, role=role, lo=seg.lo, hi=seg.hi, offset=at * scale))
+                Stripe(param, dim, seg.width * scale, role=role, lo=seg.lo, hi=seg.hi, offset=seg.offset * scale,
+                       stride=seg.stride * scale))
 
     def _consume(self, x: fx.Node, param: str, dim: int, channel_dim: int) -> None:
         """Record that ``param``'s ``dim`` reads the channels of ``x`` (if ``x`` carries any)."""
@@ -287,8 +355,8 @@ class _Walker:
             return False
         size = lambda seg: self.graph.spaces[seg.space].size  # noqa: E731
         pairs = list(zip(a.segs, b.segs))
-        if any(p.width != q.width or (p.lo, p.hi) != (0, size(p)) or (q.lo, q.hi) != (0, size(q))
-               or size(p) != size(q) for p, q in pairs):
+        if any((p.width, p.offset, p.stride) != (q.width, q.offset, q.stride) or (p.lo, p.hi) != (0, size(p))
+               or (q.lo, q.hi) != (0, size(q)) or size(p) != size(q) for p, q in pairs):
             return False
         for p, q in pairs:
             self.graph.union(p.space, q.space)
@@ -332,9 +400,10 @@ class _Walker:
             for i, (a, sa) in enumerate(owners):
                 for b, sb in owners[i + 1:]:
                     (a0, a1), (b0, b1) = _span(sa, self.graph.spaces[a].size), _span(sb, self.graph.spaces[b].size)
-                    if self.graph.find(a) == self.graph.find(b) or a1 <= b0 or b1 <= a0:
+                    if self.graph.find(a) == self.graph.find(b) or a1 <= b0 or b1 <= a0 \
+                            or _interleaved(sa, self.graph.spaces[a].size, sb, self.graph.spaces[b].size):
                         continue
-                    if (a0, a1, sa.width, sa.lo) == (b0, b1, sb.width, sb.lo) \
+                    if (a0, a1, sa.width, sa.stride, sa.lo) == (b0, b1, sb.width, sb.stride, sb.lo) \
                             and self.graph.spaces[a].size == self.graph.spaces[b].size:
                         self.graph.union(a, b)
                     else:
@@ -403,7 +472,8 @@ class _Walker:
         if chan is None:
             return
         seg = chan.segs[0] if len(chan.segs) == 1 else None
-        if chan.dim != 1 or seg is None or seg.width != 1 or (seg.lo, seg.hi) != (0, self.graph.spaces[seg.space].size):
+        if chan.dim != 1 or seg is None or (seg.width, seg.stride, seg.offset) != (1, 1, 0) \
+                or (seg.lo, seg.hi) != (0, self.graph.spaces[seg.space].size):
             self._unknown(node, "a grouped Conv2d over several channel segments")
             return
         self._produce(node, name, mod.out_channels, "conv", mod.bias is not None, dim=1)
@@ -451,7 +521,7 @@ class _Walker:
                                              offset=dirs.index(sfx) * hidden) for s2 in dirs]
                 spaces.append(sid)
         last = len(_tensor_shape(x) or (0, 0, 0)) - 1
-        out = _Chan(last, tuple(_Seg(sid, 0, hidden) for sid in spaces[-len(dirs):]))
+        out = _Chan(last, tuple(_Seg(sid, 0, hidden, offset=i * hidden) for i, sid in enumerate(spaces[-len(dirs):])))
         h = _Stack(tuple(_Chan(1, (_Seg(sid, 0, hidden),)) for sid in spaces))  # h_n[i]: (N, H)
         self.pieces[node] = [out, [h, h] if isinstance(mod, nn.LSTM) else h]     # LSTM: (h_n, c_n)
 
@@ -525,7 +595,14 @@ class _Walker:
             self._unknown(node, getattr(target, "__name__", str(target)))
 
     def _reshape(self, node: fx.Node, x: fx.Node) -> None:
-        """Flatten of the trailing dims from the channel dim on: channel k becomes a run of features."""
+        """Flatten of the trailing dims from the channel dim on: channel k becomes a run of features.
+
+        Also the first view of a channel shuffle (see :meth:`_shuffle`), whose last reshape gets the
+        shuffled channels.
+        """
+        if node in self.shuffled:
+            self.info[node] = self.shuffled.pop(node)
+            return
         chan, src, dst = self.info.get(x), _tensor_shape(x), _tensor_shape(node)
         if chan is None:
             return
@@ -537,7 +614,52 @@ class _Walker:
                 and dst[d] == math.prod(src[d:]):
             self.info[node] = chan.widen(math.prod(src[d + 1:]))
             return
+        if src is not None and dst is not None and self._shuffle(node, chan, src, dst):
+            return
         self._unknown(node, f"a reshape from {list(src or ())} to {list(dst or ())}")
+
+    def _shuffle(self, node: fx.Node, chan: _Chan, src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+        """A channel shuffle: the channels viewed as ``(a, b)``, the two swapped, merged back.
+
+        ShuffleNet's ``x.view(B, g, C // g, H, W).transpose(1, 2).contiguous().view(B, C, H, W)``
+        (``a = g``) moves entry ``i·b + j`` to ``j·a + i``: each segment inside one group ``i`` becomes
+        a segment ``a`` times as strided at offset ``j·a + i``. One of ``a``, ``b`` must be a constant
+        in the code and the other computed, as the compact model reshapes fewer channels: with ``a``
+        constant every group must keep the same ``j`` (with ``b`` constant, whole groups go), recorded
+        as a tie that compaction satisfies. Only segments one entry wide are followed. Returns False
+        where the pattern or the mapping does not apply.
+        """
+        d = chan.dim
+        if len(dst) != len(src) + 1 or dst[:d] != src[:d] or dst[d + 2:] != src[d + 1:]:
+            return False
+        a, b = dst[d], dst[d + 1]
+        swap = _only_user(node)
+        if swap is None or swap.op == "call_module" or not _swaps(swap, d, d + 1):
+            return False
+        end = _only_user(swap)
+        while end is not None and end.op == "call_method" and end.target in ("contiguous", "clone"):
+            end = _only_user(end)
+        if end is None or end.op == "call_module" or end.target not in _RESHAPE_TARGETS or _tensor_shape(end) != src or _literal(end, d):
+            return False
+        fixed_a, fixed_b = _literal(node, d), _literal(node, d + 1)
+        if fixed_a == fixed_b:
+            return False
+        segs = []
+        for seg in chan.segs:
+            if seg.width != 1:
+                return False
+            first, last = seg.offset // b, (seg.end - 1) // b
+            if first != last and seg.stride % b == 0:  # one entry j in each group: q = j·a + i with i stepping
+                segs.append(_Seg(seg.space, seg.lo, seg.hi, 1, (seg.offset % b) * a + first, seg.stride // b))
+                continue
+            if last - first > 64:
+                return False  # would cut it into many pieces
+            for i in range(first, last + 1):
+                for piece in _Chan(d, (seg,)).slice(i * b, (i + 1) * b).segs:
+                    segs.append(_Seg(piece.space, piece.lo, piece.hi, 1, piece.offset * a + i, piece.stride * a))
+        self.graph.ties.append(("groups" if fixed_a else "blocks", chan, (a, b)))
+        self.shuffled[end] = _Chan(d, tuple(segs))
+        return True
 
     def _add(self, node: fx.Node) -> None:
         operands = [a for a in node.args[:2]]
@@ -577,7 +699,10 @@ class _Walker:
         dim = dim % len(shape)
         chans = [self.info.get(t) for t in tensors]
         if all(c is not None and c.dim == dim for c in chans):
-            self.info[node] = _Chan(dim, tuple(seg for c in chans for seg in c.segs))
+            starts = [0]
+            for t in tensors[:-1]:
+                starts.append(starts[-1] + _tensor_shape(t)[dim])
+            self.info[node] = _Chan(dim, tuple(seg.moved(at) for c, at in zip(chans, starts) for seg in c.segs))
         elif all(c is not None and c == chans[0] for c in chans):
             self.info[node] = chans[0]  # along another dim (batch, space): the channels stay as they are
         else:
@@ -599,6 +724,10 @@ class _Walker:
             at += shape[dim]
         if any(p is None for p in pieces):
             self._unknown(node, "a split inside a channel's entries")
+        elif node.target in (torch.chunk, "chunk") and len(shapes) == (node.args[1] if len(node.args) > 1
+                                                                         else node.kwargs.get("chunks")):
+            # the compact model chunks fewer channels: the pieces' sizes must still come out right
+            self.graph.ties.append(("chunk", chan, tuple(shape[dim] for shape in shapes)))
         self.pieces[node] = pieces
 
     def _index(self, node: fx.Node, x: fx.Node, index: Any) -> None:
@@ -683,8 +812,12 @@ def _label(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]}+{len(names) - 1}"
 
 
-def coupled_families(model: nn.Module, graph: _DependencyGraph) -> list[Family]:
-    """One ``channel``/``neuron`` family per removable class of united spaces."""
+def coupled_families(model: nn.Module, graph: _DependencyGraph, roots: list[int] | None = None) -> list[Family]:
+    """One ``channel``/``neuron``/``hidden``/``rank`` family per removable class of united spaces.
+
+    ``roots``, if given, receives each family's class (its union-find root), in the same order.
+    """
+    from torchslim.lowrank import is_rank_family  # lowrank builds on compaction, which builds on tracing
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     families = []
     for root, members in graph.classes().items():
@@ -694,6 +827,8 @@ def coupled_families(model: nn.Module, graph: _DependencyGraph) -> list[Family]:
             continue
         kinds = set().union(*(s.producer_kind for s in spaces))
         kind = "channel" if "conv" in kinds else "hidden" if "rnn" in kinds else "neuron"
+        if is_rank_family(model, producers):  # the r channels between a LowRank's two layers
+            kind = "rank"
         count = graph.count[root]
         stripes = list(dict.fromkeys(_coarse(st, s.size // count) for s in spaces for st in s.stripes))
         if any(st is None for st in stripes):
@@ -707,6 +842,8 @@ def coupled_families(model: nn.Module, graph: _DependencyGraph) -> list[Family]:
             zero_preserving=all(s.zero_preserving for s in spaces),
             uniform=next((s.rnn for s in spaces if s.rnn), None),
         ))
+        if roots is not None:
+            roots.append(root)
     return families
 
 
@@ -714,9 +851,9 @@ def _coarse(st: Stripe, per: int) -> Stripe | None:
     """``st`` with ``per`` consecutive members as one (grouped convs); None where a range splits a block."""
     if per == 1:
         return st
-    if st.lo % per or (st.hi is not None and st.hi % per):
+    if st.lo % per or (st.hi is not None and st.hi % per) or st.stride != st.width:
         return None
-    return dataclasses.replace(st, width=st.width * per, lo=st.lo // per,
+    return dataclasses.replace(st, width=st.width * per, stride=st.width * per, lo=st.lo // per,
                                hi=None if st.hi is None else st.hi // per)
 
 
@@ -758,7 +895,8 @@ def structures(
             and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
             ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``), ``"shape"`` (``W[:, c, i, j]``) and
             ``"depth"`` (all weights of a residual branch; see :mod:`torchslim.depth`) and ``"hidden"``
-            (an LSTM/GRU hidden unit across its gates and consumers: ISS, Wen et al., ICLR 2018).
+            (an LSTM/GRU hidden unit across its gates and consumers: ISS, Wen et al., ICLR 2018) and
+            ``"rank"`` (a component of a :class:`torchslim.lowrank.LowRank` layer, ungrouped ones only).
         strict: raise :class:`UnsupportedOperation` for an operation whose channels cannot be
             followed, instead of leaving its channels out of the groups.
         leaf_modules: module types to treat as opaque (not traced into).
@@ -770,7 +908,7 @@ def structures(
     if unknown:
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
-    if {"channel", "neuron", "depth", "hidden"} & set(kinds) or strict:
+    if {"channel", "neuron", "depth", "hidden", "rank"} & set(kinds) or strict:
         graph, gm = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
         families += [f for f in coupled_families(model, graph) if f.kind in kinds]
         if "depth" in kinds:

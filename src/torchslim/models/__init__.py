@@ -137,9 +137,9 @@ def rowlstm(num_classes: int = 10, input_size: int = 28, hidden_size: int = 128,
 
 
 @register_model("wordlm")
-def wordlm(vocab_size: int = 10_002, hidden_size: int = 200, num_layers: int = 2, dropout: float = 0.2,
-           tie_weights: bool = True) -> nn.Module:
-    """A PTB-style word LSTM language model, for ISS."""
+def wordlm(vocab_size: int = 10_002, hidden_size: int | list[int] = 200, num_layers: int = 2, dropout: float = 0.2,
+           tie_weights: bool = True, per_layer: bool = False) -> nn.Module:
+    """A PTB-style word LSTM language model, for ISS (``per_layer``: one nn.LSTM per layer)."""
     from torchslim.models.wordlm import WordLM
 
-    return WordLM(vocab_size, hidden_size, num_layers, dropout, tie_weights)
+    return WordLM(vocab_size, hidden_size, num_layers, dropout, tie_weights, per_layer)

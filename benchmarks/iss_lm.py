@@ -1,0 +1,107 @@
+"""ISS on a word-level LSTM language model (King James Bible): perplexity, hidden sizes, speed, direct design.
+
+    python benchmarks/iss_lm.py [--recipe kjv_lm_iss] [--resume]
+
+1. Trains the recipe (dense baseline → ISS → compact → fine-tune; checkpoints in ``runs/<recipe>``).
+2. "Direct design" (the ISS paper's baseline): the compact model's per-layer widths trained from
+   scratch with the dense baseline's schedule (``runs/<recipe>_direct``).
+3. Times the dense and the compact model on ``(35, B)`` token blocks, B = 1 and 20 (sequence length 35,
+   as the paper), interleaved in one run, 1 and 2 threads: the whole model and the LSTM layers alone
+   (the decoder's 10k-word softmax is untouched by ISS), beside their multiply-add ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from _common import interleaved_latency, write
+from torchslim.engine import run
+from torchslim.plots import plot_history
+from torchslim.profile import profile
+from torchslim.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+
+
+class _Stack(nn.Module):
+    """A per-layer WordLM without its decoder: the embedding lookup and the LSTM layers ISS shrinks."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.layers = lm.encoder, lm.layers
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(tokens)  # (T, B, H)
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x
+
+
+def _widths(model: nn.Module) -> list[int]:
+    return [layer.hidden_size for layer in model.layers]
+
+
+def _ppl(result, key: str, valid: bool = False) -> float:
+    return math.exp((result.valid_loss if valid else result.loss)[key])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="kjv_lm_iss")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    recipe = load_recipe(args.recipe)
+    result = run(recipe, run_dir=ROOT / "runs" / recipe.name, resume=args.resume, progress=False)
+    dense, small = result.dense_model.eval(), result.compact_model.eval()
+    widths = _widths(small)
+
+    direct_recipe = load_recipe(args.recipe, overrides=[
+        f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0"])
+    direct = run(direct_recipe, run_dir=ROOT / "runs" / direct_recipe.name, resume=args.resume, progress=False)
+
+    speed = {}
+    for threads in (1, 2):
+        for batch in (1, 20):
+            tokens = torch.randint(0, len(dense.decoder.weight), (35, batch), generator=torch.Generator().manual_seed(0))
+            lat = interleaved_latency({"dense": dense, "compact": small}, tokens, threads=threads)
+            stack = interleaved_latency({"dense": _Stack(dense), "compact": _Stack(small)}, tokens, threads=threads)
+            speed[f"threads{threads}_batch{batch}"] = {
+                **lat, "speedup": lat["dense"]["median_ms"] / lat["compact"]["median_ms"],
+                "lstm_dense": stack["dense"], "lstm_compact": stack["compact"],
+                "lstm_speedup": stack["dense"]["median_ms"] / stack["compact"]["median_ms"]}
+    x = result.example[:, :1]
+    p_dense, p_small = profile(dense, x, latency=False), profile(small, x, latency=False)
+    lstm_macs = {name: sum(layer.macs for layer in p.layers if layer.type == "LSTM")
+                 for name, p in (("dense", p_dense), ("compact", p_small))}
+    data = {
+        "recipe": recipe.to_dict(),
+        "perplexity": {k: _ppl(result, k) for k in result.loss},
+        "valid_perplexity": {k: _ppl(result, k, valid=True) for k in result.valid_loss},
+        "direct_design": {"widths": widths, "perplexity": _ppl(direct, "baseline"),
+                          "valid_perplexity": _ppl(direct, "baseline", valid=True),
+                          "epochs": direct_recipe.baseline.epochs},
+        "accuracy": result.accuracy,
+        "widths": {"dense": _widths(dense), "compact": widths},
+        "alive": result.history[-1 - recipe.finetune.epochs].alive if recipe.finetune.epochs else {},
+        "params": {"dense": p_dense.params, "compact": p_small.params},
+        "macs": {"dense": p_dense.macs, "compact": p_small.macs},
+        "lstm_macs": lstm_macs,
+        "flop_reduction": p_dense.macs / p_small.macs,
+        "lstm_flop_reduction": lstm_macs["dense"] / lstm_macs["compact"],
+        "speed": speed,
+        "history_plot": plot_history(result.history, RESULTS / f"iss_{recipe.name}_history.png",
+                                     title=f"{recipe.name}: next-word accuracy and ISS units alive per epoch").name,
+        "train_seconds": result.seconds + direct.seconds,
+    }
+    write(f"iss_{recipe.name}", data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Tasks: the engine trains a word LM on PTB-format files and a force-regularized, decomposed LeNet."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from support import needs_fashion_mnist
+
+import torchslim.engine as engine
+from torchslim import LowRank, verify
+from torchslim.errors import ConfigError
+from torchslim.recipes import load_recipe
+from torchslim.serialize import load_compact
+from torchslim.tasks import TextTask, load_task, random_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _ptb(folder: Path, lines: int = 600) -> Path:
+    """PTB-format files of a learnable toy language: cycles of 9 words with one random word in 8."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(30)]
+    for split, n in (("train", lines), ("valid", lines // 6), ("test", lines // 6)):
+        out = []
+        for _ in range(n):
+            start = int(torch.randint(0, 9, (1,), generator=gen))
+            ids = [(start + k) % 9 if torch.rand(1, generator=gen) > 0.125 else int(torch.randint(9, 30, (1,),
+                   generator=gen)) for k in range(8)]
+            out.append(" ".join(words[i] for i in ids))
+        (folder / f"ptb.{split}.txt").write_text("\n".join(out) + "\n")
+    return folder
+
+
+LM = [
+    "data.name=ptb", "batch_size=8", "eval_batch_size=4", "data.bptt=12",
+    "model.kwargs={vocab_size: 32, hidden_size: 24, num_layers: 2, dropout: 0.0, per_layer: true}",
+    "baseline.epochs=3", "baseline.lr=20.0", "ssl.epochs=2", "ssl.lr=10.0", "ssl.strength={hidden: 2.0e-3}",
+    "finetune.epochs=1", "finetune.lr=2.0",
+]
+
+
+def test_engine_trains_iss_on_a_word_lm_and_reports_perplexity(tmp_path):
+    data = _ptb(tmp_path / "ptb", lines=600)
+    recipe = load_recipe("kjv_lm_iss", overrides=LM)
+    result = engine.run(recipe, data_dir=data, run_dir=tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["perplexity"]["baseline"] < 12 < 32                    # far below the 32-word uniform rate
+    assert saved["perplexity"]["compact"] == pytest.approx(saved["perplexity"]["ssl"], rel=1e-4)
+    assert saved["perplexity"] == pytest.approx({k: math.exp(v) for k, v in result.loss.items()})
+    sizes = [layer.hidden_size for layer in result.compact_model.layers]
+    assert max(sizes) < 24 and result.compact_model.encoder.embedding_dim == sizes[-1]   # units removed per layer
+    x = result.example
+    assert x.shape == (12, 4) and x.dtype == torch.long
+    back = load_compact(tmp_path / "run" / "compact.pt")
+    assert verify(result.compact_model, back, x).ok
+
+
+def test_text_task_rejects_a_model_of_another_vocabulary(tmp_path):
+    data = _ptb(tmp_path, lines=60)
+    recipe = load_recipe("kjv_lm_iss", overrides=[*LM, "model.kwargs.vocab_size=100"])
+    with pytest.raises(ConfigError, match="vocab_size: 32"):
+        load_task(recipe, data)
+
+
+def test_text_task_batches_columns_and_random_inputs_are_tokens(tmp_path):
+    recipe = load_recipe("kjv_lm_iss", overrides=LM)
+    task = load_task(recipe, _ptb(tmp_path, lines=60))
+    assert isinstance(task, TextTask) and task.columns["train"].shape[1] == 8
+    assert task.steps_per_epoch() == math.ceil((len(task.columns["train"]) - 1) / 12)
+    tokens = random_inputs(recipe, batch=3)
+    assert tokens.shape == (12, 3) and int(tokens.max()) < 32
+
+
+@needs_fashion_mnist
+def test_engine_force_then_lowrank_decomposes_and_fine_tunes(tmp_path):
+    recipe = load_recipe("lenet_force_lowrank", overrides=[
+        "data.train_limit=512", "data.test_limit=256", "data.valid_size=128", "eval_batch_size=256",
+        "baseline.epochs=1", "baseline.lr=0.05", "baseline.force.strength=1e-2", "finetune.epochs=1",
+        "lowrank.energy=0.5"])
+    result = engine.run(recipe, run_dir=tmp_path, progress=False)
+    rows = {r["name"]: r for r in result.lowrank}
+    assert set(rows) == {"conv1", "conv2", "fc1", "fc2"} and rows["fc1"]["decomposed"]
+    small = result.compact_model
+    assert isinstance(small.fc1, LowRank) and small.fc1.rank == rows["fc1"]["rank"] < 500
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["lowrank"] == result.lowrank and "finetune" in saved["accuracy"]
+    assert isinstance(load_compact(tmp_path / "compact.pt").fc1, LowRank)

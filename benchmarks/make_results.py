@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from terngrad_report import terngrad_sections
+from wen_report import iss_alternatives_section, iss_lm_section, lowrank_sections
 from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
@@ -199,6 +200,12 @@ def main() -> None:
         out += ssl_section(mlp, "SSL on the MLP 784–500–300–10, Fashion-MNIST (neurons)")
     if rowlstm:
         out += ssl_section(rowlstm, "ISS on a 2-layer LSTM, sequential Fashion-MNIST (hidden units)")
+    if (lm := _load("iss_kjv_lm_iss")) is not None:
+        out += iss_lm_section(lm)
+    if (alt := _load("iss_alternatives")) is not None:
+        out += iss_alternatives_section(alt)
+    out += lowrank_sections(_load("ssl_lenet_lowrank"), _load("ssl_lenet_force_lowrank"), lenet,
+                            _load("ssl_lenet_ssl_force_lowrank"))
     if overhead:
         out += overhead_section(overhead)
     if modes:

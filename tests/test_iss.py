@@ -134,3 +134,104 @@ def test_sparsity_report_counts_live_units_per_layer():
     assert (rows["lstm.l0"].filters_alive, rows["lstm.l1"].channels_alive) == (12, 12)
     assert rows["lstm.l0"].macs_dense == 4 * 16 * (28 + 16) * 28       # gates · H · (in + H) · steps
     assert rows["lstm.l0"].macs_sparse == 4 * 12 * (28 + 12) * 28
+
+
+class _Stated(nn.Module):
+    """A 2-layer RNN called with an explicit initial state taken from ``source``."""
+
+    def __init__(self, source: str, rnn: type[nn.RNNBase] = nn.LSTM, keyword: bool = False):
+        super().__init__()
+        self.source, self.keyword, self.lstm = source, keyword, rnn is nn.LSTM
+        self.rnn, self.fc = rnn(4, 5, num_layers=2, batch_first=True), nn.Linear(5, 3)
+        if source == "parameter":
+            self.h0, self.c0 = nn.Parameter(torch.randn(2, 1, 5)), nn.Parameter(torch.randn(2, 1, 5))
+        elif source == "buffer":
+            self.register_buffer("h0", torch.randn(2, 1, 5))
+            self.register_buffer("c0", torch.randn(2, 1, 5))
+        elif source == "encoder":                     # seq2seq: another RNN's final state
+            self.enc = rnn(4, 5, num_layers=2, batch_first=True)
+
+    def forward(self, x, h0=None, c0=None):
+        n = x.shape[0]
+        if self.source in ("parameter", "buffer"):
+            h0, c0 = self.h0.expand(2, n, 5).contiguous(), self.c0.expand(2, n, 5).contiguous()
+        elif self.source == "zeros":                  # a zero tensor whose width is a literal here
+            h0 = c0 = x.new_zeros(2, n, 5)
+        if self.source == "encoder":
+            state = self.enc(x.flip(1))[1]
+        else:
+            state = (h0, c0) if self.lstm else h0
+        out, _ = self.rnn(x, hx=state) if self.keyword else self.rnn(x, state)
+        return self.fc(out[:, -1])
+
+
+def _stated_inputs(source: str, lstm: bool) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, 4, generator=gen)
+    if source != "input":
+        return (x,)
+    return (x, torch.randn(2, 3, 5, generator=gen)) + ((torch.randn(2, 3, 5, generator=gen),) if lstm else ())
+
+
+def _silence_and_unread(rnn: nn.RNNBase, fc: nn.Linear | None, gates: int) -> None:
+    """Unit 1: zero gate rows (silent only from a zero state); unit 3: zero columns (nobody reads it)."""
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(rnn, f"{w}_l{layer}")[[g * 5 + 1 for g in range(gates)]] = 0
+            getattr(rnn, f"weight_hh_l{layer}")[:, 3] = 0
+            if layer + 1 < rnn.num_layers:
+                getattr(rnn, f"weight_ih_l{layer + 1}")[:, 3] = 0
+        if fc is not None:
+            fc.weight[:, 3] = 0
+
+
+@pytest.mark.parametrize("source", ["parameter", "buffer", "input", "encoder", "zeros"])
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_an_explicit_initial_state_pins_the_hidden_size(source, rnn):
+    torch.manual_seed(0)
+    model, gates = _Stated(source, rnn).eval(), 4 if rnn is nn.LSTM else 3
+    inputs = _stated_inputs(source, rnn is nn.LSTM)
+    kinds = ("hidden", "hidden_row", "hidden_col", "neuron")
+    assert [g.name for g in structures(model, inputs, kinds=kinds) if g.name.startswith(("rnn", "enc"))] == []
+    with pytest.raises(UnsupportedOperation, match=r"'rnn' is called with an explicit initial state: "
+                                                   r"it pins the hidden size.*zero state"):
+        structures(model, inputs, kinds=("hidden",), strict=True)
+    _silence_and_unread(model.rnn, model.fc, gates)
+    if source == "encoder":                           # the state's source keeps its width too
+        _silence_and_unread(model.enc, None, gates)
+    small = compact(model, inputs)                    # used to raise "Expected hidden[0] size ..."
+    assert small.rnn.hidden_size == 5 and small.fc.in_features == 5
+    assert source != "encoder" or small.enc.hidden_size == 5
+    assert verify(model, small, inputs).ok
+
+
+def test_an_explicit_state_by_keyword_pins_the_hidden_size_too():
+    model, inputs = _Stated("parameter", keyword=True).eval(), _stated_inputs("parameter", True)
+    assert structures(model, inputs, kinds=("hidden",)) == []
+    with pytest.raises(UnsupportedOperation, match="explicit initial state"):
+        structures(model, inputs, kinds=("hidden",), strict=True)
+
+
+class _ZeroStart(nn.Module):
+    """``forward(x, state=None)``: traced without a state, the RNN starts from zeros."""
+
+    def __init__(self, explicit_none: bool):
+        super().__init__()
+        self.explicit_none = explicit_none
+        self.rnn, self.fc = nn.LSTM(4, 5, num_layers=2, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x, state=None):
+        out, _ = self.rnn(x, None) if self.explicit_none else self.rnn(x, state)
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("explicit_none", [False, True])
+def test_a_state_that_is_none_is_a_zero_start(explicit_none):
+    torch.manual_seed(0)
+    model, x = _ZeroStart(explicit_none).eval(), torch.randn(3, 6, 4)
+    assert len(structures(model, x, kinds=("hidden",), strict=True)) == 10
+    _silence_and_unread(model.rnn, model.fc, 4)
+    small = compact(model, x)
+    assert small.rnn.hidden_size == 3
+    assert verify(model, small, x).ok and verify(model, small, torch.randn(2, 9, 4)).ok

@@ -16,3 +16,15 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "lenet_small.onnx").exists()
     assert namespace["small"](torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_readme_force_and_lowrank_block_runs():
+    import torchslim
+    from torchslim.models import create_model
+
+    block = re.search(r"Force regularization and low rank \(Wen et al., ICCV 2017\):\n\n```python\n(.*?)```",
+                      README.read_text(), re.S).group(1)
+    model, x = create_model("lenet"), torch.randn(4, 1, 28, 28)
+    namespace = {"torchslim": torchslim, "model": model, "x": x}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["thin"](x).shape == (4, 10) and namespace["force"].layers

@@ -16,7 +16,8 @@ from torchslim.recipes import (
 )
 
 
-@pytest.mark.parametrize("name", ["lenet_ssl", "lenet_ssl_full", "mlp_ssl", "resnet20_ssl"])
+@pytest.mark.parametrize("name", ["lenet_ssl", "lenet_ssl_full", "mlp_ssl", "resnet20_ssl", "lenet_force_lowrank",
+                                  "lenet_lowrank", "lenet_ssl_force_lowrank", "kjv_lm_iss", "rowlstm_iss"])
 def test_every_shipped_recipe_parses_and_round_trips(name):
     recipe = load_recipe(name)
     assert recipe.name == name
@@ -96,6 +97,11 @@ def test_unknown_key_names_it_and_suggests(override, words):
     ("batch_size=0", ["batch_size", ">= 1"]),
     ("ssl.strength.filter=0.1", ["ssl.strength.filter", "not in kinds"]),
     ("ssl.weight_by_size=maybe", ["ssl.weight_by_size", "true or false"]),
+    ("baseline.force.kind=l3", ["baseline.force.kind", "l2", "l1"]),
+    ("baseline.force.strength=-1", ["baseline.force.strength", ">= 0"]),
+    ("lowrank.energy=1.5", ["lowrank.energy", "[0.0, 1.0"]),
+    ("lowrank.method=qr", ["lowrank.method", "pca", "svd"]),
+    ("data.bptt=0", ["data.bptt", ">= 1"]),
 ])
 def test_bad_values_name_the_key_and_the_valid_options(override, words):
     with pytest.raises(ConfigError) as info:

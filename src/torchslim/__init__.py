@@ -17,7 +17,7 @@ from torchslim.comm import TernGradState, terngrad_hook
 from torchslim.compaction import VerifyReport, compact, verify
 from torchslim.force import ForceRegularizer
 from torchslim.groups import Group
-from torchslim.lasso import GroupLasso
+from torchslim.lasso import L1, GroupLasso
 from torchslim.layers import LoweredConv2d
 from torchslim.lowrank import LowRank, LowRankResult, lowrank
 from torchslim.magnitude import magnitude_prune
@@ -34,6 +34,7 @@ __all__ = [
     "ForceRegularizer",
     "Group",
     "GroupLasso",
+    "L1",
     "LowRank",
     "LowRankResult",
     "LoweredConv2d",

@@ -442,7 +442,7 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
     optimizer = _sgd(model, spec)
     if resumed_phase == phase and run.optimizer_state is not None:
         optimizer.load_state_dict(run.optimizer_state)
-    lasso, mask = None, None
+    lasso, mask, force = None, None, _force(model, spec)
     if phase == "finetune":
         groups = _mask_groups(run, model)
         mask = ZeroMask(groups).attach()
@@ -452,7 +452,7 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
         lasso = _lasso(run, groups) if phase == "ssl" else None
     try:
         for epoch in range(run.done[phase], spec.epochs):
-            _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, groups=groups)
+            _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, force=force, groups=groups)
     finally:
         if mask is not None:
             mask.detach()
@@ -460,7 +460,7 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
 
 def _one_epoch(
     run: _Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, *,
-    lasso: GroupLasso | None, mask: ZeroMask | None, groups: Sequence[Group],
+    lasso: GroupLasso | None, mask: ZeroMask | None, force: ForceRegularizer | None, groups: Sequence[Group],
 ) -> None:
     spec: PhaseSpec = getattr(run.recipe, phase)
     steps = run.task.steps_per_epoch()
@@ -468,7 +468,7 @@ def _one_epoch(
     train_loss, train_acc = run.task.train_epoch(
         model, optimizer, lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps),
         seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
-        lasso=lasso, mask=mask, grad_clip=spec.grad_clip, force=_force(model, spec),
+        lasso=lasso, mask=mask, grad_clip=spec.grad_clip, force=force,
         desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
     )
     test_loss, test_acc = _record_test(run, phase, model)

@@ -15,8 +15,12 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
-Kind = Literal["channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "rank"]
-KINDS: tuple[str, ...] = ("channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "rank")
+Kind = Literal["channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "hidden_row", "hidden_col",
+               "rank"]
+KINDS: tuple[str, ...] = ("channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "hidden_row",
+                          "hidden_col", "rank")
+# ISS's row-only and column-only alternatives: one side of each ``hidden`` member
+SIDES: dict[str, str] = {"hidden_row": "out", "hidden_col": "in"}
 Role = Literal["out", "in", "state"]
 
 
@@ -180,6 +184,30 @@ class Group:
 
     def __repr__(self) -> str:
         return f"Group({self.name}, numel={self.numel()})"
+
+
+def side_families(families: Sequence[Family], kinds: Sequence[str]) -> list[Family]:
+    """The row-only (``hidden_row``) and column-only (``hidden_col``) halves of each ``hidden`` family.
+
+    The ISS paper's alternative to whole units (Wen et al., ICLR 2018, ``row_col_grouplasso``): member
+    ``k`` of ``hidden_row`` is what produces unit ``k`` (its stripes of role ``"out"``: rows ``g·H + k``
+    of ``weight_ih``, ``weight_hh`` and both biases for every gate ``g``); member ``k`` of ``hidden_col``
+    is what reads it (role ``"in"``: column ``k`` of its own ``weight_hh`` and of every consumer, the
+    next layer's ``weight_ih`` or the decoder). Either side at zero makes the unit removable, as
+    compaction's rule for the whole unit already says: zero consumers leave it unread, and zero gate
+    rows leave its gates constant and its state at 0 from a zero start (not with an explicit initial
+    state: ``zero_preserving`` is False then, and only ``hidden_col`` zeros are removable).
+    """
+    out = []
+    for fam in families:
+        if fam.kind != "hidden":
+            continue
+        for kind, role in SIDES.items():
+            stripes = tuple(s for s in fam.stripes if s.role == role)
+            if kind in kinds and stripes:
+                out.append(Family(kind, fam.label, fam.size, stripes, fam.params,
+                                  zero_preserving=fam.zero_preserving, uniform=fam.uniform))
+    return out
 
 
 def families_of(groups: list[Group]) -> dict[Family, Tensor]:

@@ -1,4 +1,7 @@
-"""Group Lasso (SSL, Wen et al. 2016): ``R_g(W) = Σ_g λ_g ||w_g||_2``, as a penalty or a proximal step."""
+"""Group Lasso (SSL, Wen et al. 2016): ``R_g(W) = Σ_g λ_g ||w_g||_2``, as a penalty or a proximal step.
+
+:class:`L1` is the element-wise ``λ·Σ|w|`` beside it, the unstructured baseline of ISS (Wen et al., ICLR 2018).
+"""
 
 from __future__ import annotations
 
@@ -182,3 +185,131 @@ class GroupLasso:
         """Fraction of all-zero groups per regularized kind."""
         groups = [Group(b.family, int(k)) for b in self.blocks for k in b.members]
         return {kind: zero / total for kind, (zero, total) in zero_counts(groups).items()}
+
+
+class L1:
+    """Element-wise ℓ1, ``λ·Σ_w |w|``: the unstructured baseline the ISS paper compares with (its ``l1.json``).
+
+    The same interface as :class:`GroupLasso` (``penalty``, ``prox_``, ``threshold_``, ``step_``,
+    ``uses_penalty``, ``zero_fraction``), so :func:`torchslim.engine.train_epoch` takes either as its
+    ``lasso`` (a recipe cannot select it: its kinds are group kinds). Its proximal step
+    is the element-wise soft-threshold ``w ← sign(w)·max(|w| − lr·λ, 0)``: many exact zeros, scattered,
+    so few whole hidden units or channels end up zero and :func:`torchslim.compact` can cut little.
+    It is a class of its own, not a group kind: one group per weight would be one Python object each.
+
+    Args:
+        params: what to regularize, whole tensors: an ``nn.Module`` (all its parameters), a mapping
+            ``{name: tensor}``, or groups from :func:`torchslim.structures` (every parameter they touch,
+            e.g. ``kinds=("hidden",)``: the LSTM's weights and biases and the decoder, as ISS). A tensor
+            shared under two names (tied weights) counts once, under its first name.
+        strength: λ, a number >= 0.
+        multipliers: per-parameter factors on λ keyed by name prefix (``"lstm"``, ``"fc.bias"``); the
+            longest matching key wins. A key that matches no parameter raises :class:`ConfigError`.
+        mode: ``"prox"`` (call :meth:`step_` after each ``optimizer.step()``; do not add :meth:`penalty`)
+            or ``"subgradient"`` (add :meth:`penalty` to the loss; :meth:`step_` zeroes ``|w| < threshold``).
+        threshold: element threshold of the subgradient mode.
+
+    Example:
+        >>> import torch, torchslim
+        >>> from torchslim.lasso import L1
+        >>> layer = torch.nn.Linear(4, 3)
+        >>> l1 = L1(layer, 1e-3)
+        >>> bool(torch.isclose(l1.penalty(), 1e-3 * (layer.weight.abs().sum() + layer.bias.abs().sum())))
+        True
+        >>> l1.step_(1000.0)  # lr·λ = 1 > every |w| of a fresh Linear(4, 3) (at most 1/sqrt(4)): all zero
+        >>> l1.zero_fraction()
+        {'weight': 1.0}
+    """
+
+    def __init__(
+        self,
+        params: torch.nn.Module | Mapping[str, Tensor] | Sequence[Group],
+        strength: float,
+        *,
+        multipliers: Mapping[str, float] | None = None,
+        mode: Mode = "prox",
+        threshold: float = 1e-4,
+    ) -> None:
+        if mode not in ("prox", "subgradient"):
+            raise ConfigError(f"mode must be 'prox' or 'subgradient', got {mode!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0:
+            raise ConfigError(f"L1 strength must be a number >= 0, got {strength!r}")
+        named = _named_tensors(params)
+        if not named:
+            raise ConfigError("L1 got no parameters to regularize")
+        multipliers = dict(multipliers or {})
+        for key in multipliers:
+            if not any(_matches(key, name) for name in named):
+                close = difflib.get_close_matches(key, list(named), n=1, cutoff=0.5)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"multiplier '{key}' selects no parameter{hint}; parameters: {', '.join(named)}")
+        self.mode: Mode = mode
+        self.threshold = threshold
+        self.params: list[tuple[str, Tensor, float]] = []  # (name, tensor, λ) with λ > 0
+        for name, p in named.items():
+            best, factor = -1, 1.0
+            for key, m in multipliers.items():
+                if _matches(key, name) and len(key) > best:
+                    best, factor = len(key), float(m)
+            if strength * factor > 0:
+                self.params.append((name, p, float(strength) * factor))
+
+    @property
+    def uses_penalty(self) -> bool:
+        """True when :meth:`penalty` belongs in the loss (subgradient mode)."""
+        return self.mode == "subgradient"
+
+    def penalty(self) -> Tensor:
+        """``Σ_p λ_p Σ |w|``, a differentiable 0-d tensor (gradient ``λ·sign(w)``, 0 at 0)."""
+        total = torch.zeros(())
+        for _, p, lam in self.params:
+            total = total.to(p.device) + lam * p.abs().sum()
+        return total
+
+    @torch.no_grad()
+    def prox_(self, lr: float) -> None:
+        """Element-wise soft-threshold with step ``lr``: ``w ← sign(w)·max(|w| − lr·λ, 0)``."""
+        for _, p, lam in self.params:
+            p.copy_(p.sign() * (p.abs() - lr * lam).clamp_min(0))
+
+    @torch.no_grad()
+    def threshold_(self) -> None:
+        """Zero every regularized weight with ``|w| < threshold``."""
+        for _, p, _ in self.params:
+            p.masked_fill_(p.abs() < self.threshold, 0.0)
+
+    def step_(self, lr: float) -> None:
+        """Call right after ``optimizer.step()``: prox in prox mode, thresholding otherwise."""
+        if self.mode == "prox":
+            self.prox_(lr)
+        else:
+            self.threshold_()
+
+    @torch.no_grad()
+    def zero_fraction(self) -> dict[str, float]:
+        """``{"weight": fraction of the regularized weights that are exactly 0}``."""
+        zero = sum(int((p == 0).sum()) for _, p, _ in self.params)
+        total = sum(p.numel() for _, p, _ in self.params)
+        return {"weight": zero / max(total, 1)}
+
+
+def _named_tensors(params: torch.nn.Module | Mapping[str, Tensor] | Sequence[Group]) -> dict[str, Tensor]:
+    """``{name: tensor}`` of a module, a mapping or groups' parameters; a shared tensor once."""
+    if isinstance(params, torch.nn.Module):
+        items = list(params.named_parameters())
+    elif isinstance(params, Mapping):
+        items = list(params.items())
+    else:
+        groups = list(params)
+        if not all(isinstance(g, Group) for g in groups):
+            raise ConfigError("L1 takes an nn.Module, a {name: tensor} mapping or groups from torchslim.structures")
+        items = [(s.param, fam.params[s.param]) for fam in families_of(groups) for s in fam.weight_stripes()]
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, p in items:
+        if not isinstance(p, Tensor):
+            raise ConfigError(f"L1: '{name}' is a {type(p).__name__}, not a tensor")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out

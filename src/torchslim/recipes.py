@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 Schedule = Literal["cosine", "constant", "step"]
-GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "rank"]
+GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "hidden_row",
+                    "hidden_col", "rank"]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from torchslim.errors import ShapeMismatch, UnsupportedOperation
-from torchslim.groups import KINDS, Family, Group, Stripe
+from torchslim.groups import KINDS, SIDES, Family, Group, Stripe, side_families
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,14 @@ class _Walker:
         (PyTorch's order: i, f, g, o; GRU: r, z, n), column ``k`` of its own ``weight_hh`` and of the
         next layer's ``weight_ih`` (at the direction's offset), and whatever reads the output. With
         zero rows a unit's gates are constants and its state stays 0 from a zero start, so zero rows
-        make it silent; an explicit initial state breaks that.
+        make it silent.
+
+        An explicit initial state ``(h0, c0)``/``h0`` pins the hidden size: the compact layer would
+        need a state cut to the same units, and wherever the state comes from (an input, a parameter,
+        a computed tensor, a zero tensor whose width may be a literal in ``forward``) compaction does
+        not cut it. Every layer of the module is fixed, and so are the channels the state carries.
+        A state that is ``None`` in the traced run (``rnn(x, None)``, or a ``forward`` argument that
+        defaults to ``None``) is PyTorch's zero start.
         """
         if getattr(mod, "proj_size", 0):
             why = f"'{name}' is an LSTM with proj_size > 0: its hidden units are not removable (no ISS groups)"
@@ -495,6 +502,22 @@ class _Walker:
             log.info(why)
             self._unknown(node, "an LSTM with proj_size > 0")
             return
+        state = node.args[1] if len(node.args) > 1 else node.kwargs.get("hx")
+        if isinstance(state, fx.Node) and state.meta.get("type") is type(None):
+            state = None  # a None-defaulting forward argument, None in the traced run: a zero start
+        pinned = None
+        if state is not None:
+            pinned = (f"'{name}' is called with an explicit initial state: it pins the hidden size, "
+                      "since compaction does not cut the state")
+            if self.graph.strict:
+                raise UnsupportedOperation(
+                    f"{pinned}. Start '{name}' from a zero state (call it without one, or with None) "
+                    "to make its hidden units removable, or pass strict=False to keep them all")
+            log.info("%s; its hidden units are kept", pinned)
+            found: list[fx.Node] = []
+            fx.node.map_arg(state, lambda n: found.append(n) or n)
+            for n in found:  # the state's own channels (a Linear's neurons, another RNN's h_n) keep H too
+                self._fix_node(n, pinned)
         gates, hidden = (4 if isinstance(mod, nn.LSTM) else 3), mod.hidden_size
         dirs = ["", "_reverse"] if mod.bidirectional else [""]
         chan = self.info.get(x)
@@ -506,12 +529,11 @@ class _Walker:
         spaces = []
         for layer in range(mod.num_layers):
             for sfx in dirs:
-                sid = self.graph.new(hidden)
+                sid = self.graph.new(hidden, fixed=pinned)
                 space = self.graph.spaces[sid]
                 space.producers.append(f"{name}.l{layer}{sfx}")
                 space.producer_kind.add("rnn")
                 space.rnn = name
-                space.zero_preserving = len(node.args) < 2 and "hx" not in node.kwargs
                 names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if mod.bias else [])
                 space.stripes += [Stripe(f"{name}.{w}_l{layer}{sfx}", 0, offset=g * hidden)
                                   for w in names for g in range(gates)]
@@ -895,8 +917,11 @@ def structures(
             and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
             ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``), ``"shape"`` (``W[:, c, i, j]``) and
             ``"depth"`` (all weights of a residual branch; see :mod:`torchslim.depth`) and ``"hidden"``
-            (an LSTM/GRU hidden unit across its gates and consumers: ISS, Wen et al., ICLR 2018) and
-            ``"rank"`` (a component of a :class:`torchslim.lowrank.LowRank` layer, ungrouped ones only).
+            (an LSTM/GRU hidden unit across its gates and consumers: ISS, Wen et al., ICLR 2018),
+            ``"hidden_row"``/``"hidden_col"`` (only the gate rows that produce the unit / only the
+            columns that read it: the paper's row/column alternative; see
+            :func:`torchslim.groups.side_families`) and ``"rank"`` (a component of a
+            :class:`torchslim.lowrank.LowRank` layer, ungrouped ones only).
         strict: raise :class:`UnsupportedOperation` for an operation whose channels cannot be
             followed, instead of leaving its channels out of the groups.
         leaf_modules: module types to treat as opaque (not traced into).
@@ -908,9 +933,10 @@ def structures(
     if unknown:
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
-    if {"channel", "neuron", "depth", "hidden", "rank"} & set(kinds) or strict:
+    if {"channel", "neuron", "depth", "hidden", "rank", *SIDES} & set(kinds) or strict:
         graph, gm = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
-        families += [f for f in coupled_families(model, graph) if f.kind in kinds]
+        coupled = coupled_families(model, graph)
+        families += [f for f in coupled if f.kind in kinds] + side_families(coupled, kinds)
         if "depth" in kinds:
             from torchslim.depth import depth_families, residual_branches  # depth builds on this module
 

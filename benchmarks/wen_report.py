@@ -1,0 +1,136 @@
+"""RESULTS.md sections for force regularization + low rank (``ssl_recipe.py`` on the lowrank recipes)
+and for ISS on the word LM (``iss_lm.py``). Every number comes from ``results/*.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections"]
+
+
+def _machine(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}"
+
+
+def _ranks(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in d["lowrank"]}
+
+
+def _speed(d: dict[str, Any], key: str) -> str:
+    pt, ort = d["speed"].get(key), d.get("speed_onnxruntime", {}).get(key)
+    return f"{pt['speedup']:.2f}×" + (f" / {ort['speedup']:.2f}×" if ort else "")
+
+
+def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
+                     ssl: dict[str, Any] | None, combined: dict[str, Any] | None) -> list[str]:
+    """Ranks at 95% energy with and without the force; then SSL alone / low rank alone / both."""
+    lines: list[str] = []
+    runs = [(n, d) for n, d in (("no force", plain), ("force", force)) if d]
+    if runs:
+        d0 = runs[0][1]
+        lines += ["### Force regularization and low rank: LeNet, Fashion-MNIST", "",
+                  "Ranks at 95% PCA energy (the smallest r whose eigenvalues keep 95%, `torchslim.lowrank`) of the "
+                  "dense model trained with and without the force (`ForceRegularizer`, λ_s chosen on the validation "
+                  "split), then each layer decomposed where r saves multiply-adds, and fine-tuned. Speedups: dense vs "
+                  f"decomposed, 1 thread, PyTorch / onnxruntime, median of 30 interleaved runs; {_machine(d0)}.", ""]
+        names = [r["name"] for r in d0["lowrank"]]
+        head = "| | " + " | ".join(f"{n}: {n_r['out']}×{n_r['fan_in']}" for n, n_r in
+                                   ((n, _ranks(d0)[n]) for n in names))
+        lines += [head + " | valid / test accuracy (dense) | decomposed | fine-tuned | MACs | speedup b64 | b1 |",
+                  "|---" * (len(names) + 7) + "|"]
+        for label, d in runs:
+            r, f = _ranks(d), d["recipe"]["baseline"]["force"]
+            cells = " | ".join(f"{r[n]['rank']}" + ("" if r[n]["decomposed"] else " (kept)") for n in names)
+            what = label if label == "no force" else f"force {f['kind']}, λ_s {f['strength']:g}"
+            acc, valid = d["accuracy"], d.get("valid_accuracy") or {}
+            lines.append(f"| {what} | {cells} | {valid.get('baseline', float('nan')):.2%} / {acc['baseline']:.2%} "
+                         f"| {acc['compact']:.2%} | {acc['finetune']:.2%} | {d['flop_reduction']:.2f}× fewer "
+                         f"| {_speed(d, 'threads1_batch64')} | {_speed(d, 'threads1_batch1')} |")
+        if plain and force:
+            rp, rf = _ranks(plain), _ranks(force)
+            ratio = sum(rp[n]["rank"] for n in names) / max(1, sum(rf[n]["rank"] for n in names))
+            lines += ["", f"Summed ranks: {sum(rp[n]['rank'] for n in names)} without the force, "
+                      f"{sum(rf[n]['rank'] for n in names)} with it ({ratio:.2f}× lower); per layer "
+                      + ", ".join(f"{n} {rp[n]['rank'] / max(1, rf[n]['rank']):.2f}×" for n in names) + "."]
+        lines.append("")
+    both = [(n, d) for n, d in (("SSL alone", ssl), ("force + low rank alone", force),
+                                ("force + SSL + low rank", combined)) if d]
+    if combined and len(both) > 1:
+        lines += ["### SSL, low rank, and both: LeNet, Fashion-MNIST", "",
+                  "Each row is a full recipe run (`benchmarks/ssl_recipe.py --recipe …`): test accuracy of its dense "
+                  "baseline and of the final model, multiply-adds and parameters of the final model.", "",
+                  "| method | recipe | dense | final | Δ pts | MACs / sample | fewer MACs | parameters | "
+                  "speedup b64 (PyTorch / ORT) |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, d in both:
+            acc = d["accuracy"]
+            lines.append(f"| {label} | `{d['recipe']['name']}` | {acc['baseline']:.2%} | {acc['finetune']:.2%} "
+                         f"| {(acc['finetune'] - acc['baseline']) * 100:+.2f} | {d['macs']['compact']:,} "
+                         f"| {d['flop_reduction']:.1f}× | {d['params']['compact']:,} | {_speed(d, 'threads1_batch64')} |")
+        lines.append("")
+    return lines
+
+
+def iss_lm_section(d: dict[str, Any]) -> list[str]:
+    """Perplexity, widths, direct design and speed of ISS on the word LM."""
+    p, v, dd, w = d["perplexity"], d.get("valid_perplexity", {}), d["direct_design"], d["widths"]
+    k = d["recipe"]["model"]["kwargs"]
+    lines = [f"### ISS on a word-level LSTM language model: `{d['recipe']['name']}`", "",
+             f"The King James Bible (10k words + `<unk>` + `<eos>`, split by books), a 2-layer LSTM, hidden = "
+             f"embedding = {k['hidden_size']}, tied decoder, dropout {k['dropout']}, BPTT {d['recipe']['data']['bptt']}; "
+             f"perplexity on the test books (λ chosen on the validation books); {_machine(d)}.", "",
+             "| | dense | ISS (sparse) | compact | compact + fine-tuned | direct design |", "|---|---|---|---|---|---|",
+             f"| hidden sizes | {', '.join(map(str, w['dense']))} | | {', '.join(map(str, w['compact']))} "
+             f"| {', '.join(map(str, w['compact']))} | {', '.join(map(str, dd['widths']))} |",
+             f"| test perplexity | {p['baseline']:.2f} | {p['ssl']:.2f} | {p['compact']:.2f} | {p['finetune']:.2f} "
+             f"({(p['finetune'] / p['baseline'] - 1) * 100:+.1f}%) | {dd['perplexity']:.2f} "
+             f"({(dd['perplexity'] / p['baseline'] - 1) * 100:+.1f}%) |"]
+    if v:
+        lines.append(f"| validation perplexity | {v['baseline']:.2f} | {v['ssl']:.2f} | {v['compact']:.2f} "
+                     f"| {v['finetune']:.2f} | {dd['valid_perplexity']:.2f} |")
+    lines += [f"| parameters | {d['params']['dense']:,} | | {d['params']['compact']:,} | | |",
+              f"| LSTM multiply-adds / token | {d['lstm_macs']['dense']:,} | | {d['lstm_macs']['compact']:,} "
+              f"({d['lstm_flop_reduction']:.2f}× fewer) | | |",
+              f"| all multiply-adds / token | {d['macs']['dense'] // 35:,} | | {d['macs']['compact'] // 35:,} "
+              f"({d['flop_reduction']:.2f}× fewer) | | |", "",
+              f"The direct design trains the compact widths from scratch for {dd['epochs']} epochs, the dense "
+              "baseline's schedule.", "",
+              "CPU latency on (35, B) token blocks, median of 30 interleaved runs; *LSTM* is the embedding and "
+              "the LSTM layers without the 10k-word decoder, which ISS does not shrink:", "",
+              "| threads | batch | dense ms | compact ms | speedup | LSTM dense ms | LSTM compact ms | LSTM speedup |",
+              "|---|---|---|---|---|---|---|---|"]
+    for key, s in d["speed"].items():
+        t, b = re.match(r"threads(\d+)_batch(\d+)", key).groups()
+        lines.append(f"| {t} | {b} | {s['dense']['median_ms']:.2f} | {s['compact']['median_ms']:.2f} "
+                     f"| {s['speedup']:.2f}× | {s['lstm_dense']['median_ms']:.2f} | {s['lstm_compact']['median_ms']:.2f} "
+                     f"| {s['lstm_speedup']:.2f}× |")
+    if d.get("history_plot"):
+        lines += ["", f"![ISS units alive per epoch](benchmarks/results/{d['history_plot']})"]
+    return lines + [""]
+
+
+def iss_alternatives_section(d: dict[str, Any]) -> list[str]:
+    """ISS vs its alternatives (rows only, columns only, element-wise L1) on the row LSTM."""
+    s = d["setup"]
+    names = {"hidden": "ISS (`hidden`)", "hidden_row": "rows only", "hidden_col": "columns only", "l1": "element-wise L1"}
+    lines = ["### ISS vs rows-only, columns-only and element-wise L1 (row LSTM)", "",
+             f"{s['model']}, {s['train_images']:,} training and {s['test_images']:,} test images; {s['baseline_epochs']} "
+             f"dense epochs ({d['dense']['test_acc']:.2%}), then {s['ssl_epochs']} epochs with each regularizer "
+             f"(proximal, λ_g = λ·√|g|), no fine-tuning, one seed, test split (a comparison, not a tuned result); "
+             f"{_machine(d)}. Each cell: test accuracy / LSTM weights that are zero / hidden size after `compact()` "
+             f"(of {d['dense']['hidden_size']}).", "",
+             "| λ | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 1) + "|"]
+    points = {(p["kind"], p["lam"]): p for p in d["points"]}
+    for lam in s["lams"]:
+        cells = []
+        for kind in names:
+            p = points.get((kind, lam))
+            cells.append(f"{p['test_acc']:.2%} / {p['zero_fraction_lstm']:.0%} / {p['hidden_size_compact']}" if p else "")
+        lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
+    control = points.get(("none", 0.0)) or next((p for p in d["points"] if p["kind"] == "none"), None)
+    if control:
+        lines += ["", f"The same epochs without a regularizer: {control['test_acc']:.2%}. Element-wise L1 zeroes most "
+                  "weights but leaves whole units in place, so `compact()` can cut little; ISS removes units."]
+    return lines + [""]

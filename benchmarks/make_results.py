@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from terngrad_report import terngrad_sections
-from wen_report import iss_alternatives_section, iss_lm_section, lowrank_sections
+from wen_report import iss_alternatives_section, iss_lm_section, lowrank_sections, readme_rows
 from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
@@ -182,6 +182,7 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
                      if so else "")
         rows.append(f"| {what} | {acc['baseline']:.2%} → {acc['finetune']:.2%} | {red} | "
                     f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}×{ort_speed} |")
+    rows += readme_rows(_load("ssl_lenet_force_lowrank"), _load("ssl_lenet_ssl_force_lowrank"), _load("iss_kjv_lm_iss"))
     rows += _terngrad_rows(_load("terngrad_wire"), _load("terngrad_speed"), _load("terngrad_convergence"))
     if overhead:
         share = overhead["overhead"]["prox_alone"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections"]
+__all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections", "readme_rows"]
 
 
 def _machine(d: dict[str, Any]) -> str:
@@ -134,3 +134,22 @@ def iss_alternatives_section(d: dict[str, Any]) -> list[str]:
         lines += ["", f"The same epochs without a regularizer: {control['test_acc']:.2%}. Element-wise L1 zeroes most "
                   "weights but leaves whole units in place, so `compact()` can cut little; ISS removes units."]
     return lines + [""]
+
+
+def readme_rows(force: dict[str, Any] | None, combined: dict[str, Any] | None, lm: dict[str, Any] | None) -> list[str]:
+    """README results rows: force + low rank and force + SSL + low rank on LeNet, ISS on the word LM."""
+    rows = []
+    for d, what in ((force, "LeNet, Fashion-MNIST, force + low rank"), (combined, "LeNet, force + SSL + low rank")):
+        if d:
+            acc, sp, so = d["accuracy"], d["speed"], d.get("speed_onnxruntime", {})
+            ort = f"; {so['threads1_batch64']['speedup']:.2f}× / {so['threads1_batch1']['speedup']:.2f}×" if so else ""
+            rows.append(f"| {what} | {acc['baseline']:.2%} → {acc['finetune']:.2%} | {d['flop_reduction']:.1f}× fewer "
+                        f"FLOPs overall | {sp['threads1_batch64']['speedup']:.2f}× / "
+                        f"{sp['threads1_batch1']['speedup']:.2f}×{ort} |")
+    if lm:
+        p, w, s = lm["perplexity"], lm["widths"], lm["speed"]["threads1_batch20"]
+        rows.append(f"| Word LSTM LM, King James Bible, ISS | perplexity {p['baseline']:.1f} → {p['finetune']:.1f} "
+                    f"| hidden {'/'.join(map(str, w['dense']))} → {'/'.join(map(str, w['compact']))}, "
+                    f"{lm['lstm_flop_reduction']:.1f}× fewer LSTM FLOPs | LSTM {s['lstm_speedup']:.2f}×, whole model "
+                    f"{s['speedup']:.2f}× (batch 20, seq 35) |")
+    return rows

@@ -195,8 +195,8 @@ def side_families(families: Sequence[Family], kinds: Sequence[str]) -> list[Fami
     is what reads it (role ``"in"``: column ``k`` of its own ``weight_hh`` and of every consumer, the
     next layer's ``weight_ih`` or the decoder). Either side at zero makes the unit removable, as
     compaction's rule for the whole unit already says: zero consumers leave it unread, and zero gate
-    rows leave its gates constant and its state at 0 from a zero start (not with an explicit initial
-    state: ``zero_preserving`` is False then, and only ``hidden_col`` zeros are removable).
+    rows leave its gates constant and its state at 0 from a zero start (an RNN given an explicit initial
+    state has no hidden groups at all).
     """
     out = []
     for fam in families:

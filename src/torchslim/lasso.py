@@ -55,7 +55,25 @@ def _check_multipliers(families: Sequence[Family], multipliers: Mapping[str, flo
             )
 
 
-class GroupLasso:
+class _Regularizer:
+    """What GroupLasso and L1 share: the mode decides between the proximal step and penalty + threshold."""
+
+    mode: Mode
+
+    @property
+    def uses_penalty(self) -> bool:
+        """True when :meth:`penalty` belongs in the loss (subgradient mode)."""
+        return self.mode == "subgradient"
+
+    def step_(self, lr: float) -> None:
+        """Call right after ``optimizer.step()``: prox in prox mode, thresholding otherwise."""
+        if self.mode == "prox":
+            self.prox_(lr)
+        else:
+            self.threshold_()
+
+
+class GroupLasso(_Regularizer):
     """λ·Σ_g ||w_g||₂ over the given groups, with the square root (SSL's ``R_g``).
 
     Two ways to optimize it:
@@ -118,11 +136,6 @@ class GroupLasso:
             if lam > 0:
                 self.blocks.append(_Block(fam, members, torch.full((len(members),), lam)))
 
-    @property
-    def uses_penalty(self) -> bool:
-        """True when :meth:`penalty` belongs in the loss (subgradient mode)."""
-        return self.mode == "subgradient"
-
     def _norms(self, block: _Block) -> Tensor:
         """``||w_g||`` of the block's groups, ``(G_f,)``; gradient ``w/||w||`` and 0 at 0."""
         sq = block.family.row_sq()[block.members.to(self._device(block))]
@@ -174,20 +187,13 @@ class GroupLasso:
                     seen.add(id(p))
                     p.masked_fill_(p.abs() < self.threshold, 0.0)
 
-    def step_(self, lr: float) -> None:
-        """Call right after ``optimizer.step()``: prox in prox mode, thresholding otherwise."""
-        if self.mode == "prox":
-            self.prox_(lr)
-        else:
-            self.threshold_()
-
     def zero_fraction(self) -> dict[str, float]:
         """Fraction of all-zero groups per regularized kind."""
         groups = [Group(b.family, int(k)) for b in self.blocks for k in b.members]
         return {kind: zero / total for kind, (zero, total) in zero_counts(groups).items()}
 
 
-class L1:
+class L1(_Regularizer):
     """Element-wise ℓ1, ``λ·Σ_w |w|``: the unstructured baseline the ISS paper compares with (its ``l1.json``).
 
     The same interface as :class:`GroupLasso` (``penalty``, ``prox_``, ``threshold_``, ``step_``,
@@ -254,11 +260,6 @@ class L1:
             if strength * factor > 0:
                 self.params.append((name, p, float(strength) * factor))
 
-    @property
-    def uses_penalty(self) -> bool:
-        """True when :meth:`penalty` belongs in the loss (subgradient mode)."""
-        return self.mode == "subgradient"
-
     def penalty(self) -> Tensor:
         """``Σ_p λ_p Σ |w|``, a differentiable 0-d tensor (gradient ``λ·sign(w)``, 0 at 0)."""
         total = torch.zeros(())
@@ -277,13 +278,6 @@ class L1:
         """Zero every regularized weight with ``|w| < threshold``."""
         for _, p, _ in self.params:
             p.masked_fill_(p.abs() < self.threshold, 0.0)
-
-    def step_(self, lr: float) -> None:
-        """Call right after ``optimizer.step()``: prox in prox mode, thresholding otherwise."""
-        if self.mode == "prox":
-            self.prox_(lr)
-        else:
-            self.threshold_()
 
     @torch.no_grad()
     def zero_fraction(self) -> dict[str, float]:

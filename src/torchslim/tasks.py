@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim.data import batches, batchify, load_corpus, load_dataset
-from torchslim.data.text import _LOADERS as _TEXT_LOADERS
+from torchslim.data.text import CORPORA
 from torchslim.errors import ConfigError
 from torchslim.force import ForceRegularizer
 from torchslim.lasso import GroupLasso
@@ -51,7 +51,7 @@ class Task(Protocol):
 
 def is_text(recipe: Recipe) -> bool:
     """Whether the recipe's data is a word corpus (``"kjv"``, ``"ptb"``)."""
-    return recipe.data.name in _TEXT_LOADERS
+    return recipe.data.name in CORPORA
 
 
 def random_inputs(recipe: Recipe, batch: int = 2) -> Tensor:
@@ -62,7 +62,7 @@ def random_inputs(recipe: Recipe, batch: int = 2) -> Tensor:
         return torch.randint(0, vocab, (recipe.data.bptt, batch), generator=gen)
     shape = _IMAGE_SHAPES.get(recipe.data.name)
     if shape is None:
-        known = sorted([*_IMAGE_SHAPES, *_TEXT_LOADERS])
+        known = sorted([*_IMAGE_SHAPES, *CORPORA])
         raise ConfigError(f"no input shape known for dataset '{recipe.data.name}'; known: {known}")
     return torch.randn(batch, *shape, generator=gen)
 

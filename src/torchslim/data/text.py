@@ -393,3 +393,4 @@ def _decode(raw: bytes, source: str) -> str:
 
 
 _LOADERS = {"kjv": _load_kjv, "ptb": _load_ptb}
+CORPORA: tuple[str, ...] = tuple(_LOADERS)  # the names load_corpus takes

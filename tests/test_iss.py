@@ -235,3 +235,17 @@ def test_a_state_that_is_none_is_a_zero_start(explicit_none):
     small = compact(model, x)
     assert small.rnn.hidden_size == 3
     assert verify(model, small, x).ok and verify(model, small, torch.randn(2, 9, 4)).ok
+
+
+def test_per_layer_row_lstm_compacts_each_layer_to_its_own_width():
+    from torchslim.models import create_model
+
+    model = create_model("rowlstm", hidden_size=10, per_layer=True).eval()
+    x = torch.randn(3, 1, 28, 28)
+    groups = {g.name: g for g in structures(model, x, kinds=("hidden",), strict=True)}
+    for k in (1, 4, 6):
+        groups[f"layers.0.l0:hidden[{k}]"].zero_()
+    groups["layers.1.l0:hidden[2]"].zero_()
+    small = compact(model, x)
+    assert [layer.hidden_size for layer in small.layers] == [7, 9] and small.fc.in_features == 9
+    assert verify(model, small, x).ok

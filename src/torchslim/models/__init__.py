@@ -129,11 +129,11 @@ from torchslim.models import fc as _fc  # noqa: E402,F401  registers "fcnet" (it
 
 @register_model("rowlstm")
 def rowlstm(num_classes: int = 10, input_size: int = 28, hidden_size: int = 128, num_layers: int = 2,
-            dropout: float = 0.0) -> nn.Module:
-    """An LSTM over image rows (sequential Fashion-MNIST), for ISS."""
+            dropout: float = 0.0, per_layer: bool = False) -> nn.Module:
+    """An LSTM over image rows (sequential Fashion-MNIST), for ISS (``per_layer``: one nn.LSTM per layer)."""
     from torchslim.models.rnn import RowLSTM
 
-    return RowLSTM(num_classes, input_size, hidden_size, num_layers, dropout)
+    return RowLSTM(num_classes, input_size, hidden_size, num_layers, dropout, per_layer)
 
 
 @register_model("wordlm")

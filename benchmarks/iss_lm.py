@@ -76,7 +76,7 @@ def main() -> None:
                 **lat, "speedup": lat["dense"]["median_ms"] / lat["compact"]["median_ms"],
                 "lstm_dense": stack["dense"], "lstm_compact": stack["compact"],
                 "lstm_speedup": stack["dense"]["median_ms"] / stack["compact"]["median_ms"]}
-    x = result.example[:, :1]
+    x = result.example[:, :1]  # (35, 1): profile's batch dim 0 makes every count per token
     p_dense, p_small = profile(dense, x, latency=False), profile(small, x, latency=False)
     lstm_macs = {name: sum(layer.macs for layer in p.layers if layer.type == "LSTM")
                  for name, p in (("dense", p_dense), ("compact", p_small))}

@@ -78,3 +78,22 @@ def write(name: str, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def recipe_run(default: str, description: str | None = None):
+    """``--recipe NAME [--resume]`` from the command line, trained in ``<repo>/runs/<name>``:
+    ``(recipe, result, resume)``."""
+    import argparse
+
+    from torchslim.engine import run
+    from torchslim.recipes import load_recipe
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--recipe", default=default)
+    ap.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    recipe = load_recipe(args.recipe)
+    result = run(recipe, run_dir=Path(__file__).resolve().parent.parent / "runs" / recipe.name,
+                 resume=args.resume, progress=False)
+    return recipe, result, args.resume

@@ -12,18 +12,17 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from _common import interleaved_latency, write
+from _common import interleaved_latency, recipe_run, write
 from torchslim.engine import run
 from torchslim.plots import plot_history
 from torchslim.profile import profile
-from torchslim.recipes import load_recipe
+from torchslim.recipes import apply_overrides, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -52,19 +51,13 @@ def _ppl(result, key: str, valid: bool = False) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default="kjv_lm_iss")
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    recipe = load_recipe(args.recipe)
-    result = run(recipe, run_dir=ROOT / "runs" / recipe.name, resume=args.resume, progress=False)
+    recipe, result, resume = recipe_run("kjv_lm_iss")
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     widths = _widths(small)
 
-    direct_recipe = load_recipe(args.recipe, overrides=[
-        f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0"])
-    direct = run(direct_recipe, run_dir=ROOT / "runs" / direct_recipe.name, resume=args.resume, progress=False)
+    direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
+        f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0"]))
+    direct = run(direct_recipe, run_dir=ROOT / "runs" / direct_recipe.name, resume=resume, progress=False)
 
     speed = {}
     for threads in (1, 2):

@@ -12,19 +12,13 @@ in onnxruntime.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
-from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, write
+from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, recipe_run, write
 from torchslim import compact
-from torchslim.engine import run
 from torchslim.plots import plot_history
 from torchslim.profile import profile
-from torchslim.recipes import load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent  # run folders in <repo>/runs, wherever this is started from
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -32,13 +26,7 @@ def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default="lenet_ssl_full")
-    ap.add_argument("--resume", action="store_true")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    recipe = load_recipe(args.recipe)
-    result = run(recipe, run_dir=ROOT / "runs" / recipe.name, resume=args.resume, progress=False)
+    recipe, result, _ = recipe_run("lenet_ssl_full")
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     x1 = result.example[:1]
     lowered = compact(result.sparse_model, result.example, shapes="lowered")

@@ -73,11 +73,4 @@ class WordLM(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``tokens (T, B)`` → ``logits (T, B, V)`` from a zero state."""
-        x = self.drop(self.encoder(tokens))
-        if hasattr(self, "lstm"):
-            out, _ = self.lstm(x)
-        else:
-            for i, layer in enumerate(self.layers):
-                x, _ = layer(x if i == 0 else self.drop(x))
-            out = x
-        return self.decoder(self.drop(out))
+        return self.step(tokens)[0]

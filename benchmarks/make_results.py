@@ -45,6 +45,10 @@ def ssl_section(d: dict, title: str) -> list[str]:
     if d["conv_macs"]["dense"]:
         lines.append(f"| conv multiply-adds / sample | {d['conv_macs']['dense']:,} | | {d['conv_macs']['compact']:,} "
                      f"({d['conv_flop_reduction']:.1f}× fewer) |")
+    if (branches := d.get("branches") or {}).get("total"):
+        lines.append(f"| residual branches (depth groups) | {branches['total']} | | "
+                     f"{branches['total'] - branches['removed']} ({branches['removed']} removed, "
+                     f"{2 * branches['removed']} conv layers fewer) |")
     lines += ["", "| layer | filters / neurons | input channels | shape fibers | multiply-adds kept |",
               "|---|---|---|---|---|"]
     for s in d["layers"]:
@@ -201,6 +205,8 @@ def main() -> None:
         out += ssl_section(mlp, "SSL on the MLP 784–500–300–10, Fashion-MNIST (neurons)")
     if rowlstm:
         out += ssl_section(rowlstm, "ISS on a 2-layer LSTM, sequential Fashion-MNIST (hidden units)")
+    if (depth := _load("ssl_resnet20_depth")) is not None:
+        out += ssl_section(depth, "Depth-wise SSL on ResNet-20, Fashion-MNIST (residual branches)")
     if (lm := _load("iss_kjv_lm_iss")) is not None:
         out += iss_lm_section(lm)
     if (alt := _load("iss_alternatives")) is not None:

@@ -26,6 +26,12 @@ STEPS = [
     ["make_results.py"],
 ]
 
-for step in STEPS:
-    print("==>", " ".join(step), flush=True)
-    subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=HERE.parent)
+
+def main() -> None:
+    for step in STEPS:
+        print("==>", " ".join(step), flush=True)
+        subprocess.run([sys.executable, str(HERE / step[0]), *step[1:]], check=True, cwd=HERE.parent)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 
 from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, recipe_run, write
-from torchslim import compact
+from torchslim import compact, structures
 from torchslim.plots import plot_history
 from torchslim.profile import profile
-
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -42,6 +41,7 @@ def main() -> None:
             onnx = interleaved_onnx_latency({"dense": dense, "compact": small}, x, threads=threads)
             speed_onnx[f"threads{threads}_batch{batch}"] = {
                 **onnx, "speedup": onnx["dense"]["median_ms"] / onnx["compact"]["median_ms"]}
+    branches = structures(result.sparse_model, result.example, kinds=("depth",))  # residual branches (SSL depth)
     layers = [{"name": s.name, "filters": [s.filters_alive, s.filters_total],
                "channels": [s.channels_alive, s.channels_total], "shape": [s.shape_alive, s.shape_total],
                "macs_kept": s.macs_sparse / s.macs_dense} for s in result.report.layers]
@@ -61,6 +61,7 @@ def main() -> None:
         "speed_onnxruntime": speed_onnx,
         "valid_accuracy": result.valid_accuracy,
         "lowrank": result.lowrank,
+        "branches": {"total": len(branches), "removed": sum(not bool(g.norm()) for g in branches)},
         "train_seconds": result.seconds,
     }
     write(f"ssl_{recipe.name}", data)

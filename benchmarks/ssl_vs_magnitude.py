@@ -24,18 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from _common import write
 from torchslim import magnitude_prune
-from torchslim.data import batches
-from torchslim.engine import PHASES, _load_data, evaluate, load_phase_model, lr_at, train_epoch
+from torchslim.engine import PHASES, load_phase_model, lr_at
 from torchslim.profile import profile
 from torchslim.recipes import Recipe, apply_overrides, recipe_from_dict
 from torchslim.serialize import load_compact
-
-_Pair = tuple[Tensor, Tensor]
-
+from torchslim.tasks import ImageTask, load_task
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
     """The recipe cut to a few hundred images and one fine-tuning epoch (a check that the script runs)."""
@@ -45,45 +42,50 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     return recipe_from_dict(apply_overrides(recipe.to_dict(), limits), source=f"{recipe.name} (smoke)")
 
 
-def _layer(model: nn.Module, name: str) -> nn.Module:
-    """The layer ``name``; a conv that compaction cropped asymmetrically is ``Sequential(pad, conv)``."""
-    layer = model.get_submodule(name)
+def _layer(model: nn.Module, name: str) -> nn.Module | None:
+    """The layer ``name``, or None where depth removal took its block away; a conv that compaction
+    cropped asymmetrically is ``Sequential(pad, conv)``."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return None
     return layer[-1] if isinstance(layer, nn.Sequential) else layer
 
 
 def width(model: nn.Module, name: str) -> int:
-    """Output channels/features of layer ``name`` (``weight: (N, ...)`` for Conv2d, Linear, LoweredConv2d)."""
-    return int(_layer(model, name).weight.shape[0])
+    """Output channels/features of layer ``name`` (``weight: (N, ...)``); 0 for a removed layer."""
+    layer = _layer(model, name)
+    return 0 if layer is None else int(layer.weight.shape[0])
 
 
 def kernel(model: nn.Module, name: str) -> list[int] | None:
-    """The kernel of a conv after SSL's cropping; None for a Linear or a lowered conv."""
+    """The kernel of a conv after SSL's cropping; None for a Linear, a lowered or a removed conv."""
     layer = _layer(model, name)
     return list(layer.kernel_size) if isinstance(layer, nn.Conv2d) else None
 
 
-def accuracies(model: nn.Module, recipe: Recipe, test: _Pair, valid: _Pair | None) -> tuple[float, float | None]:
+def accuracies(model: nn.Module, task: ImageTask) -> tuple[float, float | None]:
     """``(test accuracy, validation accuracy or None)``."""
-    _, test_acc = evaluate(model, *test, batch_size=recipe.eval_batch_size)
-    valid_acc = evaluate(model, *valid, batch_size=recipe.eval_batch_size)[1] if valid is not None else None
-    return test_acc, valid_acc
+    test_acc = task.evaluate(model, "test")[1]
+    return test_acc, task.evaluate(model, "valid")[1] if task.has_valid else None
 
 
-def finetune(model: nn.Module, recipe: Recipe, train: _Pair, test: _Pair, valid: _Pair | None) -> list[dict[str, Any]]:
-    """The engine's finetune phase on ``model`` (no Lasso; nothing zero left to mask); per-epoch history."""
+def finetune(model: nn.Module, recipe: Recipe, task: ImageTask) -> list[dict[str, Any]]:
+    """The engine's finetune phase on ``model`` (its batches, learning rates and seeds; no Lasso, nothing
+    zero left to mask); per-epoch history."""
     spec = recipe.finetune
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
                                 weight_decay=spec.weight_decay)
-    steps = math.ceil(len(train[1]) / recipe.batch_size)
+    steps = task.steps_per_epoch()
     history = []
     for epoch in range(spec.epochs):
-        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + PHASES.index("finetune") * 10_007 + epoch)
         start = time.perf_counter()
-        loss, train_acc = train_epoch(
-            model, optimizer, batches(*train, recipe.batch_size, shuffle=True, generator=gen),
-            lr=lambda i, e=epoch: lr_at(spec, e * steps + i, spec.epochs * steps), steps=steps, progress=False,
+        loss, train_acc = task.train_epoch(
+            model, optimizer, lr=lambda i, e=epoch: lr_at(spec, e * steps + i, spec.epochs * steps),
+            seed=recipe.seed * 1_000_003 + PHASES.index("finetune") * 10_007 + epoch, lasso=None, mask=None,
+            grad_clip=spec.grad_clip, force=None, desc=f"fine-tune {epoch + 1}/{spec.epochs}", progress=False,
         )
-        test_acc, valid_acc = accuracies(model, recipe, test, valid)
+        test_acc, valid_acc = accuracies(model, task)
         history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": train_acc, "test_acc": test_acc,
                         "valid_acc": valid_acc, "seconds": time.perf_counter() - start})
         valid_text = f", valid {valid_acc:.2%}" if valid_acc is not None else ""
@@ -99,17 +101,17 @@ def compare(
     done_valid = done.get("valid_accuracy") or {}
     dense, _ = load_phase_model(run_dir / "baseline.pt")
     ssl = load_compact(run_dir / "compact.pt")
-    train, valid, test = _load_data(recipe, data_dir)
-    example = test[0][:16]  # as the engine's: MACs are per sample, so any batch gives the same count
+    task = load_task(recipe, data_dir)
+    example = task.example  # as the engine's: MACs are per sample, so any batch gives the same count
     p_dense, p_ssl = profile(dense, example, latency=False), profile(ssl, example, latency=False)
     started = time.perf_counter()
     pruned = magnitude_prune(dense.eval(), example, target_macs=p_ssl.macs, kinds=kinds, scope=scope)
     prune_seconds = time.perf_counter() - started
     p_mag = profile(pruned, example, latency=False)
-    before = accuracies(pruned, recipe, test, valid)
-    history = finetune(pruned, recipe, train, test, valid)
+    before = accuracies(pruned, task)
+    history = finetune(pruned, recipe, task)
     after = (history[-1]["test_acc"], history[-1]["valid_acc"]) if history else before
-    here = {"dense": accuracies(dense, recipe, test, valid), "ssl": accuracies(ssl, recipe, test, valid)}
+    here = {"dense": accuracies(dense, task), "ssl": accuracies(ssl, task)}
     names = [n for n, m in dense.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return {
         "recipe": recipe.to_dict(), "run_dir": str(run_dir), "run_finished": done.get("finished"),
@@ -118,7 +120,7 @@ def compare(
                      "ssl": done["accuracy"]["finetune"], "magnitude_pruned": before[0], "magnitude": after[0]},
         "valid_accuracy": {"dense": done_valid.get("baseline"), "ssl_compact": done_valid.get("compact"),
                            "ssl": done_valid.get("finetune"),
-                           "magnitude_pruned": before[1], "magnitude": after[1]} if valid is not None else {},
+                           "magnitude_pruned": before[1], "magnitude": after[1]} if task.has_valid else {},
         "accuracy_here": {k: {"test": t, "valid": v} for k, (t, v) in here.items()},  # same data as magnitude
         "macs": {"dense": p_dense.macs, "ssl": p_ssl.macs, "magnitude": p_mag.macs},
         "params": {"dense": p_dense.params, "ssl": p_ssl.params, "magnitude": p_mag.params},

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections", "readme_rows"]
+__all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections", "rank_table_section", "readme_rows"]
 
 
 def _machine(d: dict[str, Any]) -> str:
@@ -76,6 +76,36 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
                          f"| {d['flop_reduction']:.1f}× | {d['params']['compact']:,} | {_speed(d, 'threads1_batch64')} |")
         lines.append("")
     return lines
+
+
+def rank_table_section(plain: dict[str, Any] | None, force: dict[str, Any] | None, title: str) -> list[str]:
+    """Ranks at 95% energy per layer, without and with the force (one row per layer: for deep models)."""
+    if not (plain and force):
+        return []
+    rp, rf = _ranks(plain), _ranks(force)
+    names = [r["name"] for r in plain["lowrank"] if r["rank"] is not None and r["name"] in rf]
+    f = force["recipe"]["baseline"]["force"]
+    lines = [f"### {title}", "",
+             "Ranks at 95% PCA energy (`torchslim.lowrank`) of the dense model trained without and with the force "
+             f"(`ForceRegularizer`, {f['kind']}, λ_s {f['strength']:g}, per-layer multipliers "
+             f"{f['multipliers']}), then each layer decomposed where r saves multiply-adds, and fine-tuned "
+             f"{force['recipe']['finetune']['epochs']} epochs. Speedups: dense vs decomposed, 1 thread, PyTorch / "
+             f"onnxruntime, median of 30 interleaved runs; {_machine(force)}.", "",
+             "| layer | N × d | rank, no force | rank, force | lower |", "|---|---|---|---|---|"]
+    for n in names:
+        a, b = rp[n], rf[n]
+        kept = lambda r: f"{r['rank']}" + ("" if r["decomposed"] else " (kept)")
+        lines.append(f"| {n} | {a['out']} × {a['fan_in']} | {kept(a)} | {kept(b)} | {a['rank'] / max(1, b['rank']):.2f}× |")
+    total_p, total_f = sum(rp[n]["rank"] for n in names), sum(rf[n]["rank"] for n in names)
+    lines += [f"| **sum** | | {total_p} | {total_f} | {total_p / max(1, total_f):.2f}× |", "",
+              "| | valid / test accuracy, dense | decomposed | fine-tuned | fewer MACs | speedup b64 | b1 |",
+              "|---|---|---|---|---|---|---|"]
+    for label, d in (("no force", plain), ("force", force)):
+        acc, valid = d["accuracy"], d.get("valid_accuracy") or {}
+        lines.append(f"| {label} | {valid.get('baseline', float('nan')):.2%} / {acc['baseline']:.2%} "
+                     f"| {acc['compact']:.2%} | {acc['finetune']:.2%} | {d['flop_reduction']:.2f}× "
+                     f"| {_speed(d, 'threads1_batch64')} | {_speed(d, 'threads1_batch1')} |")
+    return lines + [""]
 
 
 def iss_lm_section(d: dict[str, Any]) -> list[str]:

@@ -102,6 +102,7 @@ def test_unknown_key_names_it_and_suggests(override, words):
     ("baseline.force.strength=-1", ["baseline.force.strength", ">= 0"]),
     ("lowrank.energy=1.5", ["lowrank.energy", "[0.0, 1.0"]),
     ("lowrank.method=qr", ["lowrank.method", "pca", "svd"]),
+    ("lowrank.lasso=1e-3", ["lowrank.lasso", "lowrank.energy"]),
     ("data.bptt=0", ["data.bptt", ">= 1"]),
 ])
 def test_bad_values_name_the_key_and_the_valid_options(override, words):

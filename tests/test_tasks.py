@@ -90,3 +90,22 @@ def test_engine_force_then_lowrank_decomposes_and_fine_tunes(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["lowrank"] == result.lowrank and "finetune" in saved["accuracy"]
     assert isinstance(load_compact(tmp_path / "compact.pt").fc1, LowRank)
+
+
+@needs_fashion_mnist
+def test_engine_rank_lasso_while_fine_tuning_cuts_zero_ranks(tmp_path):
+    recipe = load_recipe("lenet_lowrank", overrides=[
+        "data.train_limit=512", "data.test_limit=256", "data.valid_size=128", "eval_batch_size=256",
+        "baseline.epochs=1", "baseline.lr=0.05", "finetune.epochs=1", "finetune.lr=0.05",
+        "lowrank.energy=0.9", "lowrank.lasso=0.5"])
+    result = engine.run(recipe, run_dir=tmp_path, progress=False)
+    rows = [r for r in result.lowrank if r["decomposed"]]
+    assert rows and all(r["rank_final"] <= r["rank"] for r in rows)
+    assert any(r["rank_final"] < r["rank"] for r in rows)  # the Lasso zeroed some components, compact cut them
+    small = load_compact(tmp_path / "compact.pt")
+    for r in rows:
+        assert small.get_submodule(r["name"]).rank == r["rank_final"]
+    # the saved model is the one that was evaluated: cutting zero ranks is exact
+    loss, acc = load_task(recipe, None).evaluate(small, "test")
+    assert acc == pytest.approx(result.accuracy["finetune"])
+    assert result.history[-1].alive  # fine-tuning records the rank groups alive

@@ -447,6 +447,10 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
         groups = _mask_groups(run, model)
         mask = ZeroMask(groups).attach()
         log.info("fine-tuning with %d zero groups frozen", mask.num_frozen)
+        if run.recipe.lowrank.lasso:
+            groups = structures(model, run.task.example, kinds=("rank",))
+            lasso = GroupLasso(groups, {"rank": run.recipe.lowrank.lasso}, weight_by_size=True, mode="prox")
+            log.info("fine-tuning with group Lasso on %d rank groups, λ=%s", len(groups), run.recipe.lowrank.lasso)
     else:
         groups = structures(model, run.task.example, kinds=tuple(run.recipe.ssl.kinds))
         lasso = _lasso(run, groups) if phase == "ssl" else None
@@ -477,8 +481,8 @@ def _one_epoch(
         phase=phase, epoch=epoch + 1, lr=lr_at(spec, epoch * steps, spec.epochs * steps),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
         density=_nonzero(model) / run.dense_numel,
-        zero_fraction=zero_fractions(groups) if phase != "finetune" else {},
-        alive=alive_members(groups) if phase != "finetune" else {},
+        zero_fraction=zero_fractions(groups) if lasso is not None or phase != "finetune" else {},
+        alive=alive_members(groups) if lasso is not None or phase != "finetune" else {},
         seconds=time.perf_counter() - start, valid_acc=valid_acc, valid_loss=valid_loss,
     )
     run.history.append(dataclasses.asdict(record))
@@ -511,6 +515,17 @@ def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
              100 * run.accuracy["compact"])
     small.train()
     _save_checkpoint(run, "finetune", small, None)
+    return small
+
+
+def _cut_ranks(run: _Run, model: nn.Module) -> nn.Module:
+    """After fine-tuning with the rank Lasso: cut the zero rank groups; each low-rank row gains ``rank_final``."""
+    small = compact(model, run.task.example, shapes="off")
+    for row in run.lowrank:
+        if row["decomposed"]:
+            row["rank_final"] = small.get_submodule(row["name"]).rank
+    log.info("rank Lasso: ranks %s", ", ".join(f"{r['name']} {r['rank']} → {r['rank_final']}"
+                                               for r in run.lowrank if r["decomposed"]))
     return small
 
 
@@ -608,6 +623,8 @@ def _run_phases(run: _Run, model: nn.Module, resumed: str, stop_after: str | Non
             if stop_after == "compact":
                 return model, False
         run_phase(run, phase, model, resumed_phase=resumed)
+        if phase == "finetune" and run.recipe.lowrank.lasso:
+            model = _cut_ranks(run, model)
         _finish_phase(run, phase, model)
         if stop_after == phase:
             return model, False

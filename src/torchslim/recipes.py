@@ -163,10 +163,14 @@ class LowRankSpec:
     method: Literal["pca", "svd"] = "pca"  # pca: uncentered, energy by eigenvalues (the original tool's default)
     ranks: dict[str, int] = field(default_factory=dict)  # explicit r per layer (wins over energy)
     skip: list[str] = field(default_factory=list)  # layers left alone (e.g. ResNet projection shortcuts)
+    lasso: float = 0.0  # λ on each rank group (scaled by √|g|) while fine-tuning; zero ranks are cut at the end
 
     def __post_init__(self) -> None:
         if self.energy is not None:
             _check_range("lowrank.energy", self.energy, 0.0, 1.0)
+        _check_min("lowrank.lasso", self.lasso, 0.0)
+        if self.lasso and not self.enabled:
+            raise ConfigError("lowrank.lasso needs a decomposition: set lowrank.energy or lowrank.ranks")
 
     @property
     def enabled(self) -> bool:

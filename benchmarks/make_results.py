@@ -175,11 +175,14 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
     rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup, batch 64 / 1, 1 thread: "
             "PyTorch; onnxruntime |", "|---|---|---|---|"]
     for d, what in ((lenet, "LeNet, Fashion-MNIST, SSL"), (mlp, "MLP, Fashion-MNIST, SSL neurons"),
-                    (rowlstm, "LSTM, sequential Fashion-MNIST, ISS")):
+                    (rowlstm, "LSTM, sequential Fashion-MNIST, ISS"),
+                    (_load("ssl_resnet20_depth"), "ResNet-20, Fashion-MNIST, SSL depth"),
+                    (_load("ssl_resnet20_force_lowrank"), "ResNet-20, Fashion-MNIST, force + low rank")):
         if d is None:
             continue
-        acc = d["accuracy"]
-        red = f"{d['conv_flop_reduction']:.1f}× fewer conv FLOPs, " if d["conv_macs"]["dense"] else ""
+        acc, branches = d["accuracy"], d.get("branches") or {}
+        red = f"{branches['removed']} of {branches['total']} residual branches removed, " if branches.get("removed") else ""
+        red += f"{d['conv_flop_reduction']:.1f}× fewer conv FLOPs, " if d["conv_macs"]["dense"] else ""
         red += f"{d['flop_reduction']:.1f}× fewer FLOPs overall"
         sp, so = d["speed"], d.get("speed_onnxruntime")
         ort_speed = (f"; {so['threads1_batch64']['speedup']:.2f}× / {so['threads1_batch1']['speedup']:.2f}×"

@@ -477,12 +477,13 @@ def _one_epoch(
     )
     test_loss, test_acc = _record_test(run, phase, model)
     valid_loss, valid_acc = _record_valid(run, phase, model)
+    tracked = lasso is not None or phase != "finetune"  # report SSL's groups, or the rank groups under the rank Lasso
     record = EpochRecord(
         phase=phase, epoch=epoch + 1, lr=lr_at(spec, epoch * steps, spec.epochs * steps),
         train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
         density=_nonzero(model) / run.dense_numel,
-        zero_fraction=zero_fractions(groups) if lasso is not None or phase != "finetune" else {},
-        alive=alive_members(groups) if lasso is not None or phase != "finetune" else {},
+        zero_fraction=zero_fractions(groups) if tracked else {},
+        alive=alive_members(groups) if tracked else {},
         seconds=time.perf_counter() - start, valid_acc=valid_acc, valid_loss=valid_loss,
     )
     run.history.append(dataclasses.asdict(record))

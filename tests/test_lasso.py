@@ -93,3 +93,27 @@ def test_a_multiplier_that_selects_nothing_is_an_error():
         GroupLasso(groups, 0.1, multipliers={"convv1": 2.0})
     with pytest.raises(ConfigError, match="selects no group"):
         GroupLasso(groups, 0.1, multipliers={"conv1:shape": 2.0})
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_reset_momentum_keeps_a_zero_group_at_zero_while_its_gradient_is_below_lambda(reset):
+    # loss = <C, W>: a constant gradient per group with norm 0.5·λ, so w_g = 0 is the proximal fixed point.
+    # Momentum SGD builds a velocity of up to 10·C and, without the reset, pushes the group out of zero.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False), torch.nn.ReLU(), torch.nn.Linear(3, 1, bias=False))
+    groups = structures(net, torch.randn(1, 2), kinds=("neuron",))
+    lasso = GroupLasso(groups, 1.0, reset_momentum=reset)
+    c1, c2 = torch.randn(3, 2), torch.randn(1, 3)
+    scale = 0.5 / torch.cat([c1, c2.T], dim=1).norm(dim=1)  # each neuron's gradient norm = 0.5
+    c1, c2 = c1 * scale[:, None], c2 * scale[None, :]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(20):
+        opt.zero_grad()
+        ((net[0].weight * c1).sum() + (net[2].weight * c2).sum()).backward()
+        opt.step()
+        lasso.step_(0.1, opt)
+    alive = sum(bool(g.norm()) for g in groups)
+    assert alive == (0 if reset else 3)

@@ -181,7 +181,7 @@ def optimizer_step(
         force.apply_()
     optimizer.step()
     if lasso is not None:
-        lasso.step_(rate)
+        lasso.step_(rate, optimizer)
     if mask is not None:
         mask.apply_(optimizer)
 
@@ -414,7 +414,7 @@ def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
     spec = run.recipe.ssl
     lasso = GroupLasso(
         groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
-        mode=spec.mode, threshold=spec.threshold,
+        mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum,
     )
     log.info("SSL: %d groups (%s), λ=%s, mode=%s", len(groups), ", ".join(spec.kinds), spec.strength, spec.mode)
     return lasso

@@ -59,18 +59,41 @@ class _Regularizer:
     """What GroupLasso and L1 share: the mode decides between the proximal step and penalty + threshold."""
 
     mode: Mode
+    reset_momentum: bool = False
 
     @property
     def uses_penalty(self) -> bool:
         """True when :meth:`penalty` belongs in the loss (subgradient mode)."""
         return self.mode == "subgradient"
 
-    def step_(self, lr: float) -> None:
-        """Call right after ``optimizer.step()``: prox in prox mode, thresholding otherwise."""
+    def step_(self, lr: float, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call right after ``optimizer.step()``: prox in prox mode, thresholding otherwise.
+
+        With ``reset_momentum`` and the optimizer, the momentum of every regularized weight that is now
+        zero is zeroed too. Otherwise the velocity gathered before a group reached zero pushes it out
+        again on the next steps, and once the learning rate has decayed the shrink ``lr·λ`` is too small
+        to pull it back: the group ends near zero (1e-8) but not at zero, and cannot be cut. With the
+        reset, a zero group stays zero while ``||∇_g L|| ≤ λ_g``, the proximal gradient's fixed point.
+        """
         if self.mode == "prox":
             self.prox_(lr)
         else:
             self.threshold_()
+        if self.reset_momentum and optimizer is not None:
+            _reset_momentum(optimizer, self._tensors())
+
+    def _tensors(self) -> list[Tensor]:
+        """The regularized tensors, each once."""
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def _reset_momentum(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> None:
+    """Zero the momentum buffer (SGD's ``momentum_buffer``) where the weight is exactly zero."""
+    for p in tensors:
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            buf.masked_fill_(p == 0, 0.0)
 
 
 class GroupLasso(_Regularizer):
@@ -94,6 +117,8 @@ class GroupLasso(_Regularizer):
         weight_by_size: multiply λ_g by ``sqrt(|g|)``, the usual group-Lasso weighting.
         mode: ``"prox"`` or ``"subgradient"``.
         threshold: element threshold of the subgradient mode.
+        reset_momentum: zero the momentum of weights that reach zero (pass the optimizer to
+            :meth:`step_`), so zero groups stay zero; see :meth:`step_`.
 
     Example:
         >>> import torch, torchslim
@@ -112,9 +137,11 @@ class GroupLasso(_Regularizer):
         weight_by_size: bool = False,
         mode: Mode = "prox",
         threshold: float = 1e-4,
+        reset_momentum: bool = False,
     ) -> None:
         if mode not in ("prox", "subgradient"):
             raise ConfigError(f"mode must be 'prox' or 'subgradient', got {mode!r}")
+        self.reset_momentum = bool(reset_momentum)
         if isinstance(strength, Mapping):
             bad = [k for k in strength if k not in KINDS]
             if bad:
@@ -135,6 +162,14 @@ class GroupLasso(_Regularizer):
                 lam *= fam.numel_per_member() ** 0.5
             if lam > 0:
                 self.blocks.append(_Block(fam, members, torch.full((len(members),), lam)))
+
+    def _tensors(self) -> list[Tensor]:
+        out: dict[int, Tensor] = {}
+        for b in self.blocks:
+            for st in b.family.weight_stripes():
+                p = b.family.params[st.param]
+                out.setdefault(id(p), p)
+        return list(out.values())
 
     def _norms(self, block: _Block) -> Tensor:
         """``||w_g||`` of the block's groups, ``(G_f,)``; gradient ``w/||w||`` and 0 at 0."""
@@ -235,6 +270,7 @@ class L1(_Regularizer):
         multipliers: Mapping[str, float] | None = None,
         mode: Mode = "prox",
         threshold: float = 1e-4,
+        reset_momentum: bool = False,
     ) -> None:
         if mode not in ("prox", "subgradient"):
             raise ConfigError(f"mode must be 'prox' or 'subgradient', got {mode!r}")
@@ -251,6 +287,7 @@ class L1(_Regularizer):
                 raise ConfigError(f"multiplier '{key}' selects no parameter{hint}; parameters: {', '.join(named)}")
         self.mode: Mode = mode
         self.threshold = threshold
+        self.reset_momentum = bool(reset_momentum)
         self.params: list[tuple[str, Tensor, float]] = []  # (name, tensor, λ) with λ > 0
         for name, p in named.items():
             best, factor = -1, 1.0
@@ -259,6 +296,9 @@ class L1(_Regularizer):
                     best, factor = len(key), float(m)
             if strength * factor > 0:
                 self.params.append((name, p, float(strength) * factor))
+
+    def _tensors(self) -> list[Tensor]:
+        return [p for _, p, _ in self.params]
 
     def penalty(self) -> Tensor:
         """``Σ_p λ_p Σ |w|``, a differentiable 0-d tensor (gradient ``λ·sign(w)``, 0 at 0)."""

@@ -122,6 +122,7 @@ class SSLSpec(PhaseSpec):
     multipliers: dict[str, float] = field(default_factory=dict)  # per-layer λ scale, as Caffe's decay_mult
     weight_by_size: bool = True  # λ_g = λ·sqrt(|g|): the usual group-Lasso weighting
     threshold: float = 1.0e-4  # subgradient mode: |w| below this is set to 0 (Caffe's ZEROUT_THRESHOLD)
+    reset_momentum: bool = False  # zero the momentum of weights the Lasso set to 0, so zero groups stay zero
 
     def __post_init__(self) -> None:
         super().__post_init__()

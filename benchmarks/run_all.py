@@ -17,6 +17,10 @@ STEPS = [
     ["ssl_recipe.py", "--recipe", "lenet_ssl_force_lowrank"],
     ["prox_vs_subgradient.py", "--recipe", "lenet_ssl"],
     ["ssl_vs_magnitude.py", "--recipe", "lenet_ssl_full"],
+    ["ssl_recipe.py", "--recipe", "resnet20_depth"],          # ~70 min at 1 thread
+    ["ssl_vs_magnitude.py", "--recipe", "resnet20_depth"],
+    ["ssl_recipe.py", "--recipe", "resnet20_lowrank"],
+    ["ssl_recipe.py", "--recipe", "resnet20_force_lowrank"],
     ["zoo_exactness.py"],
     ["zoo_speed.py"],
     ["codec_throughput.py"],

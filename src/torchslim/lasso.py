@@ -249,6 +249,7 @@ class L1(_Regularizer):
         mode: ``"prox"`` (call :meth:`step_` after each ``optimizer.step()``; do not add :meth:`penalty`)
             or ``"subgradient"`` (add :meth:`penalty` to the loss; :meth:`step_` zeroes ``|w| < threshold``).
         threshold: element threshold of the subgradient mode.
+        reset_momentum: as :class:`GroupLasso`'s, for single weights.
 
     Example:
         >>> import torch, torchslim

@@ -61,6 +61,12 @@ class _Regularizer:
     mode: Mode
     reset_momentum: bool = False
 
+    def _set_mode(self, mode: Mode, threshold: float, reset_momentum: bool) -> None:
+        """How the regularizer is optimized: ``mode``, the subgradient ``threshold``, ``reset_momentum``."""
+        if mode not in ("prox", "subgradient"):
+            raise ConfigError(f"mode must be 'prox' or 'subgradient', got {mode!r}")
+        self.mode, self.threshold, self.reset_momentum = mode, threshold, bool(reset_momentum)
+
     @property
     def uses_penalty(self) -> bool:
         """True when :meth:`penalty` belongs in the loss (subgradient mode)."""
@@ -139,9 +145,7 @@ class GroupLasso(_Regularizer):
         threshold: float = 1e-4,
         reset_momentum: bool = False,
     ) -> None:
-        if mode not in ("prox", "subgradient"):
-            raise ConfigError(f"mode must be 'prox' or 'subgradient', got {mode!r}")
-        self.reset_momentum = bool(reset_momentum)
+        self._set_mode(mode, threshold, reset_momentum)
         if isinstance(strength, Mapping):
             bad = [k for k in strength if k not in KINDS]
             if bad:
@@ -151,8 +155,6 @@ class GroupLasso(_Regularizer):
             lam_of = {k: float(strength) for k in KINDS}
         if any(v < 0 for v in lam_of.values()):
             raise ConfigError(f"group Lasso strengths must be >= 0, got {lam_of}")
-        self.mode: Mode = mode
-        self.threshold = threshold
         self.blocks: list[_Block] = []
         buckets = families_of(list(groups))
         _check_multipliers(list(buckets), multipliers or {})
@@ -273,8 +275,7 @@ class L1(_Regularizer):
         threshold: float = 1e-4,
         reset_momentum: bool = False,
     ) -> None:
-        if mode not in ("prox", "subgradient"):
-            raise ConfigError(f"mode must be 'prox' or 'subgradient', got {mode!r}")
+        self._set_mode(mode, threshold, reset_momentum)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0:
             raise ConfigError(f"L1 strength must be a number >= 0, got {strength!r}")
         named = _named_tensors(params)
@@ -286,9 +287,6 @@ class L1(_Regularizer):
                 close = difflib.get_close_matches(key, list(named), n=1, cutoff=0.5)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"multiplier '{key}' selects no parameter{hint}; parameters: {', '.join(named)}")
-        self.mode: Mode = mode
-        self.threshold = threshold
-        self.reset_momentum = bool(reset_momentum)
         self.params: list[tuple[str, Tensor, float]] = []  # (name, tensor, λ) with λ > 0
         for name, p in named.items():
             best, factor = -1, 1.0

@@ -499,8 +499,7 @@ def _one_epoch(
 
 def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
     """Cut the zeros out; the result is checked against ``model`` and saved as ``compacted.pt``."""
-    small = compact(model, run.task.example, shapes=run.recipe.compact.shapes,
-                    channel_multiple=run.recipe.compact.channel_multiple)
+    small = _compact(run, model)
     spec = run.recipe.lowrank
     if spec.enabled:
         result = lowrank(small, run.task.example, energy=spec.energy, ranks=spec.ranks, method=spec.method,
@@ -519,9 +518,15 @@ def _compact_phase(run: _Run, model: nn.Module) -> nn.Module:
     return small
 
 
+def _compact(run: _Run, model: nn.Module) -> nn.Module:
+    """``compact()`` with the recipe's ``compact`` section."""
+    return compact(model, run.task.example, shapes=run.recipe.compact.shapes,
+                   channel_multiple=run.recipe.compact.channel_multiple)
+
+
 def _cut_ranks(run: _Run, model: nn.Module) -> nn.Module:
     """After fine-tuning with the rank Lasso: cut the zero rank groups; each low-rank row gains ``rank_final``."""
-    small = compact(model, run.task.example, shapes="off")
+    small = _compact(run, model)
     for row in run.lowrank:
         if row["decomposed"]:
             row["rank_final"] = small.get_submodule(row["name"]).rank

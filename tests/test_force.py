@@ -147,6 +147,42 @@ def test_named_modules_none_grad_and_zero_strength():
     assert reg.penalty() == 0
 
 
+def test_adaptive_force_is_a_ratio_to_the_data_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Flatten(), nn.Linear(54, 5))
+    net(torch.randn(4, 1, 5, 5)).square().sum().backward()
+    before = {n: m.weight.grad.clone() for n, m in (("0", net[0]), ("2", net[2]))}
+    reg = ForceRegularizer(net, 0.1, adaptive=True, multipliers={"2": 0.5})
+    reg.apply_()
+    for name, ratio in (("0", 0.1), ("2", 0.05)):
+        m = net.get_submodule(name)
+        applied = before[name] - m.weight.grad
+        torch.testing.assert_close(applied.norm(), ratio * before[name].norm())
+        delta = force(m.weight.detach().flatten(1)).reshape(applied.shape)  # same direction as the fixed-scale force
+        torch.testing.assert_close(applied / applied.norm(), delta / delta.norm())
+    with torch.no_grad():
+        net[2].weight.mul_(10.0)  # the fixed force grows with ||W_i||; the adaptive one does not
+    net[2].weight.grad = before["2"].clone()
+    reg.apply_()
+    torch.testing.assert_close((before["2"] - net[2].weight.grad).norm(), 0.05 * before["2"].norm())
+    with pytest.raises(ConfigError, match="apply_"):
+        reg.penalty()
+
+
+def test_adaptive_force_leaves_aligned_filters_and_zero_gradients_alone():
+    lin = nn.Linear(3, 4)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([2.0, 0.0, 0.0]).expand(4, 3))  # all filters aligned: ΔW = 0
+    lin.weight.grad = torch.randn(4, 3)
+    g = lin.weight.grad.clone()
+    ForceRegularizer(lin, 1.0, adaptive=True).apply_()
+    torch.testing.assert_close(lin.weight.grad, g)
+    lin.reset_parameters()
+    lin.weight.grad = torch.zeros(4, 3)
+    ForceRegularizer(lin, 1.0, adaptive=True).apply_()
+    assert torch.isfinite(lin.weight.grad).all() and lin.weight.grad.abs().max() == 0
+
+
 def test_bad_config_raises_with_a_close_match():
     net = nn.Sequential()
     net.add_module("conv1", nn.Conv2d(1, 4, 3))

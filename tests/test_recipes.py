@@ -100,6 +100,7 @@ def test_unknown_key_names_it_and_suggests(override, words):
     ("ssl.weight_by_size=maybe", ["ssl.weight_by_size", "true or false"]),
     ("baseline.force.kind=l3", ["baseline.force.kind", "l2", "l1"]),
     ("baseline.force.strength=-1", ["baseline.force.strength", ">= 0"]),
+    ("baseline.force.epochs=-2", ["baseline.force.epochs", ">= 0"]),
     ("lowrank.energy=1.5", ["lowrank.energy", "[0.0, 1.0"]),
     ("lowrank.method=qr", ["lowrank.method", "pca", "svd"]),
     ("lowrank.lasso=1e-3", ["lowrank.lasso", "lowrank.energy"]),

@@ -93,6 +93,24 @@ def test_engine_force_then_lowrank_decomposes_and_fine_tunes(tmp_path):
 
 
 @needs_fashion_mnist
+def test_force_epochs_stops_the_force_after_that_many_epochs(tmp_path):
+    def weights(*overrides: str) -> dict[str, torch.Tensor]:
+        recipe = load_recipe("lenet_force_lowrank", overrides=[
+            "data.train_limit=256", "data.test_limit=128", "data.valid_size=0", "eval_batch_size=128", "baseline.epochs=2",
+            "baseline.lr=0.05", "baseline.force.strength=1e-2", *overrides])
+        out = tmp_path / "_".join(overrides).replace("=", "")
+        return engine.run(recipe, run_dir=out, progress=False, stop_after="baseline").dense_model.state_dict()
+
+    plain = weights("baseline.force.strength=0")
+    off = weights("baseline.force.epochs=0")
+    first = weights("baseline.force.epochs=1")
+    always = weights("baseline.force.epochs=2")
+    assert all(torch.equal(plain[k], off[k]) for k in plain)  # a force stopped before it starts is no force
+    assert not torch.equal(first["conv2.weight"], always["conv2.weight"])
+    assert not torch.equal(first["conv2.weight"], plain["conv2.weight"])
+
+
+@needs_fashion_mnist
 def test_engine_rank_lasso_while_fine_tuning_cuts_zero_ranks(tmp_path):
     recipe = load_recipe("lenet_lowrank", overrides=[
         "data.train_limit=512", "data.test_limit=256", "data.valid_size=128", "eval_batch_size=256",

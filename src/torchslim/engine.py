@@ -425,7 +425,8 @@ def _force(model: nn.Module, spec: PhaseSpec) -> ForceRegularizer | None:
     f = spec.force
     if f.strength == 0:
         return None
-    return ForceRegularizer(model, f.strength, f.kind, multipliers=f.multipliers, exclude=f.exclude)
+    return ForceRegularizer(model, f.strength, f.kind, multipliers=f.multipliers, exclude=f.exclude,
+                            adaptive=f.adaptive)
 
 
 def _mask_groups(run: _Run, model: nn.Module) -> list[Group]:
@@ -456,7 +457,9 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
         lasso = _lasso(run, groups) if phase == "ssl" else None
     try:
         for epoch in range(run.done[phase], spec.epochs):
-            _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, force=force, groups=groups)
+            on = spec.force.epochs is None or epoch < spec.force.epochs
+            _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, force=force if on else None,
+                       groups=groups)
     finally:
         if mask is not None:
             mask.detach()

@@ -162,6 +162,9 @@ class ForceRegularizer:
         multipliers: per-layer factors on ``λ_s`` (Caffe's ``force_mult``), keyed by layer name or a
             module-path prefix, the longest key winning; 0 disables a layer.
         exclude: layer names or prefixes to leave alone.
+        adaptive: the authors' ``force_decay_type: "adaptive"``: each layer's force is rescaled to
+            ``||λ_s·mult·ΔW|| = λ_s·mult·||∂E/∂W||``, so ``λ_s`` is a ratio to the data gradient, the
+            same for wide and narrow layers and for any weight scale BatchNorm leaves free.
     Raises:
         ConfigError: a bad strength, kind or multiplier, or a key that selects no layer.
         UnsupportedOperation: a given module that is not Linear or a (non-transposed) Conv.
@@ -184,6 +187,7 @@ class ForceRegularizer:
         *,
         multipliers: Mapping[str, float] | None = None,
         exclude: Sequence[str] = (),
+        adaptive: bool = False,
     ) -> None:
         _check_kind(kind)
         if not _nonnegative(strength):
@@ -198,7 +202,7 @@ class ForceRegularizer:
         names = list(found)
         _check_keys(multipliers, names, "multiplier")
         _check_keys(exclude, names, "exclude")
-        self.strength, self.kind = float(strength), kind
+        self.strength, self.kind, self.adaptive = float(strength), kind, bool(adaptive)
         self.layers: dict[str, float] = {}  # name -> multiplier, for the layers the force acts on
         self._modules: dict[str, nn.Module] = {}
         for name, m in found.items():
@@ -206,21 +210,38 @@ class ForceRegularizer:
             if mult > 0 and not any(_matches(e, name) for e in exclude):
                 _check_filters(name, m)
                 self.layers[name], self._modules[name] = mult, m
-        logger.info("force regularization (%s, λ_s=%g) on %d layers", kind, strength, len(self.layers))
+        logger.info("force regularization (%s%s, λ_s=%g) on %d layers",
+                    kind, ", adaptive" if adaptive else "", strength, len(self.layers))
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """``grad ← grad − λ_s·mult·ΔW`` on each layer's weight; weights without a gradient are skipped."""
+        """``grad ← grad − λ_s·mult·ΔW`` on each layer's weight; weights without a gradient are skipped.
+
+        Adaptive: ``ΔW`` is first scaled to the norm of ``grad`` (a layer whose force or gradient is 0
+        is left as is).
+        """
         if self.strength == 0:
             return
         for name, m in self._modules.items():
             grad = m.weight.grad
             if grad is not None:
-                delta = force(_filters(m), self.kind).reshape(grad.shape)
-                grad.sub_((self.strength * self.layers[name]) * delta.to(grad.dtype))
+                delta = force(_filters(m), self.kind).reshape(grad.shape).to(grad.dtype)
+                scale = self.strength * self.layers[name]
+                if self.adaptive:
+                    # one fused ratio (no host sync): 0 where the force vanishes, not inf·0
+                    d = delta.norm()
+                    scale = scale * torch.where(d > 0, grad.norm() / d.clamp_min(torch.finfo(d.dtype).tiny), 0.0)
+                grad.sub_(scale * delta)
 
     def penalty(self) -> Tensor:
-        """``Σ_layers λ_s·mult·R`` (:func:`force_penalty`), a differentiable 0-d tensor."""
+        """``Σ_layers λ_s·mult·R`` (:func:`force_penalty`), a differentiable 0-d tensor.
+
+        Raises:
+            ConfigError: the regularizer is adaptive (its scale needs the data gradient: use ``apply_``).
+        """
+        if self.adaptive:
+            raise ConfigError("an adaptive force is scaled by the data gradient, which the loss does not have "
+                              "yet; call apply_() after backward() instead of adding penalty() to the loss")
         total: Tensor | None = None
         for name, m in self._modules.items():
             term = (self.strength * self.layers[name]) * force_penalty(_filters(m), self.kind)

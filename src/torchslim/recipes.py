@@ -84,9 +84,13 @@ class ForceSpec:
     kind: Literal["l2", "l1"] = "l2"  # l2: f_ji = w_j − w_i (Caffe "Degradation"); l1: unit force ("Constant")
     multipliers: dict[str, float] = field(default_factory=dict)  # per-layer λ_s scale (force_mult); 0 disables
     exclude: list[str] = field(default_factory=list)  # layers left alone
+    adaptive: bool = False  # force_decay_type "adaptive": ||force|| = λ_s·mult·||data gradient|| per layer
+    epochs: int | None = None  # the authors' force_iter, in epochs: the force stops after this many; None: all
 
     def __post_init__(self) -> None:
         _check_min("strength", self.strength, 0.0)
+        if self.epochs is not None:
+            _check_min("epochs", self.epochs, 0)
         for layer, mult in self.multipliers.items():
             _check_min(f"multipliers.{layer}", mult, 0.0)
 

@@ -24,6 +24,15 @@ def _speed(d: dict[str, Any], key: str) -> str:
     return f"{pt['speedup']:.2f}×" + (f" / {ort['speedup']:.2f}×" if ort else "")
 
 
+def _force_label(d: dict[str, Any]) -> str:
+    """The baseline's force as the recipe gives it: kind, λ_s, adaptive, and for how many epochs."""
+    f, epochs = d["recipe"]["baseline"]["force"], d["recipe"]["baseline"]["epochs"]
+    label = f"force {f['kind']}{', adaptive' if f.get('adaptive') else ''}, λ_s {f['strength']:g}"
+    if f.get("epochs") is not None and f["epochs"] < epochs:
+        label += f" for epochs 1–{f['epochs']} of {epochs}"
+    return label
+
+
 def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
                      ssl: dict[str, Any] | None, combined: dict[str, Any] | None) -> list[str]:
     """Ranks at 95% energy with and without the force; then SSL alone / low rank alone / both."""
@@ -42,9 +51,9 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
         lines += [head + " | valid / test accuracy (dense) | decomposed | fine-tuned | MACs | speedup b64 | b1 |",
                   "|---" * (len(names) + 7) + "|"]
         for label, d in runs:
-            r, f = _ranks(d), d["recipe"]["baseline"]["force"]
+            r = _ranks(d)
             cells = " | ".join(f"{r[n]['rank']}" + ("" if r[n]["decomposed"] else " (kept)") for n in names)
-            what = label if label == "no force" else f"force {f['kind']}, λ_s {f['strength']:g}"
+            what = label if label == "no force" else _force_label(d)
             acc, valid = d["accuracy"], d.get("valid_accuracy") or {}
             lines.append(f"| {what} | {cells} | {valid.get('baseline', float('nan')):.2%} / {acc['baseline']:.2%} "
                          f"| {acc['compact']:.2%} | {acc['finetune']:.2%} | {d['flop_reduction']:.2f}× fewer "
@@ -87,7 +96,7 @@ def rank_table_section(plain: dict[str, Any] | None, force: dict[str, Any] | Non
     f = force["recipe"]["baseline"]["force"]
     lines = [f"### {title}", "",
              "Ranks at 95% PCA energy (`torchslim.lowrank`) of the dense model trained without and with the force "
-             f"(`ForceRegularizer`, {f['kind']}, λ_s {f['strength']:g}, per-layer multipliers "
+             f"(`ForceRegularizer`; {_force_label(force)}; per-layer multipliers "
              f"{f['multipliers']}), then each layer decomposed where r saves multiply-adds, and fine-tuned "
              f"{force['recipe']['finetune']['epochs']} epochs. Speedups: dense vs decomposed, 1 thread, PyTorch / "
              f"onnxruntime, median of 30 interleaved runs; {_machine(force)}.", "",

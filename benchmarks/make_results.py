@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 from terngrad_report import terngrad_sections
-from wen_report import iss_alternatives_section, iss_lm_section, lowrank_sections, rank_table_section, readme_rows
+from wen_report import (force_seeds_section, iss_alternatives_section, iss_lm_section, lowrank_sections,
+                        rank_table_section, readme_rows)
 from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
@@ -215,7 +216,7 @@ def main() -> None:
     if (alt := _load("iss_alternatives")) is not None:
         out += iss_alternatives_section(alt)
     out += lowrank_sections(_load("ssl_lenet_lowrank"), _load("ssl_lenet_force_lowrank"), lenet,
-                            _load("ssl_lenet_ssl_force_lowrank"))
+                            _load("ssl_lenet_ssl_force_lowrank"), _load("force_seeds_lenet_force_lowrank"))
     out += rank_table_section(_load("ssl_resnet20_lowrank"), _load("ssl_resnet20_force_lowrank"),
                               "Force regularization and low rank: ResNet-20, Fashion-MNIST")
     if overhead:

@@ -34,8 +34,9 @@ def _force_label(d: dict[str, Any]) -> str:
 
 
 def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
-                     ssl: dict[str, Any] | None, combined: dict[str, Any] | None) -> list[str]:
-    """Ranks at 95% energy with and without the force; then SSL alone / low rank alone / both."""
+                     ssl: dict[str, Any] | None, combined: dict[str, Any] | None,
+                     seeds: dict[str, Any] | None = None) -> list[str]:
+    """Ranks at 95% energy with and without the force (and over seeds); then SSL alone / low rank alone / both."""
     lines: list[str] = []
     runs = [(n, d) for n, d in (("no force", plain), ("force", force)) if d]
     if runs:
@@ -65,6 +66,7 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
                       f"{sum(rf[n]['rank'] for n in names)} with it ({ratio:.2f}× lower); per layer "
                       + ", ".join(f"{n} {rp[n]['rank'] / max(1, rf[n]['rank']):.2f}×" for n in names) + "."]
         lines.append("")
+        lines += force_seeds_section(seeds)
     both = [(n, d) for n, d in (("SSL alone", ssl), ("force + low rank alone", force),
                                 ("force + SSL + low rank", combined)) if d]
     if combined and len(both) > 1:
@@ -85,6 +87,29 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
                          f"| {d['flop_reduction']:.1f}× | {d['params']['compact']:,} | {_speed(d, 'threads1_batch64')} |")
         lines.append("")
     return lines
+
+
+def force_seeds_section(d: dict[str, Any] | None) -> list[str]:
+    """Per-seed and mean ranks / accuracy of the dense model with and without the force."""
+    if not d:
+        return []
+    plain, force = d["runs"][d["plain_recipe"]], d["runs"][d["force_recipe"]]
+    lines = [f"#### Over {len(d['seeds'])} training seeds", "",
+             f"`benchmarks/force_seeds.py`: the dense baselines of `{d['plain_recipe']}` and `{d['force_recipe']}` "
+             f"trained with seeds {', '.join(map(str, d['seeds']))}; summed ranks at 95% energy; {_machine(d)}.", "",
+             "| seed | no force: valid / test | ranks | force: valid / test | ranks | Δ valid / test pts | lower |",
+             "|---|---|---|---|---|---|---|"]
+    cell = lambda r: f"{r['valid_acc']:.2%} / {r['test_acc']:.2%}" if r.get("valid_acc") is not None \
+        else f"{r['test_acc']:.2%}"
+    delta = lambda a, b: (f"{(b['valid_acc'] - a['valid_acc']) * 100:+.2f} / " if b.get("valid_acc") is not None
+                          else "") + f"{(b['test_acc'] - a['test_acc']) * 100:+.2f}"
+    for a, b in zip(plain, force):
+        ra, rb = sum(a["ranks"].values()), sum(b["ranks"].values())
+        lines.append(f"| {a['seed']} | {cell(a)} | {ra} | {cell(b)} | {rb} | {delta(a, b)} | {ra / rb:.2f}× |")
+    mp, mf = d["mean"]["plain"], d["mean"]["force"]
+    lines.append(f"| **mean** | {cell(mp)} | {mp['summed_rank']:.0f} | {cell(mf)} | {mf['summed_rank']:.0f} "
+                 f"| {delta(mp, mf)} | {d['rank_ratio']:.2f}× |")
+    return lines + [""]
 
 
 def rank_table_section(plain: dict[str, Any] | None, force: dict[str, Any] | None, title: str) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from torchslim.errors import ConfigError
@@ -16,9 +18,7 @@ from torchslim.recipes import (
 )
 
 
-@pytest.mark.parametrize("name", ["lenet_ssl", "lenet_ssl_full", "mlp_ssl", "resnet20_ssl", "lenet_force_lowrank",
-                                  "lenet_lowrank", "lenet_ssl_force_lowrank", "kjv_lm_iss", "rowlstm_iss",
-                                  "resnet20_force_lowrank", "resnet20_lowrank"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_parses_and_round_trips(name):
     recipe = load_recipe(name)
     assert recipe.name == name

@@ -10,6 +10,7 @@ Runs live in ``runs/seeds/<recipe>_s<seed>`` and resume, so a re-run only trains
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def main() -> None:
     plain, force = (_summary(runs[n]) for n in (args.plain, args.force))
     write(f"force_seeds_{args.force}", {
         "plain_recipe": args.plain, "force_recipe": args.force, "seeds": args.seeds,
-        "force": load_recipe(args.force).baseline.force.__dict__, "runs": runs,
+        "force": dataclasses.asdict(load_recipe(args.force).baseline.force), "runs": runs,
         "mean": {"plain": plain, "force": force},
         "rank_ratio": plain["summed_rank"] / force["summed_rank"],
     })

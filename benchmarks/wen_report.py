@@ -99,10 +99,14 @@ def force_seeds_section(d: dict[str, Any] | None) -> list[str]:
              f"trained with seeds {', '.join(map(str, d['seeds']))}; summed ranks at 95% energy; {_machine(d)}.", "",
              "| seed | no force: valid / test | ranks | force: valid / test | ranks | Δ valid / test pts | lower |",
              "|---|---|---|---|---|---|---|"]
-    cell = lambda r: f"{r['valid_acc']:.2%} / {r['test_acc']:.2%}" if r.get("valid_acc") is not None \
-        else f"{r['test_acc']:.2%}"
-    delta = lambda a, b: (f"{(b['valid_acc'] - a['valid_acc']) * 100:+.2f} / " if b.get("valid_acc") is not None
-                          else "") + f"{(b['test_acc'] - a['test_acc']) * 100:+.2f}"
+
+    def cell(r: dict[str, Any]) -> str:
+        return (f"{r['valid_acc']:.2%} / " if r.get("valid_acc") is not None else "") + f"{r['test_acc']:.2%}"
+
+    def delta(a: dict[str, Any], b: dict[str, Any]) -> str:
+        valid = f"{(b['valid_acc'] - a['valid_acc']) * 100:+.2f} / " if b.get("valid_acc") is not None else ""
+        return valid + f"{(b['test_acc'] - a['test_acc']) * 100:+.2f}"
+
     for a, b in zip(plain, force):
         ra, rb = sum(a["ranks"].values()), sum(b["ranks"].values())
         lines.append(f"| {a['seed']} | {cell(a)} | {ra} | {cell(b)} | {rb} | {delta(a, b)} | {ra / rb:.2f}× |")

@@ -85,7 +85,7 @@ class ForceSpec:
     multipliers: dict[str, float] = field(default_factory=dict)  # per-layer λ_s scale (force_mult); 0 disables
     exclude: list[str] = field(default_factory=list)  # layers left alone
     adaptive: bool = False  # force_decay_type "adaptive": ||force|| = λ_s·mult·||data gradient|| per layer
-    epochs: int | None = None  # the authors' force_iter, in epochs: the force stops after this many; None: all
+    epochs: int | None = None  # the authors' force_iter: the force stops after this many epochs of its phase; None: all
 
     def __post_init__(self) -> None:
         _check_min("strength", self.strength, 0.0)

@@ -14,7 +14,7 @@ STEPS = [
     ["iss_lm.py", "--recipe", "kjv_lm_iss"],
     ["ssl_recipe.py", "--recipe", "lenet_lowrank"],
     ["ssl_recipe.py", "--recipe", "lenet_force_lowrank"],
-    ["force_seeds.py"],                                        # 6 LeNet baselines
+    ["force_seeds.py"],                                        # 10 LeNet baselines
     ["ssl_recipe.py", "--recipe", "lenet_ssl_force_lowrank"],
     ["prox_vs_subgradient.py", "--recipe", "lenet_ssl"],
     ["ssl_vs_magnitude.py", "--recipe", "lenet_ssl_full"],

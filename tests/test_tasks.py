@@ -96,8 +96,8 @@ def test_engine_force_then_lowrank_decomposes_and_fine_tunes(tmp_path):
 def test_force_epochs_stops_the_force_after_that_many_epochs(tmp_path):
     def weights(*overrides: str) -> dict[str, torch.Tensor]:
         recipe = load_recipe("lenet_force_lowrank", overrides=[
-            "data.train_limit=256", "data.test_limit=128", "data.valid_size=0", "eval_batch_size=128", "baseline.epochs=2",
-            "baseline.lr=0.05", "baseline.force.strength=1e-2", *overrides])
+            "data.train_limit=256", "data.test_limit=128", "data.valid_size=0", "eval_batch_size=128",
+            "baseline.epochs=2", "baseline.lr=0.05", "baseline.force.strength=1e-2", *overrides])
         out = tmp_path / "_".join(overrides).replace("=", "")
         return engine.run(recipe, run_dir=out, progress=False, stop_after="baseline").dense_model.state_dict()
 

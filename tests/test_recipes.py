@@ -123,6 +123,8 @@ def test_malformed_override_says_how_to_write_it():
         load_recipe("lenet_ssl", overrides=["ssl.epochs"])
     with pytest.raises(ConfigError, match="not a mapping"):
         load_recipe("lenet_ssl", overrides=["ssl.epochs.x=1"])
+    with pytest.raises(ConfigError, match="space after each ':'"):
+        load_recipe("lenet_ssl", overrides=["ssl.strength={channel:0.001}"])
 
 
 def test_unknown_recipe_lists_the_available_ones():

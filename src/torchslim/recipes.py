@@ -280,6 +280,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({exc})") from exc
+        if isinstance(value, dict) and any(":" in str(k) and v is None for k, v in value.items()):
+            # YAML reads {conv1:0.5} as the key "conv1:0.5" with no value: a mapping needs "conv1: 0.5"
+            raise ConfigError(f"override '{item}': put a space after each ':' in a mapping "
+                              f"(e.g. {key.strip()}='{{conv1: 0.5}}')")
         _set_dotted(out, key.strip().split("."), value, key.strip())
     return out
 

@@ -4,7 +4,8 @@
 
 A single seed's accuracy difference is as large as the ±0.3-point band it is judged against, so this
 trains each recipe's dense baseline (only: the force acts there) once per seed and reports the mean.
-Runs live in ``runs/seeds/<recipe>_s<seed>`` and resume, so a re-run only trains what is missing.
+Runs live in ``runs/seeds/<recipe>_s<seed>`` and resume, so a re-run only trains what is missing
+(a run whose baseline settings no longer match its recipe is trained again).
 """
 
 from __future__ import annotations
@@ -19,17 +20,26 @@ import torch
 from _common import write
 
 from torchslim import lowrank
+from torchslim.checkpoint import load_checkpoint
 from torchslim.engine import run
 from torchslim.recipes import load_recipe
 
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "seeds"
 
 
+def _same_baseline(path: Path, recipe: dict[str, Any]) -> bool:
+    """Whether ``path`` holds a baseline trained with these settings; an edited recipe starts afresh."""
+    if not path.is_file():
+        return False
+    saved = load_checkpoint(path)["recipe"]
+    return all(saved.get(k) == recipe.get(k) for k in ("seed", "model", "data", "batch_size", "baseline"))
+
+
 def _one(name: str, seed: int) -> dict[str, Any]:
     """Train ``name``'s baseline with ``seed``; its valid/test accuracy and per-layer ranks at 95% energy."""
     recipe = load_recipe(name, overrides=[f"seed={seed}"])
     run_dir = RUNS / f"{name}_s{seed}"
-    resume = (run_dir / "checkpoint.pt").is_file()
+    resume = _same_baseline(run_dir / "checkpoint.pt", recipe.to_dict())
     result = run(recipe, run_dir=run_dir, resume=resume, progress=False, stop_after="baseline")
     model = result.dense_model.eval()
     ranks = lowrank(model, result.example, energy=recipe.lowrank.energy, method=recipe.lowrank.method,

@@ -5,6 +5,7 @@ and for ISS on the word LM (``iss_lm.py``). Every number comes from ``results/*.
 from __future__ import annotations
 
 import re
+import statistics
 from typing import Any
 
 __all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections", "rank_table_section", "readme_rows"]
@@ -31,6 +32,13 @@ def _force_label(d: dict[str, Any]) -> str:
     if f.get("epochs") is not None and f["epochs"] < epochs:
         label += f" for epochs 1–{f['epochs']} of {epochs}"
     return label
+
+
+def _force_layers(d: dict[str, Any]) -> str:
+    """Which layers the baseline's force acts on, as the recipe says."""
+    f = d["recipe"]["baseline"]["force"]
+    mult = ", ".join(f"{k} ×{v:g}" for k, v in f["multipliers"].items()) or "none"
+    return f"Layers excluded from the force: {', '.join(f['exclude']) or 'none'}; per-layer multipliers of λ_s: {mult}."
 
 
 def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
@@ -64,7 +72,8 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
             ratio = sum(rp[n]["rank"] for n in names) / max(1, sum(rf[n]["rank"] for n in names))
             lines += ["", f"Summed ranks: {sum(rp[n]['rank'] for n in names)} without the force, "
                       f"{sum(rf[n]['rank'] for n in names)} with it ({ratio:.2f}× lower); per layer "
-                      + ", ".join(f"{n} {rp[n]['rank'] / max(1, rf[n]['rank']):.2f}×" for n in names) + "."]
+                      + ", ".join(f"{n} {rp[n]['rank'] / max(1, rf[n]['rank']):.2f}×" for n in names) + ".",
+                      "", _force_layers(force)]
         lines.append("")
         lines += force_seeds_section(seeds)
     both = [(n, d) for n, d in (("SSL alone", ssl), ("force + low rank alone", force),
@@ -113,6 +122,13 @@ def force_seeds_section(d: dict[str, Any] | None) -> list[str]:
     mp, mf = d["mean"]["plain"], d["mean"]["force"]
     lines.append(f"| **mean** | {cell(mp)} | {mp['summed_rank']:.0f} | {cell(mf)} | {mf['summed_rank']:.0f} "
                  f"| {delta(mp, mf)} | {d['rank_ratio']:.2f}× |")
+
+    def layer_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+        return {n: statistics.mean(r["ranks"][n] for r in rows) for n in rows[0]["ranks"]}
+
+    lp, lf = layer_means(plain), layer_means(force)
+    lines += ["", "Mean rank per layer, no force → force: "
+              + ", ".join(f"{n} {lp[n]:.1f} → {lf[n]:.1f}" for n in lp if n in lf) + "."]
     return lines + [""]
 
 

@@ -166,6 +166,7 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
     """Perplexity, widths, direct design and speed of ISS on the word LM."""
     p, v, dd, w = d["perplexity"], d.get("valid_perplexity", {}), d["direct_design"], d["widths"]
     k = d["recipe"]["model"]["kwargs"]
+    epochs = [d["recipe"][phase]["epochs"] for phase in ("baseline", "ssl", "finetune")]
     lines = [f"### ISS on a word-level LSTM language model: `{d['recipe']['name']}`", "",
              f"The King James Bible (10k words + `<unk>` + `<eos>`, split by books), a 2-layer LSTM, hidden = "
              f"embedding = {k['hidden_size']}, tied decoder, dropout {k['dropout']}, BPTT {d['recipe']['data']['bptt']}; "
@@ -185,7 +186,8 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
               f"| all multiply-adds / token | {d['macs']['dense']:,} | | {d['macs']['compact']:,} "
               f"({d['flop_reduction']:.2f}× fewer) | | |", "",
               f"The direct design trains the compact widths from scratch for {dd['epochs']} epochs, the dense "
-              "baseline's schedule.", "",
+              f"baseline's schedule; the ISS model has trained {sum(epochs)} ({' + '.join(map(str, epochs))}: "
+              "dense, ISS, fine-tuning).", "",
               "CPU latency on (35, B) token blocks, median of 30 interleaved runs; *LSTM* is the embedding and "
               "the LSTM layers without the 10k-word decoder, which ISS does not shrink:", "",
               "| threads | batch | dense ms | compact ms | speedup | LSTM dense ms | LSTM compact ms | LSTM speedup |",

@@ -4,7 +4,8 @@
 
 1. Trains the recipe (dense baseline → ISS → compact → fine-tune; checkpoints in ``runs/<recipe>``).
 2. "Direct design" (the ISS paper's baseline): the compact model's per-layer widths trained from
-   scratch with the dense baseline's schedule (``runs/<recipe>_direct``).
+   scratch with the dense baseline's schedule (``runs/<recipe>_direct``), and the fine-tuning's
+   dropout where the recipe lowers it for the compact model.
 3. Times the dense and the compact model on ``(35, B)`` token blocks, B = 1 and 20 (sequence length 35,
    as the paper), interleaved in one run, 1 and 2 threads: the whole model and the LSTM layers alone
    (the decoder's 10k-word softmax is untouched by ISS), beside their multiply-add ratios.
@@ -55,8 +56,10 @@ def main() -> None:
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     widths = _widths(small)
 
+    dropout = recipe.finetune.dropout  # a narrower model needs less: the same one ISS's fine-tuning uses
     direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
-        f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0"]))
+        f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
+        *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
     direct = run(direct_recipe, run_dir=ROOT / "runs" / direct_recipe.name, resume=resume, progress=False)
 
     speed = {}
@@ -79,7 +82,7 @@ def main() -> None:
         "valid_perplexity": {k: _ppl(result, k, valid=True) for k in result.valid_loss},
         "direct_design": {"widths": widths, "perplexity": _ppl(direct, "baseline"),
                           "valid_perplexity": _ppl(direct, "baseline", valid=True),
-                          "epochs": direct_recipe.baseline.epochs},
+                          "epochs": direct_recipe.baseline.epochs, "dropout": dropout},
         "accuracy": result.accuracy,
         "widths": {"dense": _widths(dense), "compact": widths},
         "alive": result.history[-1 - recipe.finetune.epochs].alive if recipe.finetune.epochs else {},

@@ -117,3 +117,45 @@ def test_reset_momentum_keeps_a_zero_group_at_zero_while_its_gradient_is_below_l
         lasso.step_(0.1, opt)
     alive = sum(bool(g.norm()) for g in groups)
     assert alive == (0 if reset else 3)
+
+
+def _ranked_net():
+    """Linear(4, 10) → ReLU → Linear(10, 1); hidden neuron k has norm ∝ k + 1."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 10, bias=False), nn.ReLU(), nn.Linear(10, 1, bias=False))
+    with torch.no_grad():
+        for p, dim in ((net[0].weight, 1), (net[2].weight, 0)):
+            p.div_(p.norm(dim=dim, keepdim=True)).mul_(0.1 * torch.arange(1.0, 11.0).view(-1, 1 if dim else 10) / 2**0.5)
+    return net, structures(net, torch.randn(1, 4), kinds=("neuron",))
+
+
+def _train(net, lasso, steps):
+    # a constant gradient that would pull every group away from zero without the Lasso
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-0.1 * (net[0].weight.sum() + net[2].weight.sum())).backward()
+        opt.step()
+        lasso.step_(0.1)
+
+
+def test_keep_stops_the_lasso_at_the_budget_and_holds_the_rest_at_zero():
+    net, groups = _ranked_net()
+    lasso = GroupLasso(groups, 5.0, keep=0.3)           # λ alone zeroes all 10 neurons in 2 steps
+    _train(net, lasso, 10)
+    alive = [k for k, g in enumerate(groups) if g.norm() > 0]
+    assert alive == [7, 8, 9]                           # floor(0.3 · 10), the largest
+    before = net[0].weight.clone()
+    _train(net, GroupLasso(groups, 5.0, keep=0.3), 5)  # as after a resume: the budget is met at once
+    assert [k for k, g in enumerate(groups) if g.norm() > 0] == alive
+    assert torch.all(net[0].weight[alive] > before[alive])  # no shrink any more: only the gradient moves them
+    _train(net, GroupLasso(groups, 5.0), 5)
+    assert all(g.norm() == 0 for g in groups)           # without the budget, λ takes them all
+
+
+def test_keep_needs_the_proximal_mode():
+    net, groups = _ranked_net()
+    with pytest.raises(ConfigError, match="mode='prox'"):
+        GroupLasso(groups, 1.0, mode="subgradient", keep=0.5)
+    with pytest.raises(ConfigError, match="fractions"):
+        GroupLasso(groups, 1.0, keep={"neuron": 2.0})

@@ -60,6 +60,28 @@ def test_engine_trains_iss_on_a_word_lm_and_reports_perplexity(tmp_path):
     assert verify(result.compact_model, back, x).ok
 
 
+def test_keep_stops_iss_at_the_budget_in_every_layer(tmp_path):
+    data = _ptb(tmp_path / "ptb", lines=200)
+    recipe = load_recipe("kjv_lm_iss", overrides=[
+        *LM, "baseline.epochs=1", "ssl.strength={hidden: 2.0e-2}", "ssl.keep=0.5", "finetune.epochs=0"])
+    result = engine.run(recipe, data_dir=data, run_dir=tmp_path / "run", progress=False)
+    assert [layer.hidden_size for layer in result.compact_model.layers] == [12, 12]  # λ alone leaves fewer
+
+
+def test_a_phase_dropout_replaces_the_models_for_that_phase(tmp_path):
+    data = _ptb(tmp_path / "ptb", lines=200)
+    recipe = load_recipe("kjv_lm_iss", overrides=[
+        *LM, "model.kwargs.dropout=0.5", "baseline.epochs=1", "ssl.epochs=1", "ssl.strength={hidden: 1.0e-4}",
+        "finetune.dropout=0.0"])
+    result = engine.run(recipe, data_dir=data, run_dir=tmp_path / "run", progress=False)
+    assert min(layer.hidden_size for layer in result.compact_model.layers) > 0
+    x = result.example
+    with torch.no_grad():
+        dense, small = result.dense_model.train(), result.compact_model.train()
+        assert not torch.equal(dense(x), dense(x))           # the baseline kept the model's dropout 0.5
+        torch.testing.assert_close(small(x), small(x))       # fine-tuning ran without dropout
+
+
 def test_text_task_rejects_a_model_of_another_vocabulary(tmp_path):
     data = _ptb(tmp_path, lines=60)
     recipe = load_recipe("kjv_lm_iss", overrides=[*LM, "model.kwargs.vocab_size=100"])

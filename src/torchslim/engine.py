@@ -414,9 +414,10 @@ def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
     spec = run.recipe.ssl
     lasso = GroupLasso(
         groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
-        mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum,
+        mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum, keep=spec.keep,
     )
-    log.info("SSL: %d groups (%s), λ=%s, mode=%s", len(groups), ", ".join(spec.kinds), spec.strength, spec.mode)
+    log.info("SSL: %d groups (%s), λ=%s, mode=%s%s", len(groups), ", ".join(spec.kinds), spec.strength, spec.mode,
+             f", keep {spec.keep}" if spec.keep is not None else "")
     return lasso
 
 
@@ -440,6 +441,8 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
     spec: PhaseSpec = getattr(run.recipe, phase)
     if run.done[phase] >= spec.epochs:
         return
+    if spec.dropout is not None:
+        _set_dropout(model, spec.dropout)
     optimizer = _sgd(model, spec)
     if resumed_phase == phase and run.optimizer_state is not None:
         optimizer.load_state_dict(run.optimizer_state)
@@ -463,6 +466,16 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
     finally:
         if mask is not None:
             mask.detach()
+
+
+def _set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability: ``nn.Dropout*`` layers and stacked ``nn.LSTM``/``nn.GRU`` between layers."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = p
+        elif isinstance(module, nn.RNNBase) and module.num_layers > 1:
+            module.dropout = p
+    log.info("dropout p=%s", p)
 
 
 def _one_epoch(

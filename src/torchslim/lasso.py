@@ -18,13 +18,15 @@ from torchslim.groups import KINDS, Family, Group, families_of, zero_counts
 Mode = Literal["prox", "subgradient"]
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _Block:
-    """The groups of one family in the regularizer: member indices and their λ_g."""
+    """The groups of one family in the regularizer: member indices, their λ_g, and the size budget."""
 
     family: Family
     members: Tensor  # (G_f,) long
     lam: Tensor  # (G_f,) λ_g, kind strength × layer multiplier × optional sqrt(|g|)
+    keep: int | None = None  # stop once at most this many groups are nonzero
+    dead: Tensor | None = None  # (G_f,) bool: the groups held at zero once ``keep`` was reached
 
 
 def _matches(prefix: str, label: str) -> bool:
@@ -39,6 +41,17 @@ def _multiplier(fam: Family, multipliers: Mapping[str, float]) -> float:
         if _matches(prefix, fam.label) and kind in ("", fam.kind) and (len(prefix), len(kind)) > best:
             best, factor = (len(prefix), len(kind)), float(m)
     return factor
+
+
+def _per_kind(name: str, value: float | Mapping[str, float] | None) -> dict[str, float]:
+    """``keep`` as ``{kind: fraction}``: one value for every kind, or a mapping."""
+    if value is None:
+        return {}
+    out = {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else dict.fromkeys(KINDS, float(value))
+    bad = {k: v for k, v in out.items() if k not in KINDS or not 0 <= v <= 1}
+    if bad:
+        raise ConfigError(f"{name} must map kinds in {list(KINDS)} to fractions in [0, 1], got {bad}")
+    return out
 
 
 def _check_multipliers(families: Sequence[Family], multipliers: Mapping[str, float]) -> None:
@@ -125,6 +138,10 @@ class GroupLasso(_Regularizer):
         threshold: element threshold of the subgradient mode.
         reset_momentum: zero the momentum of weights that reach zero (pass the optimizer to
             :meth:`step_`), so zero groups stay zero; see :meth:`step_`.
+        keep: a size budget (prox mode): once at most ``floor(keep·G)`` of a layer's ``G`` groups of a
+            kind are nonzero, the Lasso on that layer stops and its zero groups are held at zero, so
+            λ decides which groups go and how fast, and ``keep`` where it stops (ISS on PTB: 1500 → 373
+            is ``keep=0.25``). A mapping gives one per kind; kinds not in it have no budget.
 
     Example:
         >>> import torch, torchslim
@@ -144,8 +161,13 @@ class GroupLasso(_Regularizer):
         mode: Mode = "prox",
         threshold: float = 1e-4,
         reset_momentum: bool = False,
+        keep: float | Mapping[str, float] | None = None,
     ) -> None:
         self._set_mode(mode, threshold, reset_momentum)
+        keep_of = _per_kind("keep", keep)
+        if keep_of and mode != "prox":
+            raise ConfigError("keep (a size budget) needs mode='prox', which reaches exact zeros; "
+                              "remove keep or use mode='prox'")
         if isinstance(strength, Mapping):
             bad = [k for k in strength if k not in KINDS]
             if bad:
@@ -163,7 +185,13 @@ class GroupLasso(_Regularizer):
             if weight_by_size:
                 lam *= fam.numel_per_member() ** 0.5
             if lam > 0:
-                self.blocks.append(_Block(fam, members, torch.full((len(members),), lam)))
+                block = _Block(fam, members, torch.full((len(members),), lam))
+                if fam.kind in keep_of:
+                    block.keep = int(keep_of[fam.kind] * len(members))
+                    nonzero = fam.row_sq()[members] > 0  # a run resumed after its budget was met is met again
+                    if int(nonzero.sum()) <= block.keep:
+                        block.dead = ~nonzero
+                self.blocks.append(block)
 
     def _tensors(self) -> list[Tensor]:
         out: dict[int, Tensor] = {}
@@ -202,6 +230,11 @@ class GroupLasso(_Regularizer):
             dev = self._device(b)
             norms = self._norms(b)
             shrink = (1 - lr * b.lam.to(dev) / norms).clamp_min(0)  # (G_f,)
+            if b.keep is not None and b.dead is None and int((shrink > 0).sum()) <= b.keep:
+                b.dead = torch.ones_like(shrink, dtype=torch.bool)  # budget met: keep the b.keep largest
+                b.dead[norms.topk(b.keep).indices] = False
+            if b.dead is not None:
+                shrink = (~b.dead.to(dev)).to(norms.dtype)
             for s in b.family.weight_stripes():
                 p = b.family.params[s.param]
                 _, vec = scales.setdefault((id(p), s.dim, s.flat), (p, torch.ones(s.rows(p), device=dev)))

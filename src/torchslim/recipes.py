@@ -106,9 +106,12 @@ class PhaseSpec:
     lr_schedule: Schedule = "cosine"  # per-step cosine to 0; "step" divides by 10 at 50% and 75%
     grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)
     force: ForceSpec = field(default_factory=ForceSpec)  # coordinate filters toward low rank (off by default)
+    dropout: float | None = None  # every dropout's p during this phase (a compact model needs less); None: the model's
 
     def __post_init__(self) -> None:
         _check_min("epochs", self.epochs, 0)
+        if self.dropout is not None:
+            _check_range("dropout", self.dropout, 0.0, 1.0)
         _check_positive("lr", self.lr)
         _check_range("momentum", self.momentum, 0.0, 1.0)
         _check_min("weight_decay", self.weight_decay, 0.0)
@@ -127,6 +130,7 @@ class SSLSpec(PhaseSpec):
     weight_by_size: bool = True  # λ_g = λ·sqrt(|g|): the usual group-Lasso weighting
     threshold: float = 1.0e-4  # subgradient mode: |w| below this is set to 0 (Caffe's ZEROUT_THRESHOLD)
     reset_momentum: bool = False  # zero the momentum of weights the Lasso set to 0, so zero groups stay zero
+    keep: float | dict[str, float] | None = None  # size budget: a layer's Lasso stops at this fraction of its groups
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,6 +151,13 @@ class SSLSpec(PhaseSpec):
         for layer, mult in self.multipliers.items():
             _check_min(f"multipliers.{layer}", mult, 0.0)
         _check_min("threshold", self.threshold, 0.0)
+        if self.keep is not None:
+            if self.mode != "prox":
+                raise _FieldError("keep", "needs mode: prox (the budget holds exact zeros); remove it or set the mode")
+            for kind, fraction in (self.keep.items() if isinstance(self.keep, dict) else [("", self.keep)]):
+                if kind and kind not in self.kinds:
+                    raise _FieldError(f"keep.{kind}", f"is for a kind not in kinds {self.kinds}; add it there or remove it")
+                _check_range(f"keep.{kind}" if kind else "keep", fraction, 0.0, 1.0)
 
 
 @dataclass

@@ -170,6 +170,15 @@ def rank_table_section(plain: dict[str, Any] | None, force: dict[str, Any] | Non
     return lines + [""]
 
 
+def _lm_budget(d: dict[str, Any]) -> str:
+    """The ISS settings beyond λ: the size budget and the compact model's dropout (also the direct design's)."""
+    ssl, dropout = d["recipe"]["ssl"], d["direct_design"].get("dropout")
+    out = f", with dropout {dropout} as the compact model's fine-tuning" if dropout is not None else ""
+    if ssl.get("keep") is not None:
+        out += f"; ISS λ {ssl['strength']} with the size budget keep {ssl['keep']} per layer"
+    return out
+
+
 def iss_lm_section(d: dict[str, Any]) -> list[str]:
     """Perplexity, widths, direct design and speed of ISS on the word LM."""
     p, v, dd, w = d["perplexity"], d.get("valid_perplexity", {}), d["direct_design"], d["widths"]
@@ -194,8 +203,8 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
               f"| all multiply-adds / token | {d['macs']['dense']:,} | | {d['macs']['compact']:,} "
               f"({d['flop_reduction']:.2f}× fewer) | | |", "",
               f"The direct design trains the compact widths from scratch for {dd['epochs']} epochs, the dense "
-              f"baseline's schedule; the ISS model has trained {sum(epochs)} ({' + '.join(map(str, epochs))}: "
-              "dense, ISS, fine-tuning).", "",
+              f"baseline's schedule{_lm_budget(d)}; the ISS model has trained {sum(epochs)} "
+              f"({' + '.join(map(str, epochs))}: dense, ISS, fine-tuning).", "",
               "CPU latency on (35, B) token blocks, median of 30 interleaved runs; *LSTM* is the embedding and "
               "the LSTM layers without the 10k-word decoder, which ISS does not shrink:", "",
               "| threads | batch | dense ms | compact ms | speedup | LSTM dense ms | LSTM compact ms | LSTM speedup |",

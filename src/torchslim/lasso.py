@@ -43,14 +43,14 @@ def _multiplier(fam: Family, multipliers: Mapping[str, float]) -> float:
     return factor
 
 
-def _per_kind(name: str, value: float | Mapping[str, float] | None) -> dict[str, float]:
+def _keep_per_kind(keep: float | Mapping[str, float] | None) -> dict[str, float]:
     """``keep`` as ``{kind: fraction}``: one value for every kind, or a mapping."""
-    if value is None:
+    if keep is None:
         return {}
-    out = {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else dict.fromkeys(KINDS, float(value))
+    out = {k: float(v) for k, v in keep.items()} if isinstance(keep, Mapping) else dict.fromkeys(KINDS, float(keep))
     bad = {k: v for k, v in out.items() if k not in KINDS or not 0 <= v <= 1}
     if bad:
-        raise ConfigError(f"{name} must map kinds in {list(KINDS)} to fractions in [0, 1], got {bad}")
+        raise ConfigError(f"keep must map kinds in {list(KINDS)} to fractions in [0, 1], got {bad}")
     return out
 
 
@@ -164,7 +164,7 @@ class GroupLasso(_Regularizer):
         keep: float | Mapping[str, float] | None = None,
     ) -> None:
         self._set_mode(mode, threshold, reset_momentum)
-        keep_of = _per_kind("keep", keep)
+        keep_of = _keep_per_kind(keep)
         if keep_of and mode != "prox":
             raise ConfigError("keep (a size budget) needs mode='prox', which reaches exact zeros; "
                               "remove keep or use mode='prox'")

@@ -159,3 +159,13 @@ def test_keep_needs_the_proximal_mode():
         GroupLasso(groups, 1.0, mode="subgradient", keep=0.5)
     with pytest.raises(ConfigError, match="fractions"):
         GroupLasso(groups, 1.0, keep={"neuron": 2.0})
+
+
+def test_meet_budget_cuts_what_lambda_left_above_it_by_magnitude():
+    net, groups = _ranked_net()
+    lasso = GroupLasso(groups, 0.5, keep=0.3)           # too weak to reach 3 of 10 in 2 steps
+    _train(net, lasso, 2)
+    assert sum(bool(g.norm()) for g in groups) > 3
+    lasso.meet_budget_()
+    assert [k for k, g in enumerate(groups) if g.norm() > 0] == [7, 8, 9]
+    assert lasso.meet_budget_() == {}                   # met: nothing more to cut

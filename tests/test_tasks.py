@@ -60,12 +60,14 @@ def test_engine_trains_iss_on_a_word_lm_and_reports_perplexity(tmp_path):
     assert verify(result.compact_model, back, x).ok
 
 
-def test_keep_stops_iss_at_the_budget_in_every_layer(tmp_path):
+@pytest.mark.parametrize("lam", [2.0e-2, 1.0e-4])  # λ alone leaves 1 unit per layer, or all 24
+def test_keep_ends_iss_at_the_budget_in_every_layer(tmp_path, lam):
     data = _ptb(tmp_path / "ptb", lines=200)
     recipe = load_recipe("kjv_lm_iss", overrides=[
-        *LM, "baseline.epochs=1", "ssl.strength={hidden: 2.0e-2}", "ssl.keep=0.5", "finetune.epochs=0"])
+        *LM, "baseline.epochs=1", f"ssl.strength={{hidden: {lam}}}", "ssl.keep=0.5", "finetune.epochs=0"])
     result = engine.run(recipe, data_dir=data, run_dir=tmp_path / "run", progress=False)
-    assert [layer.hidden_size for layer in result.compact_model.layers] == [12, 12]  # λ alone leaves fewer
+    assert [layer.hidden_size for layer in result.compact_model.layers] == [12, 12]
+    assert result.loss["compact"] == pytest.approx(result.loss["ssl"], rel=1e-5)  # cut before the last evaluation
 
 
 def test_a_phase_dropout_replaces_the_models_for_that_phase(tmp_path):

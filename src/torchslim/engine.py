@@ -491,6 +491,10 @@ def _one_epoch(
         lasso=lasso, mask=mask, grad_clip=spec.grad_clip, force=force,
         desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
     )
+    if lasso is not None and epoch + 1 == spec.epochs:
+        cut = lasso.meet_budget_()
+        if cut:
+            log.info("size budget (keep) met by zeroing the smallest groups λ left: %s", cut)
     test_loss, test_acc = _record_test(run, phase, model)
     valid_loss, valid_acc = _record_valid(run, phase, model)
     tracked = lasso is not None or phase != "finetune"  # report SSL's groups, or the rank groups under the rank Lasso

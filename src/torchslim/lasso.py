@@ -141,7 +141,8 @@ class GroupLasso(_Regularizer):
         keep: a size budget (prox mode): once at most ``floor(keep·G)`` of a layer's ``G`` groups of a
             kind are nonzero, the Lasso on that layer stops and its zero groups are held at zero, so
             λ decides which groups go and how fast, and ``keep`` where it stops (ISS on PTB: 1500 → 373
-            is ``keep=0.25``). A mapping gives one per kind; kinds not in it have no budget.
+            is ``keep=0.25``); :meth:`meet_budget_` cuts layers that λ left above it by magnitude. A
+            mapping gives one per kind; kinds not in it have no budget.
 
     Example:
         >>> import torch, torchslim
@@ -225,21 +226,52 @@ class GroupLasso(_Regularizer):
         Overlapping groups (say ``filter`` and ``shape`` on one weight) are shrunk by the product of
         their factors, all computed from the weights before this step.
         """
-        scales: dict[tuple[int, int, bool], tuple[Tensor, Tensor]] = {}  # (param, dim, flat) -> (p, factors)
+        factors = []
         for b in self.blocks:
-            dev = self._device(b)
             norms = self._norms(b)
-            shrink = (1 - lr * b.lam.to(dev) / norms).clamp_min(0)  # (G_f,)
+            shrink = (1 - lr * b.lam.to(norms.device) / norms).clamp_min(0)  # (G_f,)
             if b.keep is not None and b.dead is None and int((shrink > 0).sum()) <= b.keep:
-                b.dead = torch.ones_like(shrink, dtype=torch.bool)  # budget met: keep the b.keep largest
-                b.dead[norms.topk(b.keep).indices] = False
-            if b.dead is not None:
-                shrink = (~b.dead.to(dev)).to(norms.dtype)
+                self._hold(b, norms)
+            factors.append((b, shrink if b.dead is None else (~b.dead).to(norms.dtype)))
+        self._scale_(factors)
+
+    @torch.no_grad()
+    def meet_budget_(self) -> dict[str, int]:
+        """Zero the smallest groups of every layer still above its ``keep`` budget: call after the last step.
+
+        λ may not have thinned a layer far enough when the phase ends; the budget is then met by magnitude,
+        as a pruning ratio would be. Returns ``{layer label: groups zeroed}``.
+        """
+        cut, factors = {}, []
+        for b in self.blocks:
+            if b.keep is None or b.dead is not None:
+                continue
+            norms = self._norms(b)
+            nonzero = int((b.family.row_sq()[b.members.to(norms.device)] > 0).sum())
+            self._hold(b, norms)
+            factors.append((b, (~b.dead).to(norms.dtype)))
+            if nonzero > b.keep:
+                cut[b.family.label] = nonzero - b.keep
+        self._scale_(factors)
+        return cut
+
+    @staticmethod
+    def _hold(b: _Block, norms: Tensor) -> None:
+        """The budget is met: keep the ``b.keep`` largest groups, hold the others at zero from now on."""
+        b.dead = torch.ones_like(norms, dtype=torch.bool)
+        b.dead[norms.topk(b.keep).indices] = False
+
+    @staticmethod
+    def _scale_(factors: Sequence[tuple[_Block, Tensor]]) -> None:
+        """Multiply every group of each block by its factor ``(G_f,)``; overlapping groups multiply."""
+        scales: dict[tuple[int, int, bool], tuple[Tensor, Tensor]] = {}  # (param, dim, flat) -> (p, factors)
+        for b, factor in factors:
+            dev = factor.device
             for s in b.family.weight_stripes():
                 p = b.family.params[s.param]
                 _, vec = scales.setdefault((id(p), s.dim, s.flat), (p, torch.ones(s.rows(p), device=dev)))
                 idx, held = s.member_rows(b.members)
-                vec[idx.to(dev)] *= shrink[held.to(dev)].repeat_interleave(s.width)  # idx unique within a family
+                vec[idx.to(dev)] *= factor[held.to(dev)].repeat_interleave(s.width)  # idx unique within a family
         for (_, dim, flat), (p, vec) in scales.items():
             v = p.flatten(dim) if flat else p
             shape = [1] * v.dim()

@@ -13,6 +13,7 @@ STEPS = [
     ["iss_alternatives.py"],
     ["iss_lm.py", "--recipe", "kjv_lm_iss"],
     ["iss_lm.py", "--recipe", "kjv_lm_iss_650"],                # ~3.5 h at 1 thread
+    ["iss_lm.py", "--recipe", "kjv_lm_iss_650_keep"],           # ~3.5 h at 1 thread
     ["ssl_recipe.py", "--recipe", "lenet_lowrank"],
     ["ssl_recipe.py", "--recipe", "lenet_force_lowrank"],
     ["force_seeds.py"],                                        # 10 LeNet baselines

@@ -175,7 +175,9 @@ def _lm_budget(d: dict[str, Any]) -> str:
     ssl, dropout = d["recipe"]["ssl"], d["direct_design"].get("dropout")
     out = f", with dropout {dropout} as the compact model's fine-tuning" if dropout is not None else ""
     if ssl.get("keep") is not None:
-        out += f"; ISS λ {ssl['strength']} with the size budget keep {ssl['keep']} per layer"
+        lam = ssl["strength"]
+        lam = ", ".join(f"{v:g}" for v in lam.values()) if isinstance(lam, dict) else f"{lam:g}"
+        out += f"; ISS ran at λ {lam} with the size budget keep {ssl['keep']} (each layer stops at that fraction)"
     return out
 
 

@@ -142,7 +142,7 @@ class GroupLasso(_Regularizer):
             kind are nonzero, the Lasso on that layer stops and its zero groups are held at zero, so
             λ decides which groups go and how fast, and ``keep`` where it stops (ISS on PTB: 1500 → 373
             is ``keep=0.25``); :meth:`meet_budget_` cuts layers that λ left above it by magnitude. A
-            mapping gives one per kind; kinds not in it have no budget.
+            mapping gives one per kind; kinds not in it, and layers whose λ is 0, have no budget.
 
     Example:
         >>> import torch, torchslim

@@ -189,7 +189,7 @@ class GroupLasso(_Regularizer):
                 block = _Block(fam, members, torch.full((len(members),), lam))
                 if fam.kind in keep_of:
                     block.keep = int(keep_of[fam.kind] * len(members))
-                    nonzero = fam.row_sq()[members] > 0  # a run resumed after its budget was met is met again
+                    nonzero = self._nonzero(block)  # a run resumed after its budget was met is met again
                     if int(nonzero.sum()) <= block.keep:
                         block.dead = ~nonzero
                 self.blocks.append(block)
@@ -247,13 +247,17 @@ class GroupLasso(_Regularizer):
             if b.keep is None or b.dead is not None:
                 continue
             norms = self._norms(b)
-            nonzero = int((b.family.row_sq()[b.members.to(norms.device)] > 0).sum())
+            nonzero = int(self._nonzero(b).sum())
             self._hold(b, norms)
             factors.append((b, (~b.dead).to(norms.dtype)))
             if nonzero > b.keep:
                 cut[b.family.label] = nonzero - b.keep
         self._scale_(factors)
         return cut
+
+    def _nonzero(self, block: _Block) -> Tensor:
+        """``(G_f,)`` bool: the block's groups with any nonzero weight."""
+        return block.family.row_sq()[block.members.to(self._device(block))] > 0
 
     @staticmethod
     def _hold(b: _Block, norms: Tensor) -> None:

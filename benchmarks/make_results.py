@@ -26,6 +26,13 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _load_lm(name: str) -> dict | None:
+    """``iss_<name>.json`` with its dense control (``iss_lm_control.py``) as ``"control"``, where measured."""
+    if (d := _load(f"iss_{name}")) is not None:
+        d["control"] = _load(f"iss_{name}_control")
+    return d
+
+
 def _machine(d: dict) -> str:
     m = d["machine"]
     return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}"
@@ -191,7 +198,7 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
                      if so else "")
         rows.append(f"| {what} | {acc['baseline']:.2%} → {acc['finetune']:.2%} | {red} | "
                     f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}×{ort_speed} |")
-    lm = next((d for name in reversed(LM_RECIPES) if (d := _load(f"iss_{name}")) is not None), None)
+    lm = next((d for name in reversed(LM_RECIPES) if (d := _load_lm(name)) is not None), None)
     rows += readme_rows(_load("ssl_lenet_force_lowrank"), _load("ssl_lenet_ssl_force_lowrank"), lm)
     rows += _terngrad_rows(_load("terngrad_wire"), _load("terngrad_speed"), _load("terngrad_convergence"))
     if overhead:
@@ -214,7 +221,7 @@ def main() -> None:
     if (depth := _load("ssl_resnet20_depth")) is not None:
         out += ssl_section(depth, "Depth-wise SSL on ResNet-20, Fashion-MNIST (residual branches)")
     for name in LM_RECIPES:
-        if (lm := _load(f"iss_{name}")) is not None:
+        if (lm := _load_lm(name)) is not None:
             out += iss_lm_section(lm)
     if (alt := _load("iss_alternatives")) is not None:
         out += iss_alternatives_section(alt)

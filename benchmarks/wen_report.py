@@ -181,6 +181,19 @@ def _lm_budget(d: dict[str, Any]) -> str:
     return out
 
 
+def _lm_control(d: dict[str, Any]) -> str:
+    """The control of ``iss_lm_control.py``, when measured: the dense model fine-tuned instead of ISS."""
+    if not (c := d.get("control")):
+        return (" Whether the dense model gains as much from those extra epochs is what `iss_lm_control.py` "
+                "measures; it has not been run for this recipe.")
+    ft, base = c["perplexity"]["finetune"], d["perplexity"]["finetune"]
+    curve = ", ".join(f"{h['perplexity']:.1f}" for h in c["finetune_history"])
+    return (f" Control (`iss_lm_control.py`): the dense model, given the same {c['epochs']['finetune']} fine-tuning "
+            f"epochs instead of ISS (dropout {c['dropout']}), goes from {c['perplexity']['baseline']:.2f} to "
+            f"**{ft:.2f}** test perplexity ({curve} per epoch; validation {c['valid_perplexity']['finetune']:.2f}); "
+            f"the ISS model is {(base / ft - 1) * 100:+.1f}% from it.")
+
+
 def iss_lm_section(d: dict[str, Any]) -> list[str]:
     """Perplexity, widths, direct design and speed of ISS on the word LM."""
     p, v, dd, w = d["perplexity"], d.get("valid_perplexity", {}), d["direct_design"], d["widths"]
@@ -206,7 +219,7 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
               f"({d['flop_reduction']:.2f}× fewer) | | |", "",
               f"The direct design trains the compact widths from scratch for {dd['epochs']} epochs, the dense "
               f"baseline's schedule{_lm_budget(d)}; the ISS model has trained {sum(epochs)} "
-              f"({' + '.join(map(str, epochs))}: dense, ISS, fine-tuning).", "",
+              f"({' + '.join(map(str, epochs))}: dense, ISS, fine-tuning).{_lm_control(d)}", "",
               "CPU latency on (35, B) token blocks, median of 30 interleaved runs; *LSTM* is the embedding and "
               "the LSTM layers without the 10k-word decoder, which ISS does not shrink:", "",
               "| threads | batch | dense ms | compact ms | speedup | LSTM dense ms | LSTM compact ms | LSTM speedup |",
@@ -258,7 +271,9 @@ def readme_rows(force: dict[str, Any] | None, combined: dict[str, Any] | None, l
                         f"{sp['threads1_batch1']['speedup']:.2f}×{ort} |")
     if lm:
         p, w, s = lm["perplexity"], lm["widths"], lm["speed"]["threads1_batch20"]
-        rows.append(f"| Word LSTM LM, King James Bible, ISS | perplexity {p['baseline']:.1f} → {p['finetune']:.1f} "
+        c = lm.get("control")
+        control = f" (dense fine-tuned as long: {c['perplexity']['finetune']:.1f})" if c else ""
+        rows.append(f"| Word LSTM LM, King James Bible, ISS | perplexity {p['baseline']:.1f} → {p['finetune']:.1f}{control} "
                     f"| hidden {'/'.join(map(str, w['dense']))} → {'/'.join(map(str, w['compact']))}, "
                     f"{lm['lstm_flop_reduction']:.1f}× fewer LSTM FLOPs | LSTM {s['lstm_speedup']:.2f}×, whole model "
                     f"{s['speedup']:.2f}× (batch 20, seq 35) |")

@@ -153,12 +153,20 @@ def test_keep_stops_the_lasso_at_the_budget_and_holds_the_rest_at_zero():
     assert all(g.norm() == 0 for g in groups)           # without the budget, λ takes them all
 
 
+def test_a_small_keep_still_leaves_every_layer_one_group():
+    net, groups = _ranked_net()
+    _train(net, GroupLasso(groups, 5.0, keep=0.05), 10)  # floor(0.05 · 10) = 0 would remove the layer
+    assert [k for k, g in enumerate(groups) if g.norm() > 0] == [9]
+
+
 def test_keep_needs_the_proximal_mode():
     net, groups = _ranked_net()
     with pytest.raises(ConfigError, match="mode='prox'"):
         GroupLasso(groups, 1.0, mode="subgradient", keep=0.5)
     with pytest.raises(ConfigError, match="fractions"):
         GroupLasso(groups, 1.0, keep={"neuron": 2.0})
+    with pytest.raises(ConfigError, match="fractions"):
+        GroupLasso(groups, 1.0, keep=0.0)               # would remove every unit: the layer itself
 
 
 def test_meet_budget_cuts_what_lambda_left_above_it_by_magnitude():

@@ -48,9 +48,9 @@ def _keep_per_kind(keep: float | Mapping[str, float] | None) -> dict[str, float]
     if keep is None:
         return {}
     out = {k: float(v) for k, v in keep.items()} if isinstance(keep, Mapping) else dict.fromkeys(KINDS, float(keep))
-    bad = {k: v for k, v in out.items() if k not in KINDS or not 0 <= v <= 1}
+    bad = {k: v for k, v in out.items() if k not in KINDS or not 0 < v <= 1}
     if bad:
-        raise ConfigError(f"keep must map kinds in {list(KINDS)} to fractions in [0, 1], got {bad}")
+        raise ConfigError(f"keep must map kinds in {list(KINDS)} to fractions in (0, 1] (1 keeps every group), got {bad}")
     return out
 
 
@@ -138,7 +138,7 @@ class GroupLasso(_Regularizer):
         threshold: element threshold of the subgradient mode.
         reset_momentum: zero the momentum of weights that reach zero (pass the optimizer to
             :meth:`step_`), so zero groups stay zero; see :meth:`step_`.
-        keep: a size budget (prox mode): once at most ``floor(keep·G)`` of a layer's ``G`` groups of a
+        keep: a size budget (prox mode): once at most ``max(1, floor(keep·G))`` of a layer's ``G`` groups of a
             kind are nonzero, the Lasso on that layer stops and its zero groups are held at zero, so
             λ decides which groups go and how fast, and ``keep`` where it stops (ISS on PTB: 1500 → 373
             is ``keep=0.25``); :meth:`meet_budget_` cuts layers that λ left above it by magnitude. A
@@ -188,7 +188,7 @@ class GroupLasso(_Regularizer):
             if lam > 0:
                 block = _Block(fam, members, torch.full((len(members),), lam))
                 if fam.kind in keep_of:
-                    block.keep = int(keep_of[fam.kind] * len(members))
+                    block.keep = max(1, int(keep_of[fam.kind] * len(members)))  # a layer keeps a unit
                     nonzero = self._nonzero(block)  # a run resumed after its budget was met is met again
                     if int(nonzero.sum()) <= block.keep:
                         block.dead = ~nonzero

@@ -157,7 +157,9 @@ class SSLSpec(PhaseSpec):
             for kind, fraction in (self.keep.items() if isinstance(self.keep, dict) else [("", self.keep)]):
                 if kind and kind not in self.kinds:
                     raise _FieldError(f"keep.{kind}", f"is for a kind not in kinds {self.kinds}; add it there or remove it")
-                _check_range(f"keep.{kind}" if kind else "keep", fraction, 0.0, 1.0)
+                if not 0 < fraction <= 1:
+                    raise _FieldError(f"keep.{kind}" if kind else "keep",
+                                      f"must be in (0, 1], the fraction of each layer's groups to keep, got {fraction}")
 
 
 @dataclass

@@ -80,9 +80,9 @@ def write(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def recipe_run(default: str, description: str | None = None):
+def recipe_run(default: str, description: str | None = None, derive: Callable | None = None):
     """``--recipe NAME [--resume]`` from the command line, trained in ``<repo>/runs/<name>``:
-    ``(recipe, result, resume)``."""
+    ``(recipe, result, resume)``. ``derive`` maps the loaded recipe to the one to train (a control)."""
     import argparse
 
     from torchslim.engine import run
@@ -94,6 +94,8 @@ def recipe_run(default: str, description: str | None = None):
     args = ap.parse_args()
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)
+    if derive is not None:
+        recipe = derive(recipe)
     result = run(recipe, run_dir=Path(__file__).resolve().parent.parent / "runs" / recipe.name,
                  resume=args.resume, progress=False)
     return recipe, result, args.resume

@@ -29,7 +29,7 @@ def _load(name: str) -> dict | None:
 def _load_lm(name: str) -> dict | None:
     """``iss_<name>.json`` with its dense control (``iss_lm_control.py``) as ``"control"``, where measured."""
     if (d := _load(f"iss_{name}")) is not None:
-        d["control"] = _load(f"iss_{name}_control")
+        d["control"] = _load(f"iss_{name}_denseft")
     return d
 
 

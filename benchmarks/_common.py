@@ -80,22 +80,30 @@ def write(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def recipe_run(default: str, description: str | None = None, derive: Callable | None = None):
-    """``--recipe NAME [--resume]`` from the command line, trained in ``<repo>/runs/<name>``:
-    ``(recipe, result, resume)``. ``derive`` maps the loaded recipe to the one to train (a control)."""
+def recipe_args(default: str, description: str | None = None):
+    """``--recipe NAME [--resume]`` from the command line: ``(recipe, resume)``."""
     import argparse
 
-    from torchslim.engine import run
     from torchslim.recipes import load_recipe
 
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--recipe", default=default)
     ap.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
     args = ap.parse_args()
+    return load_recipe(args.recipe), args.resume
+
+
+def train(recipe, resume: bool):
+    """Train ``recipe`` in ``<repo>/runs/<name>`` (seeded as every benchmark run): its ``RunResult``."""
+    from torchslim.engine import run
+
     torch.manual_seed(0)
-    recipe = load_recipe(args.recipe)
-    if derive is not None:
-        recipe = derive(recipe)
-    result = run(recipe, run_dir=Path(__file__).resolve().parent.parent / "runs" / recipe.name,
-                 resume=args.resume, progress=False)
-    return recipe, result, args.resume
+    return run(recipe, run_dir=Path(__file__).resolve().parent.parent / "runs" / recipe.name, resume=resume,
+               progress=False)
+
+
+def recipe_run(default: str, description: str | None = None):
+    """``--recipe NAME [--resume]`` from the command line, trained in ``<repo>/runs/<name>``:
+    ``(recipe, result, resume)``."""
+    recipe, resume = recipe_args(default, description)
+    return recipe, train(recipe, resume), resume

@@ -14,19 +14,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from _common import interleaved_latency, recipe_run, write
-from torchslim.engine import run
+from _common import RESULTS, interleaved_latency, recipe_run, train, write
 from torchslim.plots import plot_history
 from torchslim.profile import profile
 from torchslim.recipes import apply_overrides, recipe_from_dict
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).parent / "results"
 
 
 class _Stack(nn.Module):
@@ -60,7 +56,7 @@ def main() -> None:
     direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
         f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
         *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
-    direct = run(direct_recipe, run_dir=ROOT / "runs" / direct_recipe.name, resume=resume, progress=False)
+    direct = train(direct_recipe, resume)
 
     speed = {}
     for threads in (1, 2):

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 from terngrad_report import terngrad_sections
-from wen_report import (force_seeds_section, iss_alternatives_section, iss_lm_section, lowrank_sections,
-                        rank_table_section, readme_rows)
+from wen_report import (iss_alternatives_section, iss_lm_section, lowrank_sections, rank_table_section,
+                        readme_rows)
 from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
@@ -27,9 +27,10 @@ def _load(name: str) -> dict | None:
 
 
 def _load_lm(name: str) -> dict | None:
-    """``iss_<name>.json`` with its dense control (``iss_lm_control.py``) as ``"control"``, where measured."""
+    """``iss_<name>.json`` with the controls of ``iss_lm_control.py`` as ``"control"`` (dense) and
+    ``"control_direct"`` (the compact widths from scratch), where measured."""
     if (d := _load(f"iss_{name}")) is not None:
-        d["control"] = _load(f"iss_{name}_denseft")
+        d["control"], d["control_direct"] = _load(f"iss_{name}_denseft"), _load(f"iss_{name}_direct_long")
     return d
 
 

@@ -27,3 +27,21 @@ def test_run_all_lists_existing_scripts():
         sys.path.remove(str(BENCHMARKS))
     missing = [step[0] for step in run_all.STEPS if not (BENCHMARKS / step[0]).is_file()]
     assert not missing
+
+
+def test_lm_controls_keep_the_schedule_and_drop_iss(monkeypatch):
+    from torchslim.recipes import load_recipe
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    control = importlib.import_module("iss_lm_control")
+    recipe = load_recipe("kjv_lm_iss_650_keep")
+    dense, direct = control.control_recipe(recipe), control.direct_recipe(recipe, [260, 250])
+    for derived in (dense, direct):
+        assert derived.ssl.epochs == 0
+        assert (derived.baseline.epochs, derived.finetune.epochs) == (recipe.baseline.epochs, recipe.finetune.epochs)
+        assert (derived.baseline.lr, derived.finetune.lr) == (recipe.baseline.lr, recipe.finetune.lr)
+    assert dense.model.kwargs["hidden_size"] == recipe.model.kwargs["hidden_size"]
+    assert dense.baseline.dropout is None and dense.finetune.dropout == recipe.model.kwargs["dropout"]
+    assert direct.model.kwargs["hidden_size"] == [260, 250]
+    assert direct.baseline.dropout == direct.finetune.dropout == recipe.finetune.dropout
+    assert len({recipe.name, dense.name, direct.name}) == 3

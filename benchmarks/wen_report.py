@@ -181,8 +181,9 @@ def _lm_budget(d: dict[str, Any]) -> str:
     return out
 
 
-def _lm_control(d: dict[str, Any]) -> list[str]:
-    """The controls of ``iss_lm_control.py``, when measured: the recipe's schedule with no ISS phase."""
+def _lm_control(d: dict[str, Any], epochs: int) -> list[str]:
+    """The controls of ``iss_lm_control.py``, when measured: the recipe's schedule with no ISS phase. ``epochs``:
+    all the ISS model trained."""
     dense, direct = d.get("control"), d.get("control_direct")
     if not dense:
         return ["", "Whether the dense model gains as much from those extra epochs is what `iss_lm_control.py` "
@@ -201,7 +202,6 @@ def _lm_control(d: dict[str, Any]) -> list[str]:
                          f"| {ft:.2f} | {c['valid_perplexity']['finetune']:.2f} | {(p['finetune'] / ft - 1) * 100:+.1f}% "
                          f"| {curve(c)} |")
     r = d["recipe"]
-    epochs = sum(r[phase]["epochs"] for phase in ("baseline", "ssl", "finetune"))
     dropout = r["model"]["kwargs"]["dropout"]
     if r["finetune"].get("dropout") not in (None, dropout):
         dropout = f"{dropout}, fine-tuning {r['finetune']['dropout']}"
@@ -239,7 +239,7 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
               f"({d['flop_reduction']:.2f}× fewer) | | |", "",
               f"The direct design trains the compact widths from scratch for {dd['epochs']} epochs, the dense "
               f"baseline's schedule{_lm_budget(d)}; the ISS model has trained {sum(epochs)} "
-              f"({' + '.join(map(str, epochs))}: dense, ISS, fine-tuning).", *_lm_control(d), "",
+              f"({' + '.join(map(str, epochs))}: dense, ISS, fine-tuning).", *_lm_control(d, sum(epochs)), "",
               "CPU latency on (35, B) token blocks, median of 30 interleaved runs; *LSTM* is the embedding and "
               "the LSTM layers without the 10k-word decoder, which ISS does not shrink:", "",
               "| threads | batch | dense ms | compact ms | speedup | LSTM dense ms | LSTM compact ms | LSTM speedup |",

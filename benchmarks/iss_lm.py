@@ -5,7 +5,9 @@
 1. Trains the recipe (dense baseline → ISS → compact → fine-tune; checkpoints in ``runs/<recipe>``).
 2. "Direct design" (the ISS paper's baseline): the compact model's per-layer widths trained from
    scratch with the dense baseline's schedule (``runs/<recipe>_direct``), and the fine-tuning's
-   dropout where the recipe lowers it for the compact model.
+   dropout where the recipe lowers it for the compact model. A recipe that learns ISS from scratch (no
+   dense epochs, as the paper's "learn ISS from scratch") has no dense schedule to copy: its dense model
+   and direct design trained as long are ``iss_lm_control.py``'s controls, run after this.
 3. Times the dense and the compact model on ``(35, B)`` token blocks, B = 1 and 20 (sequence length 35,
    as the paper), interleaved in one run, 1 and 2 threads: the whole model and the LSTM layers alone
    (the decoder's 10k-word softmax is untouched by ISS), beside their multiply-add ratios.
@@ -52,11 +54,17 @@ def main() -> None:
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     widths = _widths(small)
 
-    dropout = recipe.finetune.dropout  # a narrower model needs less: the same one ISS's fine-tuning uses
-    direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
-        f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
-        *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
-    direct = train(direct_recipe, resume)
+    direct_design, seconds = None, result.seconds
+    if recipe.baseline.epochs:
+        dropout = recipe.finetune.dropout  # a narrower model needs less: the same one ISS's fine-tuning uses
+        direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
+            f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
+            *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
+        direct = train(direct_recipe, resume)
+        direct_design = {"widths": widths, "perplexity": _ppl(direct, "baseline"),
+                         "valid_perplexity": _ppl(direct, "baseline", valid=True),
+                         "epochs": direct_recipe.baseline.epochs, "dropout": dropout}
+        seconds += direct.seconds
 
     speed = {}
     for threads in (1, 2):
@@ -76,9 +84,7 @@ def main() -> None:
         "recipe": recipe.to_dict(),
         "perplexity": {k: _ppl(result, k) for k in result.loss},
         "valid_perplexity": {k: _ppl(result, k, valid=True) for k in result.valid_loss},
-        "direct_design": {"widths": widths, "perplexity": _ppl(direct, "baseline"),
-                          "valid_perplexity": _ppl(direct, "baseline", valid=True),
-                          "epochs": direct_recipe.baseline.epochs, "dropout": dropout},
+        "direct_design": direct_design,
         "accuracy": result.accuracy,
         "widths": {"dense": _widths(dense), "compact": widths},
         "alive": result.history[-1 - recipe.finetune.epochs].alive if recipe.finetune.epochs else {},
@@ -90,7 +96,7 @@ def main() -> None:
         "speed": speed,
         "history_plot": plot_history(result.history, RESULTS / f"iss_{recipe.name}_history.png",
                                      title=f"{recipe.name}: next-word accuracy and ISS units alive per epoch").name,
-        "train_seconds": result.seconds + direct.seconds,
+        "train_seconds": seconds,
     }
     write(f"iss_{recipe.name}", data)
 

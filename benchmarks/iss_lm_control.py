@@ -4,7 +4,8 @@
 
 The ISS model of ``iss_lm.py`` trains the dense baseline's epochs, then the ISS epochs, then fine-tunes.
 Two controls train the recipe with no ISS phase, on the same schedule: the dense baseline, then the
-recipe's fine-tuning schedule applied to the model itself.
+recipe's fine-tuning schedule applied to the model itself. A recipe that learns ISS from scratch (no dense
+epochs) gives its ISS phase's schedule to the controls' first phase, so they train as long as the ISS model.
 
 1. Dense (``runs/<recipe>_denseft``, ``results/iss_<recipe>_denseft.json``): the dense widths, with the dense
    model's dropout throughout.
@@ -12,7 +13,9 @@ recipe's fine-tuning schedule applied to the model itself.
    widths ISS reached (read from ``results/iss_<recipe>.json``, which ``iss_lm.py`` writes), from scratch,
    with the compact model's fine-tuning dropout throughout. Where that file is missing, only the first runs.
 
-ISS's fine-tuned perplexity is compared with both in RESULTS.md.
+ISS's fine-tuned perplexity is compared with both in RESULTS.md. A control that another recipe's controls
+already trained exactly (the same recipe but for its name, found in ``results/``) is reused, not retrained;
+its JSON says ``measured_as``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from torchslim.recipes import apply_overrides, recipe_from_dict
 
 
 def control_recipe(recipe):
-    """``recipe`` without its ISS epochs; fine-tuning keeps the dense model's own dropout."""
-    return recipe_from_dict(apply_overrides(recipe.to_dict(), [
+    """``recipe`` without its ISS epochs; fine-tuning keeps the dense model's own dropout. Learned from scratch
+    (no dense epochs), the ISS phase's schedule becomes the dense phase's."""
+    d = recipe.to_dict()
+    if recipe.baseline.epochs == 0:
+        d["baseline"] = {k: d["ssl"][k] for k in d["baseline"]} | {"dropout": None}
+    return recipe_from_dict(apply_overrides(d, [
         f"name={recipe.name}_denseft", "ssl.epochs=0", "ssl.strength=0",
         f"finetune.dropout={recipe.model.kwargs['dropout']}"]))
 
@@ -37,6 +44,31 @@ def direct_recipe(recipe, widths: list[int]):
     return recipe_from_dict(apply_overrides(control_recipe(recipe).to_dict(), [
         f"name={recipe.name}_direct_long", f"model.kwargs.hidden_size={widths}",
         f"baseline.dropout={dropout}", f"finetune.dropout={dropout}"]))
+
+
+def _training(recipe) -> dict:
+    """What a control trains, for comparing two: its recipe without the name and the ISS phase it skips."""
+    return {k: v for k, v in recipe.to_dict().items() if k not in ("name", "ssl")}
+
+
+def measured(recipe) -> dict | None:
+    """The results of a control that trained exactly as ``recipe`` under another name, or None."""
+    for path in sorted(RESULTS.glob("iss_*.json")):
+        data = json.loads(path.read_text())
+        other = data.get("recipe")
+        if (other and other["name"] != recipe.name and other["ssl"]["epochs"] == 0
+                and _training(recipe_from_dict(other)) == _training(recipe)):
+            return data
+    return None
+
+
+def _run(recipe, resume: bool) -> None:
+    if (same := measured(recipe)) is not None:
+        print(f"{recipe.name} trains exactly as {same['recipe']['name']}, measured on {same['date']}: reused")
+        data = {k: v for k, v in same.items() if k != "benchmark"}
+        write(f"iss_{recipe.name}", data | {"recipe": recipe.to_dict(), "measured_as": same["recipe"]["name"]})
+    else:
+        write(f"iss_{recipe.name}", _summary(recipe, train(recipe, resume)))
 
 
 def _summary(recipe, result) -> dict:
@@ -58,14 +90,12 @@ def _summary(recipe, result) -> dict:
 
 def main() -> None:
     recipe, resume = recipe_args("kjv_lm_iss_650_keep", __doc__.splitlines()[0])
-    dense = control_recipe(recipe)
-    write(f"iss_{dense.name}", _summary(dense, train(dense, resume)))
+    _run(control_recipe(recipe), resume)
     iss = RESULTS / f"iss_{recipe.name}.json"
     if not iss.exists():
         print(f"{iss} is missing: run benchmarks/iss_lm.py --recipe {recipe.name} first for the direct-design control")
         return
-    direct = direct_recipe(recipe, json.loads(iss.read_text())["widths"]["compact"])
-    write(f"iss_{direct.name}", _summary(direct, train(direct, resume)))
+    _run(direct_recipe(recipe, json.loads(iss.read_text())["widths"]["compact"]), resume)
 
 
 if __name__ == "__main__":

@@ -45,3 +45,34 @@ def test_lm_controls_keep_the_schedule_and_drop_iss(monkeypatch):
     assert direct.model.kwargs["hidden_size"] == [260, 250]
     assert direct.baseline.dropout == direct.finetune.dropout == recipe.finetune.dropout
     assert len({recipe.name, dense.name, direct.name}) == 3
+
+
+def test_lm_controls_of_iss_from_scratch_train_its_iss_schedule_densely(monkeypatch):
+    from torchslim.recipes import load_recipe
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    control = importlib.import_module("iss_lm_control")
+    scratch = load_recipe("kjv_lm_iss_650_scratch")
+    assert scratch.baseline.epochs == 0
+    dense, direct = control.control_recipe(scratch), control.direct_recipe(scratch, [260, 260])
+    for derived in (dense, direct):
+        assert (derived.baseline.epochs, derived.baseline.lr) == (scratch.ssl.epochs, scratch.ssl.lr)
+        assert (derived.ssl.epochs, derived.finetune.epochs) == (0, scratch.finetune.epochs)
+    assert dense.baseline.dropout is None  # the dense model's own, not the ISS phase's
+    # kjv_lm_iss_650_keep's controls train exactly these, so their measured results are reused
+    assert control.measured(dense)["recipe"]["name"] == "kjv_lm_iss_650_keep_denseft"
+    assert control.measured(direct)["recipe"]["name"] == "kjv_lm_iss_650_keep_direct_long"
+    assert control.measured(control.direct_recipe(scratch, [260, 250])) is None
+
+
+def test_lm_report_of_iss_from_scratch_compares_with_the_controls(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["make_results"])
+    make_results, wen_report = importlib.import_module("make_results"), importlib.import_module("wen_report")
+    d = make_results._load_lm("kjv_lm_iss_650_keep")
+    d["recipe"]["baseline"]["epochs"], d["direct_design"] = 0, None  # as if learned from scratch
+    d["perplexity"]["baseline"] = 9000.0  # the untrained dense model: never the reference
+    dense, direct = d["control"]["perplexity"]["finetune"], d["control_direct"]["perplexity"]["finetune"]
+    row = next(line for line in wen_report.iss_lm_section(d) if line.startswith("| test perplexity"))
+    assert row.split(" | ")[1] == f"{dense:.2f}" and f"| {direct:.2f} (" in row and "9000" not in row
+    assert f"(dense, as long: {dense:.1f})" in wen_report.readme_rows(None, None, d)[0]

@@ -97,6 +97,17 @@ def test_history_records_groups_alive_per_layer_and_plots_them(tmp_path):
     assert plot_history(result.history, tmp_path / "h.png").stat().st_size > 10_000
 
 
+def test_keep_ramp_reaches_the_budget_gradually_over_the_phase(tmp_path):
+    budget = ["ssl.epochs=2", "ssl.kinds=[channel]", "ssl.strength=0.2", "ssl.keep=0.25", "compact.shapes=off"]
+    alive = {}
+    for ramp in (0.0, 1.0):
+        result = engine.run(tiny(*budget, f"ssl.keep_ramp={ramp}"), run_dir=tmp_path / str(ramp), progress=False,
+                            stop_after="ssl")
+        alive[ramp] = [r.alive for r in result.history if r.phase == "ssl"]
+    assert alive[0.0][1] == alive[1.0][1]                   # the same budget in the end
+    assert sum(alive[1.0][0].values()) > sum(alive[0.0][0].values())  # halfway, the ramp still keeps more
+
+
 def test_finetuning_keeps_removed_structures_at_zero(tmp_path):
     result = engine.run(tiny("compact.shapes=off", "finetune.lr=0.05"), run_dir=tmp_path, progress=False)
     before = load_compact(tmp_path / "compacted.pt")  # the compact model before fine-tuning
@@ -129,8 +140,9 @@ def test_resume_does_not_redo_finished_epochs_and_matches_a_straight_run(tmp_pat
     assert third.epochs_trained == {"baseline": 0, "ssl": 0, "finetune": 0}  # all done: nothing to redo
 
 
-def test_resume_in_the_middle_of_a_phase_restores_the_optimizer(tmp_path, monkeypatch):
-    recipe = tiny("ssl.epochs=2")
+@pytest.mark.parametrize("extra", [[], ["ssl.keep=0.25", "ssl.keep_ramp=1"]], ids=["lasso", "budget-ramp"])
+def test_resume_in_the_middle_of_a_phase_restores_the_optimizer(tmp_path, monkeypatch, extra):
+    recipe = tiny("ssl.epochs=2", *extra)
     straight = engine.run(recipe, run_dir=tmp_path / "straight", progress=False)
 
     real, calls = engine.train_epoch, []

@@ -153,6 +153,33 @@ def test_keep_stops_the_lasso_at_the_budget_and_holds_the_rest_at_zero():
     assert all(g.norm() == 0 for g in groups)           # without the budget, λ takes them all
 
 
+def test_keep_ramp_thins_a_layer_no_faster_than_the_cubic_and_ends_at_the_budget():
+    net, groups = _ranked_net()
+    lasso = GroupLasso(groups, 5.0, keep=0.3, keep_ramp=8)  # λ alone would take all 10 in 2 steps
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    alive = []
+    for _ in range(10):
+        opt.zero_grad()
+        (-0.1 * (net[0].weight.sum() + net[2].weight.sum())).backward()
+        opt.step()
+        lasso.step_(0.1)
+        alive.append(sum(bool(g.norm()) for g in groups))
+    budget = [3 + int(7 * (1 - min(t, 8) / 8) ** 3) for t in range(10)]  # k_t = k + (G - k)(1 - t/T)^3
+    assert all(a >= b for a, b in zip(alive, budget))  # λ sets the pace, the ramp caps it
+    assert alive[:3] == budget[:3] == [10, 7, 5] and alive[-1] == 3
+    assert [k for k, g in enumerate(groups) if g.norm() > 0] == [7, 8, 9]  # the largest, as without a ramp
+
+
+def test_keep_ramp_resumes_where_it_stood():
+    net, groups = _ranked_net()
+    first = GroupLasso(groups, 5.0, keep=0.3, keep_ramp=8)
+    _train(net, first, 4)
+    resumed = GroupLasso(groups, 5.0, keep=0.3, keep_ramp=8)
+    resumed.steps = first.steps
+    _train(net, resumed, 1)
+    assert sum(bool(g.norm()) for g in groups) == 3 + int(7 * (1 - 4 / 8) ** 3)
+
+
 def test_a_small_keep_still_leaves_every_layer_one_group():
     net, groups = _ranked_net()
     _train(net, GroupLasso(groups, 5.0, keep=0.05), 10)  # floor(0.05 · 10) = 0 would remove the layer
@@ -167,6 +194,8 @@ def test_keep_needs_the_proximal_mode():
         GroupLasso(groups, 1.0, keep={"neuron": 2.0})
     with pytest.raises(ConfigError, match="fractions"):
         GroupLasso(groups, 1.0, keep=0.0)               # would remove every unit: the layer itself
+    with pytest.raises(ConfigError, match="needs keep"):
+        GroupLasso(groups, 1.0, keep_ramp=10)
 
 
 def test_meet_budget_cuts_what_lambda_left_above_it_by_magnitude():

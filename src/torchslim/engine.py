@@ -411,13 +411,16 @@ def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = 
 
 def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
     """SSL's regularizer over ``groups`` (it checks that every multiplier selects a layer)."""
-    spec = run.recipe.ssl
+    spec, steps = run.recipe.ssl, run.task.steps_per_epoch()
     lasso = GroupLasso(
         groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
         mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum, keep=spec.keep,
+        keep_ramp=round(spec.keep_ramp * spec.epochs * steps),
     )
+    lasso.steps = run.done["ssl"] * steps  # resumed: where the budget's ramp stands
+    ramp = f" reached over {spec.keep_ramp:.0%} of the phase" if spec.keep_ramp else ""
     log.info("SSL: %d groups (%s), λ=%s, mode=%s%s", len(groups), ", ".join(spec.kinds), spec.strength, spec.mode,
-             f", keep {spec.keep}" if spec.keep is not None else "")
+             f", keep {spec.keep}{ramp}" if spec.keep is not None else "")
     return lasso
 
 

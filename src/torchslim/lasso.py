@@ -106,6 +106,13 @@ class _Regularizer:
         raise NotImplementedError
 
 
+def _smallest(norms: Tensor, k: int) -> Tensor:
+    """``(G,)`` bool: every group but the ``k`` of largest norm."""
+    out = torch.ones_like(norms, dtype=torch.bool)
+    out[norms.topk(k).indices] = False
+    return out
+
+
 @torch.no_grad()
 def _reset_momentum(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> None:
     """Zero the momentum buffer (SGD's ``momentum_buffer``) where the weight is exactly zero."""
@@ -143,6 +150,12 @@ class GroupLasso(_Regularizer):
             λ decides which groups go and how fast, and ``keep`` where it stops (ISS on PTB: 1500 → 373
             is ``keep=0.25``); :meth:`meet_budget_` cuts layers that λ left above it by magnitude. A
             mapping gives one per kind; kinds not in it, and layers whose λ is 0, have no budget.
+        keep_ramp: reach the budget gradually, over this many :meth:`step_` calls: the groups a layer may keep
+            fall from all ``G`` to ``keep·G`` on Zhu & Gupta's cubic (2017, "To prune, or not to prune"),
+            ``k_t = k + (G − k)(1 − t/keep_ramp)³``. While a layer is at or under ``k_t`` its Lasso pauses
+            (its ``k_t`` largest groups kept, the rest held at zero), so a strong λ cannot thin it faster
+            than the ramp. 0: the budget is ``keep`` from the first step. ``steps`` counts the calls (set it
+            when resuming).
 
     Example:
         >>> import torch, torchslim
@@ -163,12 +176,17 @@ class GroupLasso(_Regularizer):
         threshold: float = 1e-4,
         reset_momentum: bool = False,
         keep: float | Mapping[str, float] | None = None,
+        keep_ramp: int = 0,
     ) -> None:
         self._set_mode(mode, threshold, reset_momentum)
         keep_of = _keep_per_kind(keep)
         if keep_of and mode != "prox":
             raise ConfigError("keep (a size budget) needs mode='prox', which reaches exact zeros; "
                               "remove keep or use mode='prox'")
+        if keep_ramp < 0 or (keep_ramp and not keep_of):
+            raise ConfigError(f"keep_ramp must be >= 0 steps and needs keep (the budget it falls to), got "
+                              f"keep_ramp={keep_ramp}, keep={keep}")
+        self.keep_ramp, self.steps = int(keep_ramp), 0
         if isinstance(strength, Mapping):
             bad = [k for k in strength if k not in KINDS]
             if bad:
@@ -230,10 +248,21 @@ class GroupLasso(_Regularizer):
         for b in self.blocks:
             norms = self._norms(b)
             shrink = (1 - lr * b.lam.to(norms.device) / norms).clamp_min(0)  # (G_f,)
-            if b.keep is not None and b.dead is None and int((shrink > 0).sum()) <= b.keep:
-                self._hold(b, norms)
+            if b.keep is not None and b.dead is None and int((shrink > 0).sum()) <= (k := self._budget(b)):
+                if k == b.keep:
+                    self._hold(b, norms)
+                else:  # on the ramp: pause until the budget falls below the groups left
+                    shrink = (~_smallest(norms, k)).to(norms.dtype)
             factors.append((b, shrink if b.dead is None else (~b.dead).to(norms.dtype)))
+        self.steps += 1
         self._scale_(factors)
+
+    def _budget(self, b: _Block) -> int:
+        """``k_t``: the groups block ``b`` may keep at this step (``b.keep`` once the ramp is over)."""
+        if self.steps >= self.keep_ramp:
+            return b.keep
+        left = (1 - self.steps / self.keep_ramp) ** 3
+        return b.keep + int((len(b.members) - b.keep) * left)
 
     @torch.no_grad()
     def meet_budget_(self) -> dict[str, int]:
@@ -262,8 +291,7 @@ class GroupLasso(_Regularizer):
     @staticmethod
     def _hold(b: _Block, norms: Tensor) -> None:
         """The budget is met: keep the ``b.keep`` largest groups, hold the others at zero from now on."""
-        b.dead = torch.ones_like(norms, dtype=torch.bool)
-        b.dead[norms.topk(b.keep).indices] = False
+        b.dead = _smallest(norms, b.keep)
 
     @staticmethod
     def _scale_(factors: Sequence[tuple[_Block, Tensor]]) -> None:

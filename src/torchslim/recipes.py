@@ -131,6 +131,7 @@ class SSLSpec(PhaseSpec):
     threshold: float = 1.0e-4  # subgradient mode: |w| below this is set to 0 (Caffe's ZEROUT_THRESHOLD)
     reset_momentum: bool = False  # zero the momentum of weights the Lasso set to 0, so zero groups stay zero
     keep: float | dict[str, float] | None = None  # size budget: a layer's Lasso stops at this fraction of its groups
+    keep_ramp: float = 0.0  # reach keep over this fraction of the phase, on Zhu & Gupta's cubic; 0: from the start
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -160,6 +161,10 @@ class SSLSpec(PhaseSpec):
                 if not 0 < fraction <= 1:
                     raise _FieldError(f"keep.{kind}" if kind else "keep",
                                       f"must be in (0, 1], the fraction of each layer's groups to keep, got {fraction}")
+        if not 0 <= self.keep_ramp <= 1:
+            raise _FieldError("keep_ramp", f"must be in [0, 1], the fraction of the phase, got {self.keep_ramp}")
+        if self.keep_ramp and self.keep is None:
+            raise _FieldError("keep_ramp", "needs keep, the budget it ramps down to; set keep or remove keep_ramp")
 
 
 @dataclass

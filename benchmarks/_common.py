@@ -102,6 +102,12 @@ def train(recipe, resume: bool):
                progress=False)
 
 
+def train_seconds(result) -> float:
+    """Seconds of every epoch of a ``RunResult``, evaluation included, resumed epochs too (``result.seconds``
+    counts only the last call)."""
+    return sum(h.seconds for h in result.history)
+
+
 def recipe_run(default: str, description: str | None = None):
     """``--recipe NAME [--resume]`` from the command line, trained in ``<repo>/runs/<name>``:
     ``(recipe, result, resume)``."""

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from _common import RESULTS, interleaved_latency, recipe_run, train, write
+from _common import RESULTS, interleaved_latency, recipe_run, train, train_seconds, write
 from torchslim.plots import plot_history
 from torchslim.profile import profile
 from torchslim.recipes import apply_overrides, recipe_from_dict
@@ -54,7 +54,7 @@ def main() -> None:
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     widths = _widths(small)
 
-    direct_design, seconds = None, result.seconds
+    direct_design, seconds = None, train_seconds(result)
     if recipe.baseline.epochs:
         dropout = recipe.finetune.dropout  # a narrower model needs less: the same one ISS's fine-tuning uses
         direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
@@ -64,7 +64,7 @@ def main() -> None:
         direct_design = {"widths": widths, "perplexity": _ppl(direct, "baseline"),
                          "valid_perplexity": _ppl(direct, "baseline", valid=True),
                          "epochs": direct_recipe.baseline.epochs, "dropout": dropout}
-        seconds += direct.seconds
+        seconds += train_seconds(direct)
 
     speed = {}
     for threads in (1, 2):

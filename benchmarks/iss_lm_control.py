@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 
-from _common import RESULTS, recipe_args, train, write
+from _common import RESULTS, recipe_args, train, train_seconds, write
 from torchslim.recipes import apply_overrides, recipe_from_dict
 
 
@@ -84,7 +84,7 @@ def _summary(recipe, result) -> dict:
         "epochs": {"baseline": recipe.baseline.epochs, "finetune": recipe.finetune.epochs},
         "widths": widths,
         "dropout": recipe.finetune.dropout,
-        "train_seconds": result.seconds,
+        "train_seconds": train_seconds(result),
     }
 
 

@@ -15,7 +15,7 @@ STEPS = [
     ["iss_lm.py", "--recipe", "kjv_lm_iss_650"],                # ~3.5 h at 1 thread
     ["iss_lm.py", "--recipe", "kjv_lm_iss_650_keep"],           # ~3.5 h at 1 thread
     ["iss_lm_control.py", "--recipe", "kjv_lm_iss_650_keep"],   # dense ~2 h + direct ~35 min at 2 threads
-    ["iss_lm.py", "--recipe", "kjv_lm_iss_650_scratch"],        # ~80 min at 2 threads
+    ["iss_lm.py", "--recipe", "kjv_lm_iss_650_scratch"],        # ~90 min at 2 threads
     ["iss_lm_control.py", "--recipe", "kjv_lm_iss_650_scratch"],  # reuses _keep's controls where they train the same
     ["ssl_recipe.py", "--recipe", "lenet_lowrank"],
     ["ssl_recipe.py", "--recipe", "lenet_force_lowrank"],

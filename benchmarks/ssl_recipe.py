@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, recipe_run, write
+from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, recipe_run, train_seconds, write
 from torchslim import compact, structures
 from torchslim.plots import plot_history
 from torchslim.profile import profile
@@ -62,7 +62,7 @@ def main() -> None:
         "valid_accuracy": result.valid_accuracy,
         "lowrank": result.lowrank,
         "branches": {"total": len(branches), "removed": sum(not bool(g.norm()) for g in branches)},
-        "train_seconds": result.seconds,
+        "train_seconds": train_seconds(result),
     }
     write(f"ssl_{recipe.name}", data)
 

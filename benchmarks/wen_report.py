@@ -180,7 +180,8 @@ def _lm_budget(d: dict[str, Any]) -> str:
     if ssl.get("keep") is not None:
         lam = ssl["strength"]
         lam = ", ".join(f"{v:g}" for v in lam.values()) if isinstance(lam, dict) else f"{lam:g}"
-        out += f"; ISS ran at λ {lam} with the size budget keep {ssl['keep']} (each layer stops at that fraction)"
+        out += f"; ISS ran at λ {lam} with the size budget keep {ssl['keep']} (each layer stops at that fraction"
+        out += f", reached over the first {ssl['keep_ramp']:.0%} of the phase)" if ssl.get("keep_ramp") else ")"
     return out
 
 

@@ -18,7 +18,8 @@ from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
-LM_RECIPES = ("kjv_lm_iss", "kjv_lm_iss_650", "kjv_lm_iss_650_keep", "kjv_lm_iss_650_scratch")  # the README row shows the last one measured
+# the README row shows the last one measured
+LM_RECIPES = ("kjv_lm_iss", "kjv_lm_iss_650", "kjv_lm_iss_650_keep", "kjv_lm_iss_650_scratch")
 
 
 def _load(name: str) -> dict | None:

@@ -199,9 +199,8 @@ def _lm_reference(d: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
     nan = float("nan")
     dense, direct = d.get("control") or {}, d.get("control_direct")
     direct = ({"widths": direct["widths"], "perplexity": direct["perplexity"]["finetune"],
-               "valid_perplexity": direct["valid_perplexity"]["finetune"], "epochs": sum(direct["epochs"].values()),
-               "dropout": direct["dropout"]} if direct else
-              {"widths": d["widths"]["compact"], "perplexity": nan, "valid_perplexity": nan, "epochs": 0, "dropout": None})
+               "valid_perplexity": direct["valid_perplexity"]["finetune"]} if direct else
+              {"widths": d["widths"]["compact"], "perplexity": nan, "valid_perplexity": nan})
     return (dense.get("perplexity", {}).get("finetune", nan), dense.get("valid_perplexity", {}).get("finetune", nan),
             direct)
 
@@ -215,7 +214,8 @@ def _lm_control(d: dict[str, Any], epochs: int) -> list[str]:
                     "measures; it has not been run for this recipe."]
     e, p, v = dense["epochs"], d["perplexity"], d.get("valid_perplexity", {})
     curve = lambda c: ", ".join(f"{h['perplexity']:.1f}" for h in c["finetune_history"])
-    reused = {re.sub(r"_(denseft|direct_long)$", "", c["measured_as"]) for c in (dense, direct) if c and c.get("measured_as")}
+    reused = {re.sub(r"_(denseft|direct_long)$", "", c["measured_as"])
+              for c in (dense, direct) if c and c.get("measured_as")}
     reused = f"; the runs of `{'`, `'.join(sorted(reused))}`'s, which train the same" if reused else ""
     lines = ["", f"Controls (`iss_lm_control.py`{reused}): the same schedule with no ISS phase, {e['baseline']} epochs "
                  f"and then the {e['finetune']} fine-tuning epochs (learning rate restarted), on the model itself; test "

@@ -156,13 +156,9 @@ def test_keep_stops_the_lasso_at_the_budget_and_holds_the_rest_at_zero():
 def test_keep_ramp_thins_a_layer_no_faster_than_the_cubic_and_ends_at_the_budget():
     net, groups = _ranked_net()
     lasso = GroupLasso(groups, 5.0, keep=0.3, keep_ramp=8)  # λ alone would take all 10 in 2 steps
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
     alive = []
     for _ in range(10):
-        opt.zero_grad()
-        (-0.1 * (net[0].weight.sum() + net[2].weight.sum())).backward()
-        opt.step()
-        lasso.step_(0.1)
+        _train(net, lasso, 1)
         alive.append(sum(bool(g.norm()) for g in groups))
     budget = [3 + int(7 * (1 - min(t, 8) / 8) ** 3) for t in range(10)]  # k_t = k + (G - k)(1 - t/T)^3
     assert all(a >= b for a, b in zip(alive, budget))  # λ sets the pace, the ramp caps it

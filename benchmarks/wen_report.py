@@ -329,7 +329,9 @@ def readme_rows(force: dict[str, Any] | None, combined: dict[str, Any] | None, l
         p, w, s = lm["perplexity"], lm["widths"], lm["speed"]["threads1_batch20"]
         c = lm.get("control")
         if _from_scratch(lm):
-            what, ppl = "ISS from scratch", f"perplexity {p['finetune']:.1f} (dense, as long: {_lm_reference(lm)[0]:.1f})"
+            ref, _, direct = _lm_reference(lm)
+            what = "ISS from scratch"
+            ppl = f"perplexity {ref:.1f} → {p['finetune']:.1f} (trained as long; direct design {direct['perplexity']:.1f})"
         else:
             control = f" (dense fine-tuned as long: {c['perplexity']['finetune']:.1f})" if c else ""
             what, ppl = "ISS", f"perplexity {p['baseline']:.1f} → {p['finetune']:.1f}{control}"

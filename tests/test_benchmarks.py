@@ -75,4 +75,4 @@ def test_lm_report_of_iss_from_scratch_compares_with_the_controls(monkeypatch):
     dense, direct = d["control"]["perplexity"]["finetune"], d["control_direct"]["perplexity"]["finetune"]
     row = next(line for line in wen_report.iss_lm_section(d) if line.startswith("| test perplexity"))
     assert row.split(" | ")[1] == f"{dense:.2f}" and f"| {direct:.2f} (" in row and "9000" not in row
-    assert f"(dense, as long: {dense:.1f})" in wen_report.readme_rows(None, None, d)[0]
+    assert f"perplexity {dense:.1f} → {d['perplexity']['finetune']:.1f}" in wen_report.readme_rows(None, None, d)[0]

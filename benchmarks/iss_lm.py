@@ -26,7 +26,6 @@ from torchslim.profile import profile
 from torchslim.recipes import apply_overrides, recipe_from_dict
 
 
-
 class _Stack(nn.Module):
     """A per-layer WordLM without its decoder: the embedding lookup and the LSTM layers ISS shrinks."""
 

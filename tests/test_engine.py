@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from support import needs_fashion_mnist
@@ -211,3 +212,39 @@ def test_a_fresh_run_does_not_mix_with_an_earlier_one(tmp_path):
     again = engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="baseline")
     assert again.sparse_model is None and again.compact_model is None
     assert not (tmp_path / "compact.pt").exists() and [r.phase for r in again.history] == ["baseline"]
+
+
+def _kl(teacher, student, x) -> float:
+    """Mean KL(teacher ‖ student) of the two models' class distributions on ``x``."""
+    with torch.no_grad():
+        return float(torch.nn.functional.kl_div(student.eval()(x).log_softmax(-1), teacher.eval()(x).log_softmax(-1),
+                                                reduction="batchmean", log_target=True))
+
+
+def test_finetuning_distills_from_the_runs_dense_model(tmp_path):
+    engine.run(tiny(), run_dir=tmp_path / "plain", progress=False, stop_after="compact")
+    shutil.copytree(tmp_path / "plain", tmp_path / "distilled")
+    images = load_task(tiny()).splits["test"][0]
+    kl = {}
+    for name, extra in (("plain", []), ("distilled", ["finetune.distill={alpha: 0.9, temperature: 2}"])):
+        result = engine.run(tiny("finetune.lr=0.05", "finetune.epochs=2", *extra), run_dir=tmp_path / name,
+                            progress=False, resume=True)
+        kl[name] = _kl(result.dense_model, result.compact_model, images)
+    assert kl["distilled"] < 0.7 * kl["plain"]
+
+
+def test_a_missing_teacher_is_a_checkpoint_error_that_says_what_to_set(tmp_path):
+    recipe = tiny(f"ssl.distill={{alpha: 0.5, teacher: {tmp_path / 'dense.pt'}}}")
+    with pytest.raises(CheckpointError, match=r"dense\.pt, which is missing; set ssl\.distill\.teacher"):
+        engine.run(recipe, run_dir=tmp_path / "run", progress=False)
+
+
+def test_resuming_a_checkpoint_from_before_a_recipe_key_existed_does_not_warn(tmp_path, caplog):
+    engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="baseline")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for phase in ("baseline", "ssl", "finetune"):
+        del state["recipe"][phase]["distill"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with caplog.at_level("WARNING", logger="torchslim.engine"):
+        engine.run(tiny(), run_dir=tmp_path, progress=False, resume=True, stop_after="ssl")
+    assert "differs" not in caplog.text

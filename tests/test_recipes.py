@@ -111,12 +111,22 @@ def test_unknown_key_names_it_and_suggests(override, words):
     ("lowrank.method=qr", ["lowrank.method", "pca", "svd"]),
     ("lowrank.lasso=1e-3", ["lowrank.lasso", "lowrank.energy"]),
     ("data.bptt=0", ["data.bptt", ">= 1"]),
+    ("finetune.distill.alpha=1.5", ["finetune.distill.alpha", "[0.0, 1.0)"]),
+    ("finetune.distill.temperature=0", ["finetune.distill.temperature", "> 0"]),
+    ("baseline.distill.alpha=0.5", ["baseline.distill.teacher", "trained model file"]),
 ])
 def test_bad_values_name_the_key_and_the_valid_options(override, words):
     with pytest.raises(ConfigError) as info:
         load_recipe("lenet_ssl", overrides=[override])
     for word in words:
         assert word in str(info.value)
+
+
+def test_distilling_from_the_runs_own_dense_model_needs_a_baseline():
+    with pytest.raises(ConfigError, match="baseline.epochs is 0; train a baseline or set finetune.distill.teacher"):
+        load_recipe("lenet_ssl", overrides=["baseline.epochs=0", "finetune.distill.alpha=0.5"])
+    recipe = load_recipe("lenet_ssl", overrides=["baseline.epochs=0", "finetune.distill={alpha: 0.5, teacher: t.pt}"])
+    assert recipe.finetune.distill.teacher == "t.pt"
 
 
 def test_strength_mapping_must_cover_every_kind():

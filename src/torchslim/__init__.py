@@ -15,6 +15,7 @@ from torchslim.errors import (
 )
 from torchslim.comm import TernGradState, terngrad_hook
 from torchslim.compaction import VerifyReport, compact, verify
+from torchslim.distill import distill_loss
 from torchslim.force import ForceRegularizer
 from torchslim.groups import Group
 from torchslim.lasso import L1, GroupLasso
@@ -47,6 +48,7 @@ __all__ = [
     "VerifyReport",
     "ZeroMask",
     "compact",
+    "distill_loss",
     "lowrank",
     "magnitude_prune",
     "sparsity_report",

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from torchslim.checkpoint import load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state
 from torchslim.compaction import compact
 from torchslim.data import batches
+from torchslim.distill import Teacher
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.force import ForceRegularizer
 from torchslim.groups import Group, families_of, zero_counts
@@ -199,10 +200,12 @@ def train_epoch(
     force: ForceRegularizer | None = None,
     desc: str = "train",
     progress: bool | None = None,
+    teacher: Teacher | None = None,
 ) -> tuple[float, float]:
-    """One pass of momentum SGD over ``data``; returns ``(mean loss, accuracy)``.
+    """One pass of momentum SGD over ``data``; returns ``(mean cross-entropy, accuracy)``.
 
-    Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``.
+    Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``, on the
+    cross-entropy or, with a ``teacher``, on :func:`torchslim.distill.distill_loss`.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -212,8 +215,12 @@ def train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = rate
         logits = model(x)  # (B, classes)
-        loss = F.cross_entropy(logits, y)
-        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
+        loss = objective = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher.model(x)  # (B, classes)
+            objective = teacher.loss(logits, soft, y)
+        optimizer_step(model, optimizer, objective, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
                        force=force)
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
@@ -365,7 +372,7 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
             f"{path} was written for model {state['recipe'].get('model')}, not {run.recipe.model}; "
             f"use another --out folder or run without --resume"
         )
-    changed = _changed_keys(state["recipe"], run.recipe.to_dict())
+    changed = _changed_keys(_with_defaults(state["recipe"]), run.recipe.to_dict())
     if changed:
         log.warning("resuming with a recipe that differs from the checkpoint's in %s; finished epochs are kept",
                     ", ".join(changed))
@@ -391,6 +398,14 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
         set_rng_state(state["rng"])
     log.info("resuming %s from %s: phase %s, epochs done %s", run.recipe.name, path, phase, run.done)
     return model, phase
+
+
+def _with_defaults(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A saved recipe with the keys added since it was written, at their defaults (``raw`` if it no longer loads)."""
+    try:
+        return recipe_from_dict(raw).to_dict()
+    except ConfigError:
+        return raw
 
 
 def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -461,14 +476,32 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
     else:
         groups = structures(model, run.task.example, kinds=tuple(run.recipe.ssl.kinds))
         lasso = _lasso(run, groups) if phase == "ssl" else None
+    teacher = _teacher(run, phase)
     try:
         for epoch in range(run.done[phase], spec.epochs):
             on = spec.force.epochs is None or epoch < spec.force.epochs
             _one_epoch(run, phase, model, optimizer, epoch, lasso=lasso, mask=mask, force=force if on else None,
-                       groups=groups)
+                       groups=groups, teacher=teacher)
     finally:
         if mask is not None:
             mask.detach()
+
+
+def _teacher(run: _Run, phase: str) -> Teacher | None:
+    """The frozen dense model that ``phase.distill`` learns from: its ``teacher`` file, else the run's baseline.pt."""
+    spec = getattr(run.recipe, phase).distill
+    if not spec.alpha:
+        return None
+    path = Path(spec.teacher) if spec.teacher is not None else _phase_file(run, "baseline")
+    if not path.is_file():
+        raise CheckpointError(f"{phase}.distill learns from {path}, which is missing; set {phase}.distill.teacher "
+                              f"to a trained model file, or {phase}.distill.alpha: 0 to train without a teacher")
+    try:
+        model, _ = load_phase_model(path)  # an engine file builds its own model, which may differ from this run's
+    except CheckpointError:
+        model, _ = load_phase_model(path, run.recipe)  # a plain state dict of this recipe's model
+    log.info("%s learns from the teacher %s: α=%s, T=%s", phase, path, spec.alpha, spec.temperature)
+    return Teacher(model, spec.alpha, spec.temperature)
 
 
 def _set_dropout(model: nn.Module, p: float) -> None:
@@ -484,6 +517,7 @@ def _set_dropout(model: nn.Module, p: float) -> None:
 def _one_epoch(
     run: _Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, *,
     lasso: GroupLasso | None, mask: ZeroMask | None, force: ForceRegularizer | None, groups: Sequence[Group],
+    teacher: Teacher | None,
 ) -> None:
     spec: PhaseSpec = getattr(run.recipe, phase)
     steps = run.task.steps_per_epoch()
@@ -492,7 +526,7 @@ def _one_epoch(
         model, optimizer, lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps),
         seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
         lasso=lasso, mask=mask, grad_clip=spec.grad_clip, force=force,
-        desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
+        desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress, teacher=teacher,
     )
     if lasso is not None and epoch + 1 == spec.epochs:
         cut = lasso.meet_budget_()

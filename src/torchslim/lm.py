@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from torchslim.data import bptt_batches
+from torchslim.distill import Teacher
 from torchslim.engine import optimizer_step
 from torchslim.errors import ConfigError
 from torchslim.force import ForceRegularizer
@@ -46,16 +47,18 @@ def train_lm_epoch(
     force: ForceRegularizer | None = None,
     desc: str = "train",
     progress: bool | None = False,
+    teacher: Teacher | None = None,
 ) -> tuple[float, float]:
     """One pass over ``data (T, B)``; returns ``(mean cross-entropy per token in nats, next-word accuracy)``.
 
-    Each chunk is :func:`torchslim.engine.optimizer_step` at rate ``lr(i)`` for chunk ``i``.
+    Each chunk is :func:`torchslim.engine.optimizer_step` at rate ``lr(i)`` for chunk ``i``, on the
+    cross-entropy or, with a ``teacher`` (its own state carried), on :func:`torchslim.distill.distill_loss`.
     ``progress``: a bar on stderr (``None``: on a terminal only).
     """
     if data.dim() != 2 or data.shape[0] < 2:
         raise ConfigError(f"data must be (T, B) token columns with T >= 2, got shape {tuple(data.shape)}")
     model.train()
-    state, total, correct, tokens = None, 0.0, 0, 0
+    state, teacher_state, total, correct, tokens = None, None, 0.0, 0, 0
     chunks = math.ceil((len(data) - 1) / bptt)
     bar = tqdm(bptt_batches(data, bptt), total=chunks, desc=desc, leave=False, unit="chunk",
                disable=None if progress is None else not progress)
@@ -65,8 +68,12 @@ def train_lm_epoch(
             group["lr"] = rate
         logits, state = model.step(x, state)  # (t, B, V)
         state = _detach(state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer_step(model, optimizer, loss, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
+        loss = objective = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if teacher is not None:
+            with torch.no_grad():
+                soft, teacher_state = teacher.model.step(x, teacher_state)  # (t, B, V)
+            objective = teacher.loss(logits.flatten(0, 1), soft.flatten(0, 1), y.flatten())
+        optimizer_step(model, optimizer, objective, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
                        force=force)
         total += float(loss.detach()) * y.numel()
         correct += int((logits.detach().argmax(-1) == y).sum())

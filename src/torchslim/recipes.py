@@ -28,6 +28,7 @@ from torchslim.errors import ConfigError
 __all__ = [
     "CompactSpec",
     "DataSpec",
+    "DistillSpec",
     "ForceSpec",
     "LowRankSpec",
     "ModelSpec",
@@ -96,6 +97,19 @@ class ForceSpec:
 
 
 @dataclass
+class DistillSpec:
+    """Knowledge distillation (Hinton et al., 2015) from a dense teacher while a phase trains (:mod:`torchslim.distill`)."""
+
+    alpha: float = 0.0  # α: the weight of the teacher's softened outputs against the labels' 1 − α; 0: off
+    temperature: float = 1.0  # T: softens teacher and student alike; the soft term is scaled by T²
+    teacher: str | None = None  # a model file (baseline.pt, checkpoint.pt); None: this run's dense model (baseline.pt)
+
+    def __post_init__(self) -> None:
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        _check_positive("temperature", self.temperature)
+
+
+@dataclass
 class PhaseSpec:
     """One training phase: momentum SGD with L2 weight decay, a learning-rate schedule, optionally a force."""
 
@@ -107,6 +121,7 @@ class PhaseSpec:
     grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)
     force: ForceSpec = field(default_factory=ForceSpec)  # coordinate filters toward low rank (off by default)
     dropout: float | None = None  # every dropout's p during this phase (a compact model needs less); None: the model's
+    distill: DistillSpec = field(default_factory=DistillSpec)  # learn from the dense model's outputs too (off by default)
 
     def __post_init__(self) -> None:
         _check_min("epochs", self.epochs, 0)
@@ -219,6 +234,14 @@ class Recipe:
     def __post_init__(self) -> None:
         _check_min("batch_size", self.batch_size, 1)
         _check_min("eval_batch_size", self.eval_batch_size, 1)
+        if self.baseline.distill.alpha and self.baseline.distill.teacher is None:
+            raise ConfigError("baseline.distill needs baseline.distill.teacher, a trained model file: the run's own "
+                              "dense model is what the baseline phase trains")
+        for phase in ("ssl", "finetune"):
+            d = getattr(self, phase).distill
+            if d.alpha and d.teacher is None and self.baseline.epochs == 0:
+                raise ConfigError(f"{phase}.distill's teacher is the run's dense model, but baseline.epochs is 0; "
+                                  f"train a baseline or set {phase}.distill.teacher to a trained model file")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON/checkpoint safe); ``recipe_from_dict(r.to_dict()) == r``."""

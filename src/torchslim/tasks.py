@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from torchslim.data import batches, batchify, load_corpus, load_dataset
 from torchslim.data.text import CORPORA
+from torchslim.distill import Teacher
 from torchslim.errors import ConfigError
 from torchslim.force import ForceRegularizer
 from torchslim.lasso import GroupLasso
@@ -42,8 +43,10 @@ class Task(Protocol):
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
                     seed: int, lasso: GroupLasso | None, mask: ZeroMask | None, grad_clip: float | None,
-                    force: ForceRegularizer | None, desc: str, progress: bool | None) -> tuple[float, float]:
-        """One epoch of SGD (``lr(i)`` at step ``i``; ``seed`` orders its batches); ``(mean loss, accuracy)``."""
+                    force: ForceRegularizer | None, desc: str, progress: bool | None,
+                    teacher: Teacher | None = None) -> tuple[float, float]:
+        """One epoch of SGD (``lr(i)`` at step ``i``; ``seed`` orders its batches, ``teacher`` adds its soft
+        targets to the loss); ``(mean cross-entropy, accuracy)``."""
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
         """``(mean cross-entropy, top-1 accuracy)`` on ``split`` ("train", "valid", "test"), eval mode."""
@@ -104,7 +107,8 @@ class ImageTask:
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
                     seed: int, lasso: GroupLasso | None, mask: ZeroMask | None, grad_clip: float | None,
-                    force: ForceRegularizer | None, desc: str, progress: bool | None) -> tuple[float, float]:
+                    force: ForceRegularizer | None, desc: str, progress: bool | None,
+                    teacher: Teacher | None = None) -> tuple[float, float]:
         from torchslim.engine import train_epoch  # the engine's loop; it imports this module
 
         images, labels = self.splits["train"]
@@ -112,7 +116,7 @@ class ImageTask:
         return train_epoch(
             model, optimizer, batches(images, labels, self.recipe.batch_size, shuffle=True, generator=gen),
             lr=lr, steps=self.steps_per_epoch(), lasso=lasso, mask=mask, grad_clip=grad_clip, force=force, desc=desc,
-            progress=progress,
+            progress=progress, teacher=teacher,
         )
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
@@ -159,11 +163,13 @@ class TextTask:
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
                     seed: int, lasso: GroupLasso | None, mask: ZeroMask | None, grad_clip: float | None,
-                    force: ForceRegularizer | None, desc: str, progress: bool | None) -> tuple[float, float]:
+                    force: ForceRegularizer | None, desc: str, progress: bool | None,
+                    teacher: Teacher | None = None) -> tuple[float, float]:
         from torchslim.lm import train_lm_epoch  # lm builds on the engine, which imports this module
 
         return train_lm_epoch(model, optimizer, self.columns["train"], bptt=self.recipe.data.bptt, lr=lr,
-                              grad_clip=grad_clip, lasso=lasso, mask=mask, force=force, desc=desc, progress=progress)
+                              grad_clip=grad_clip, lasso=lasso, mask=mask, force=force, desc=desc, progress=progress,
+                              teacher=teacher)
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
         from torchslim.lm import evaluate_lm_loss

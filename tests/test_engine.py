@@ -248,3 +248,15 @@ def test_resuming_a_checkpoint_from_before_a_recipe_key_existed_does_not_warn(tm
     with caplog.at_level("WARNING", logger="torchslim.engine"):
         engine.run(tiny(), run_dir=tmp_path, progress=False, resume=True, stop_after="ssl")
     assert "differs" not in caplog.text
+
+
+def test_a_teacher_can_be_any_model_file_the_library_writes(tmp_path):
+    first = engine.run(tiny(), run_dir=tmp_path, progress=False)
+    torch.save(first.dense_model.state_dict(), tmp_path / "dense_state.pt")
+    x = first.example
+    for name, model in (("compact.pt", first.compact_model), ("baseline.pt", first.dense_model),
+                        ("dense_state.pt", first.dense_model)):
+        torch.testing.assert_close(engine._load_model_file(tmp_path / name, tiny()).eval()(x), model.eval()(x))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="not a model file torchslim reads"):
+        engine._load_model_file(tmp_path / "junk.pt", tiny())

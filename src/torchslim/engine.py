@@ -488,7 +488,7 @@ def run_phase(run: _Run, phase: str, model: nn.Module, *, resumed_phase: str | N
 
 
 def _teacher(run: _Run, phase: str) -> Teacher | None:
-    """The frozen dense model that ``phase.distill`` learns from: its ``teacher`` file, else the run's baseline.pt."""
+    """The frozen model that ``phase.distill`` learns from: its ``teacher`` file, else the run's baseline.pt."""
     spec = getattr(run.recipe, phase).distill
     if not spec.alpha:
         return None
@@ -496,12 +496,23 @@ def _teacher(run: _Run, phase: str) -> Teacher | None:
     if not path.is_file():
         raise CheckpointError(f"{phase}.distill learns from {path}, which is missing; set {phase}.distill.teacher "
                               f"to a trained model file, or {phase}.distill.alpha: 0 to train without a teacher")
-    try:
-        model, _ = load_phase_model(path)  # an engine file builds its own model, which may differ from this run's
-    except CheckpointError:
-        model, _ = load_phase_model(path, run.recipe)  # a plain state dict of this recipe's model
     log.info("%s learns from the teacher %s: α=%s, T=%s", phase, path, spec.alpha, spec.temperature)
-    return Teacher(model, spec.alpha, spec.temperature)
+    return Teacher(_load_model_file(path, run.recipe), spec.alpha, spec.temperature)
+
+
+def _load_model_file(path: Path, recipe: Recipe) -> nn.Module:
+    """A model from any file the library writes (compact.pt, an engine checkpoint or phase model), or from a
+    plain state dict of ``recipe``'s model; an engine file builds its own model, which may differ from ``recipe``'s."""
+    errors = []
+    for load in (load_compact, load_phase_model, lambda p: load_phase_model(p, recipe)):
+        try:
+            out = load(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+        else:
+            return out if isinstance(out, nn.Module) else out[0]
+    raise CheckpointError(f"{path} is not a model file torchslim reads: a compact.pt (save_compact), an engine "
+                          f"checkpoint or phase model, or a state dict of this recipe's model ({errors[-1]})")
 
 
 def _set_dropout(model: nn.Module, p: float) -> None:

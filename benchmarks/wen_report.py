@@ -171,10 +171,14 @@ def rank_table_section(plain: dict[str, Any] | None, force: dict[str, Any] | Non
 
 
 def _lm_budget(d: dict[str, Any]) -> str:
-    """The ISS settings beyond λ: the size budget and the dropouts that differ from the dense model's."""
+    """The ISS settings beyond λ: the size budget, the dropouts that differ from the dense model's, distillation."""
     r = d["recipe"]
     ssl, dropout = r["ssl"], r["finetune"].get("dropout")
     out = f", with dropout {dropout} as the compact model's fine-tuning" if dropout is not None else ""
+    kd = r["finetune"].get("distill") or {}
+    if kd.get("alpha"):
+        out += (f"; the ISS model's fine-tuning is distilled from the dense model (α {kd['alpha']:g} on its outputs "
+                f"at temperature {kd['temperature']:g}; the direct design has no teacher)")
     if ssl.get("dropout") is not None:
         out += " and the ISS phase's"
     if ssl.get("keep") is not None:

@@ -76,3 +76,13 @@ def test_lm_report_of_iss_from_scratch_compares_with_the_controls(monkeypatch):
     row = next(line for line in wen_report.iss_lm_section(d) if line.startswith("| test perplexity"))
     assert row.split(" | ")[1] == f"{dense:.2f}" and f"| {direct:.2f} (" in row and "9000" not in row
     assert f"perplexity {dense:.1f} → {d['perplexity']['finetune']:.1f}" in wen_report.readme_rows(None, None, d)[0]
+
+
+def test_lm_report_says_when_fine_tuning_was_distilled(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["make_results"])
+    make_results, wen_report = importlib.import_module("make_results"), importlib.import_module("wen_report")
+    d = make_results._load_lm("kjv_lm_iss_650_keep")
+    assert "distilled" not in wen_report._lm_budget(d)  # a results file from before distillation existed
+    d["recipe"]["finetune"]["distill"] = {"alpha": 0.5, "temperature": 1.0, "teacher": None}
+    assert "distilled from the dense model (α 0.5 on its outputs at temperature 1" in wen_report._lm_budget(d)

@@ -339,6 +339,8 @@ def readme_rows(force: dict[str, Any] | None, combined: dict[str, Any] | None, l
         else:
             control = f" (dense fine-tuned as long: {c['perplexity']['finetune']:.1f})" if c else ""
             what, ppl = "ISS", f"perplexity {p['baseline']:.1f} → {p['finetune']:.1f}{control}"
+        if (lm["recipe"]["finetune"].get("distill") or {}).get("alpha"):
+            what += ", fine-tuned with the dense model as teacher"
         rows.append(f"| Word LSTM LM, King James Bible, {what} | {ppl} "
                     f"| hidden {'/'.join(map(str, w['dense']))} → {'/'.join(map(str, w['compact']))}, "
                     f"{lm['lstm_flop_reduction']:.1f}× fewer LSTM FLOPs | LSTM {s['lstm_speedup']:.2f}×, whole model "

@@ -86,3 +86,4 @@ def test_lm_report_says_when_fine_tuning_was_distilled(monkeypatch):
     assert "distilled" not in wen_report._lm_budget(d)  # a results file from before distillation existed
     d["recipe"]["finetune"]["distill"] = {"alpha": 0.5, "temperature": 1.0, "teacher": None}
     assert "distilled from the dense model (α 0.5 on its outputs at temperature 1" in wen_report._lm_budget(d)
+    assert "ISS, fine-tuned with the dense model as teacher |" in wen_report.readme_rows(None, None, d)[0]

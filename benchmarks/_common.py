@@ -81,11 +81,15 @@ def write(name: str, data: dict[str, Any]) -> Path:
 
 
 def recipe_args(default: str, description: str | None = None):
-    """``--recipe NAME [--resume]`` from the command line: ``(recipe, resume)``."""
+    """``--recipe NAME [--resume]`` from the command line: ``(recipe, resume)``. The engine's epoch lines go to
+    stderr, so that an hours-long run shows where it is."""
     import argparse
+    import logging
 
     from torchslim.recipes import load_recipe
 
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("torchslim").setLevel(logging.INFO)
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--recipe", default=default)
     ap.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")

@@ -109,6 +109,20 @@ def test_keep_ramp_reaches_the_budget_gradually_over_the_phase(tmp_path):
     assert sum(alive[1.0][0].values()) > sum(alive[0.0][0].values())  # halfway, the ramp still keeps more
 
 
+def test_keep_cut_step_makes_a_weak_lambda_follow_the_ramp(tmp_path):
+    weak = ["ssl.epochs=2", "ssl.kinds=[channel]", "ssl.strength=1e-6", "ssl.keep=0.25", "ssl.keep_ramp=1",
+            "compact.shapes=off"]
+    alive = {}
+    for cut in ("end", "step"):
+        result = engine.run(tiny(*weak, f"ssl.keep_cut={cut}"), run_dir=tmp_path / cut, progress=False,
+                            stop_after="ssl")
+        alive[cut] = [r.alive for r in result.history if r.phase == "ssl"]
+    widths = {"conv1:channel": 20, "conv2:channel": 50}  # LeNet's channels
+    assert all(alive["end"][0][layer] == n for layer, n in widths.items())          # λ alone thins nothing
+    assert all(n // 4 < alive["step"][0][layer] < n for layer, n in widths.items())  # halfway down the ramp
+    assert alive["end"][1] == alive["step"][1] == {layer: n // 4 for layer, n in widths.items()}
+
+
 def test_finetuning_keeps_removed_structures_at_zero(tmp_path):
     result = engine.run(tiny("compact.shapes=off", "finetune.lr=0.05"), run_dir=tmp_path, progress=False)
     before = load_compact(tmp_path / "compacted.pt")  # the compact model before fine-tuning

@@ -176,6 +176,22 @@ def test_keep_ramp_resumes_where_it_stood():
     assert sum(bool(g.norm()) for g in groups) == 3 + int(7 * (1 - 4 / 8) ** 3)
 
 
+def test_keep_cut_step_makes_a_weak_lambda_follow_the_ramp():
+    budget = [3 + int(7 * (1 - min(t, 8) / 8) ** 3) for t in range(10)]  # k_t at each step
+    alive = {}
+    for cut in ("end", "step"):
+        net, groups = _ranked_net()
+        lasso = GroupLasso(groups, 0.05, keep=0.3, keep_ramp=8, keep_cut=cut)  # too weak to zero any group alone
+        alive[cut] = []
+        for _ in range(10):
+            _train(net, lasso, 1)
+            alive[cut].append(sum(bool(g.norm()) for g in groups))
+        if cut == "step":
+            assert [k for k, g in enumerate(groups) if g.norm() > 0] == [7, 8, 9]  # the largest stay
+    assert alive["end"] == [10] * 10                       # λ sets the pace: here, none
+    assert alive["step"] == budget                         # cut to k_t by magnitude after every step
+
+
 def test_a_small_keep_still_leaves_every_layer_one_group():
     net, groups = _ranked_net()
     _train(net, GroupLasso(groups, 5.0, keep=0.05), 10)  # floor(0.05 · 10) = 0 would remove the layer
@@ -192,6 +208,8 @@ def test_keep_needs_the_proximal_mode():
         GroupLasso(groups, 1.0, keep=0.0)               # would remove every unit: the layer itself
     with pytest.raises(ConfigError, match="needs keep"):
         GroupLasso(groups, 1.0, keep_ramp=10)
+    with pytest.raises(ConfigError, match="'step' needs keep"):
+        GroupLasso(groups, 1.0, keep_cut="step")
 
 
 def test_meet_budget_cuts_what_lambda_left_above_it_by_magnitude():

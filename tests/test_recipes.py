@@ -101,6 +101,8 @@ def test_unknown_key_names_it_and_suggests(override, words):
     ("ssl.keep={filter: 0.5}", ["ssl.keep.filter", "not in kinds"]),
     ("ssl.keep_ramp=0.5", ["ssl.keep_ramp", "needs keep"]),
     ("ssl.keep_ramp=2", ["ssl.keep_ramp", "[0, 1]"]),
+    ("ssl.keep_cut=step", ["ssl.keep_cut", "needs keep"]),
+    ("ssl.keep_cut=always", ["ssl.keep_cut", "end", "step"]),
     ("batch_size=0", ["batch_size", ">= 1"]),
     ("ssl.strength.filter=0.1", ["ssl.strength.filter", "not in kinds"]),
     ("ssl.weight_by_size=maybe", ["ssl.weight_by_size", "true or false"]),

@@ -430,10 +430,11 @@ def _lasso(run: _Run, groups: Sequence[Group]) -> GroupLasso:
     lasso = GroupLasso(
         groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
         mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum, keep=spec.keep,
-        keep_ramp=round(spec.keep_ramp * spec.epochs * steps),
+        keep_ramp=round(spec.keep_ramp * spec.epochs * steps), keep_cut=spec.keep_cut,
     )
     lasso.steps = run.done["ssl"] * steps  # resumed: where the budget's ramp stands
     ramp = f" reached over {spec.keep_ramp:.0%} of the phase" if spec.keep_ramp else ""
+    ramp += ", cut to by magnitude every step" if spec.keep_cut == "step" else ""
     log.info("SSL: %d groups (%s), λ=%s, mode=%s%s", len(groups), ", ".join(spec.kinds), spec.strength, spec.mode,
              f", keep {spec.keep}{ramp}" if spec.keep is not None else "")
     return lasso

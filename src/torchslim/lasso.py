@@ -156,6 +156,10 @@ class GroupLasso(_Regularizer):
             (its ``k_t`` largest groups kept, the rest held at zero), so a strong λ cannot thin it faster
             than the ramp. 0: the budget is ``keep`` from the first step. ``steps`` counts the calls (set it
             when resuming).
+        keep_cut: where a layer that λ has left above its budget is cut to it by magnitude: ``"end"``, by
+            :meth:`meet_budget_` once the phase is over; ``"step"``, to ``k_t`` after every step, so each
+            layer follows the ramp even where λ is too weak to (from a converged model, say) and λ only
+            shapes which groups are smallest (Zhu & Gupta's gradual pruning with the group Lasso beside it).
 
     Example:
         >>> import torch, torchslim
@@ -177,6 +181,7 @@ class GroupLasso(_Regularizer):
         reset_momentum: bool = False,
         keep: float | Mapping[str, float] | None = None,
         keep_ramp: int = 0,
+        keep_cut: Literal["end", "step"] = "end",
     ) -> None:
         self._set_mode(mode, threshold, reset_momentum)
         keep_of = _keep_per_kind(keep)
@@ -186,7 +191,10 @@ class GroupLasso(_Regularizer):
         if keep_ramp < 0 or (keep_ramp and not keep_of):
             raise ConfigError(f"keep_ramp must be >= 0 steps and needs keep (the budget it falls to), got "
                               f"keep_ramp={keep_ramp}, keep={keep}")
-        self.keep_ramp, self.steps = int(keep_ramp), 0
+        if keep_cut not in ("end", "step") or (keep_cut == "step" and not keep_of):
+            raise ConfigError(f"keep_cut must be 'end' or 'step', and 'step' needs keep (the budget it cuts to), got "
+                              f"keep_cut={keep_cut!r}, keep={keep}")
+        self.keep_ramp, self.keep_cut, self.steps = int(keep_ramp), keep_cut, 0
         if isinstance(strength, Mapping):
             bad = [k for k in strength if k not in KINDS]
             if bad:
@@ -248,11 +256,15 @@ class GroupLasso(_Regularizer):
         for b in self.blocks:
             norms = self._norms(b)
             shrink = (1 - lr * b.lam.to(norms.device) / norms).clamp_min(0)  # (G_f,)
-            if b.keep is not None and b.dead is None and int((shrink > 0).sum()) <= (k := self._budget(b)):
-                if k == b.keep:
-                    self._hold(b, norms)
-                else:  # on the ramp: pause until the budget falls below the groups left
-                    shrink = (~_smallest(norms, k)).to(norms.dtype)
+            if b.keep is not None and b.dead is None:
+                k = self._budget(b)
+                if int((shrink > 0).sum()) <= k:
+                    if k == b.keep:
+                        self._hold(b, norms)
+                    else:  # on the ramp: pause until the budget falls below the groups left
+                        shrink = (~_smallest(norms, k)).to(norms.dtype)
+                elif self.keep_cut == "step":  # still above k_t after the shrink: the smallest go now
+                    shrink = shrink * (~_smallest(norms * shrink, k)).to(norms.dtype)
             factors.append((b, shrink if b.dead is None else (~b.dead).to(norms.dtype)))
         self.steps += 1
         self._scale_(factors)

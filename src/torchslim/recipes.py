@@ -147,6 +147,7 @@ class SSLSpec(PhaseSpec):
     reset_momentum: bool = False  # zero the momentum of weights the Lasso set to 0, so zero groups stay zero
     keep: float | dict[str, float] | None = None  # size budget: a layer's Lasso stops at this fraction of its groups
     keep_ramp: float = 0.0  # reach keep over this fraction of the phase, on Zhu & Gupta's cubic; 0: from the start
+    keep_cut: Literal["end", "step"] = "end"  # a layer λ left above the budget is cut by magnitude: at the end, or every step
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +181,8 @@ class SSLSpec(PhaseSpec):
             raise _FieldError("keep_ramp", f"must be in [0, 1], the fraction of the phase, got {self.keep_ramp}")
         if self.keep_ramp and self.keep is None:
             raise _FieldError("keep_ramp", "needs keep, the budget it ramps down to; set keep or remove keep_ramp")
+        if self.keep_cut == "step" and self.keep is None:
+            raise _FieldError("keep_cut", "'step' needs keep, the budget it cuts to; set keep or remove keep_cut")
 
 
 @dataclass

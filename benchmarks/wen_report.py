@@ -175,17 +175,18 @@ def _lm_budget(d: dict[str, Any]) -> str:
     r = d["recipe"]
     ssl, dropout = r["ssl"], r["finetune"].get("dropout")
     out = f", with dropout {dropout} as the compact model's fine-tuning" if dropout is not None else ""
-    kd = r["finetune"].get("distill") or {}
-    if kd.get("alpha"):
-        out += (f"; the ISS model's fine-tuning is distilled from the dense model (α {kd['alpha']:g} on its outputs "
-                f"at temperature {kd['temperature']:g}; the direct design has no teacher)")
     if ssl.get("dropout") is not None:
         out += " and the ISS phase's"
     if ssl.get("keep") is not None:
         lam = ssl["strength"]
         lam = ", ".join(f"{v:g}" for v in lam.values()) if isinstance(lam, dict) else f"{lam:g}"
         out += f"; ISS ran at λ {lam} with the size budget keep {ssl['keep']} (each layer stops at that fraction"
-        out += f", reached over the first {ssl['keep_ramp']:.0%} of the phase)" if ssl.get("keep_ramp") else ")"
+        out += f", reached over the first {ssl['keep_ramp']:.0%} of the phase" if ssl.get("keep_ramp") else ""
+        out += ", layers λ left above it cut to it by magnitude every step)" if ssl.get("keep_cut") == "step" else ")"
+    kd = r["finetune"].get("distill") or {}
+    if kd.get("alpha"):
+        out += (f"; the ISS model's fine-tuning is distilled from the dense model (α {kd['alpha']:g} on its outputs "
+                f"at temperature {kd['temperature']:g}; the direct design has no teacher)")
     return out
 
 

@@ -98,11 +98,11 @@ class ForceSpec:
 
 @dataclass
 class DistillSpec:
-    """Knowledge distillation (Hinton et al., 2015) from a dense teacher while a phase trains (:mod:`torchslim.distill`)."""
+    """Knowledge distillation (Hinton et al., 2015) from a teacher while a phase trains (:mod:`torchslim.distill`)."""
 
     alpha: float = 0.0  # α: the weight of the teacher's softened outputs against the labels' 1 − α; 0: off
     temperature: float = 1.0  # T: softens teacher and student alike; the soft term is scaled by T²
-    teacher: str | None = None  # a model file (baseline.pt, checkpoint.pt); None: this run's dense model (baseline.pt)
+    teacher: str | None = None  # a model file (compact.pt, baseline.pt, a state dict); None: this run's baseline.pt
 
     def __post_init__(self) -> None:
         _check_range("alpha", self.alpha, 0.0, 1.0)
@@ -121,7 +121,7 @@ class PhaseSpec:
     grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)
     force: ForceSpec = field(default_factory=ForceSpec)  # coordinate filters toward low rank (off by default)
     dropout: float | None = None  # every dropout's p during this phase (a compact model needs less); None: the model's
-    distill: DistillSpec = field(default_factory=DistillSpec)  # learn from the dense model's outputs too (off by default)
+    distill: DistillSpec = field(default_factory=DistillSpec)  # fit a teacher's outputs too (off by default)
 
     def __post_init__(self) -> None:
         _check_min("epochs", self.epochs, 0)
@@ -147,7 +147,7 @@ class SSLSpec(PhaseSpec):
     reset_momentum: bool = False  # zero the momentum of weights the Lasso set to 0, so zero groups stay zero
     keep: float | dict[str, float] | None = None  # size budget: a layer's Lasso stops at this fraction of its groups
     keep_ramp: float = 0.0  # reach keep over this fraction of the phase, on Zhu & Gupta's cubic; 0: from the start
-    keep_cut: Literal["end", "step"] = "end"  # a layer λ left above the budget is cut by magnitude: at the end, or every step
+    keep_cut: Literal["end", "step"] = "end"  # cut a layer λ left above budget by magnitude: at the end, every step
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -183,11 +183,16 @@ def _lm_budget(d: dict[str, Any]) -> str:
         out += f"; ISS ran at λ {lam} with the size budget keep {ssl['keep']} (each layer stops at that fraction"
         out += f", reached over the first {ssl['keep_ramp']:.0%} of the phase" if ssl.get("keep_ramp") else ""
         out += ", layers λ left above it cut to it by magnitude every step)" if ssl.get("keep_cut") == "step" else ")"
-    kd = r["finetune"].get("distill") or {}
-    if kd.get("alpha"):
+    if kd := _distill(d):
         out += (f"; the ISS model's fine-tuning is distilled from the dense model (α {kd['alpha']:g} on its outputs "
                 f"at temperature {kd['temperature']:g}; the direct design has no teacher)")
     return out
+
+
+def _distill(d: dict[str, Any]) -> dict[str, Any] | None:
+    """The fine-tuning's distillation settings when it had a teacher (results from before it existed have none)."""
+    kd = d["recipe"]["finetune"].get("distill")
+    return kd if kd and kd["alpha"] else None
 
 
 def _from_scratch(d: dict[str, Any]) -> bool:
@@ -340,7 +345,7 @@ def readme_rows(force: dict[str, Any] | None, combined: dict[str, Any] | None, l
         else:
             control = f" (dense fine-tuned as long: {c['perplexity']['finetune']:.1f})" if c else ""
             what, ppl = "ISS", f"perplexity {p['baseline']:.1f} → {p['finetune']:.1f}{control}"
-        if (lm["recipe"]["finetune"].get("distill") or {}).get("alpha"):
+        if _distill(lm):
             what += ", fine-tuned with the dense model as teacher"
         rows.append(f"| Word LSTM LM, King James Bible, {what} | {ppl} "
                     f"| hidden {'/'.join(map(str, w['dense']))} → {'/'.join(map(str, w['compact']))}, "

@@ -25,6 +25,7 @@ def test_loss_is_the_labels_cross_entropy_blended_with_the_softened_kl():
     kl = (p_t * (p_t.log() - torch.log_softmax(z_s / t, -1))).sum(-1).mean()
     expected = 0.25 * ce + 0.75 * t * t * kl
     torch.testing.assert_close(distill_loss(z_s, z_t, y, alpha=0.75, temperature=t), expected)
+    torch.testing.assert_close(distill_loss(z_s, z_t, y, alpha=0.75, temperature=t, hard=ce), expected)
     # a student that already matches the teacher pays the labels' share only
     torch.testing.assert_close(distill_loss(z_t, z_t, y, alpha=0.75, temperature=t), 0.25 * F.cross_entropy(z_t, y))
 

@@ -21,7 +21,7 @@ __all__ = ["Teacher", "distill_loss"]
 
 
 def distill_loss(logits: Tensor, teacher_logits: Tensor, target: Tensor, *, alpha: float,
-                 temperature: float = 1.0) -> Tensor:
+                 temperature: float = 1.0, hard: Tensor | None = None) -> Tensor:
     """``(1 − α)·CE(z_s, y) + α·T²·KL(p_t^T ‖ p_s^T)``, averaged over the ``N`` rows.
 
     Args:
@@ -30,8 +30,10 @@ def distill_loss(logits: Tensor, teacher_logits: Tensor, target: Tensor, *, alph
         target: ``y (N,)`` class indices.
         alpha: ``α`` in [0, 1], the soft term's weight; 0 is plain cross-entropy.
         temperature: ``T > 0``, softens both distributions.
+        hard: ``CE(z_s, y)`` if the caller already has it (a training loop that also reports it).
     """
-    hard = F.cross_entropy(logits, target)
+    if hard is None:
+        hard = F.cross_entropy(logits, target)
     if alpha == 0:
         return hard
     t = temperature
@@ -57,6 +59,7 @@ class Teacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    def loss(self, logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        """:func:`distill_loss` of ``logits (N, C)`` against ``teacher_logits (N, C)`` and ``target (N,)``."""
-        return distill_loss(logits, teacher_logits, target, alpha=self.alpha, temperature=self.temperature)
+    def loss(self, logits: Tensor, teacher_logits: Tensor, target: Tensor, hard: Tensor | None = None) -> Tensor:
+        """:func:`distill_loss` of ``logits (N, C)`` against ``teacher_logits (N, C)`` and ``target (N,)``;
+        ``hard``: their cross-entropy, if already computed."""
+        return distill_loss(logits, teacher_logits, target, alpha=self.alpha, temperature=self.temperature, hard=hard)

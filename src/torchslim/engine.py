@@ -219,7 +219,7 @@ def train_epoch(
         if teacher is not None:
             with torch.no_grad():
                 soft = teacher.model(x)  # (B, classes)
-            objective = teacher.loss(logits, soft, y)
+            objective = teacher.loss(logits, soft, y, hard=loss)
         optimizer_step(model, optimizer, objective, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
                        force=force)
         total_loss += float(loss.detach()) * len(y)

@@ -72,7 +72,7 @@ def train_lm_epoch(
         if teacher is not None:
             with torch.no_grad():
                 soft, teacher_state = teacher.model.step(x, teacher_state)  # (t, B, V)
-            objective = teacher.loss(logits.flatten(0, 1), soft.flatten(0, 1), y.flatten())
+            objective = teacher.loss(logits.flatten(0, 1), soft.flatten(0, 1), y.flatten(), hard=loss)
         optimizer_step(model, optimizer, objective, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
                        force=force)
         total += float(loss.detach()) * y.numel()

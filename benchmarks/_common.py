@@ -7,7 +7,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from torch import nn
 from torchslim.profile import machine_info
 
 RESULTS = Path(__file__).parent / "results"
+RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 
 def interleaved_latency(models: dict[str, nn.Module], x: torch.Tensor, *, threads: int, repeats: int = 30,
@@ -80,9 +81,15 @@ def write(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def recipe_args(default: str, description: str | None = None):
-    """``--recipe NAME [--resume]`` from the command line: ``(recipe, resume)``. The engine's epoch lines go to
-    stderr, so that an hours-long run shows where it is."""
+class RecipeArgs(NamedTuple):
+    recipe: Any  # torchslim.recipes.Recipe
+    resume: bool
+    branch: str | None  # the recipe whose run this one starts from (``--from``), or None
+
+
+def recipe_args(default: str, description: str | None = None, *, branch: bool = False) -> RecipeArgs:
+    """``--recipe NAME [--resume]`` (and ``[--from RECIPE]`` with ``branch``) from the command line. The engine's
+    epoch lines go to stderr, so that an hours-long run shows where it is."""
     import argparse
     import logging
 
@@ -93,17 +100,21 @@ def recipe_args(default: str, description: str | None = None):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--recipe", default=default)
     ap.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    if branch:
+        ap.add_argument("--from", dest="branch", metavar="RECIPE",
+                        help="start after the steps that RECIPE's run (in runs/) trained alike")
     args = ap.parse_args()
-    return load_recipe(args.recipe), args.resume
+    return RecipeArgs(load_recipe(args.recipe), args.resume, getattr(args, "branch", None))
 
 
-def train(recipe, resume: bool):
-    """Train ``recipe`` in ``<repo>/runs/<name>`` (seeded as every benchmark run): its ``RunResult``."""
+def train(recipe, resume: bool, branch: str | None = None):
+    """Train ``recipe`` in ``runs/<name>`` (seeded as every benchmark run), starting after the steps that
+    ``runs/<branch>`` trained alike where given: its ``RunResult``."""
     from torchslim.engine import run
 
     torch.manual_seed(0)
-    return run(recipe, run_dir=Path(__file__).resolve().parent.parent / "runs" / recipe.name, resume=resume,
-               progress=False)
+    return run(recipe, run_dir=RUNS / recipe.name, resume=resume, progress=False,
+               branch_from=RUNS / branch if branch is not None else None)
 
 
 def train_seconds(result) -> float:
@@ -112,8 +123,7 @@ def train_seconds(result) -> float:
     return sum(h.seconds for h in result.history)
 
 
-def recipe_run(default: str, description: str | None = None):
-    """``--recipe NAME [--resume]`` from the command line, trained in ``<repo>/runs/<name>``:
-    ``(recipe, result, resume)``."""
-    recipe, resume = recipe_args(default, description)
-    return recipe, train(recipe, resume), resume
+def recipe_run(default: str, description: str | None = None) -> tuple[RecipeArgs, Any]:
+    """:func:`recipe_args` (with ``--from``), trained in ``runs/<name>``: ``(args, result)``."""
+    args = recipe_args(default, description, branch=True)
+    return args, train(args.recipe, args.resume, args.branch)

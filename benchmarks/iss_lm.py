@@ -1,8 +1,9 @@
 """ISS on a word-level LSTM language model (King James Bible): perplexity, hidden sizes, speed, direct design.
 
-    python benchmarks/iss_lm.py [--recipe kjv_lm_iss] [--resume]
+    python benchmarks/iss_lm.py [--recipe kjv_lm_iss] [--resume] [--from RECIPE]
 
-1. Trains the recipe (dense baseline → ISS → compact → fine-tune; checkpoints in ``runs/<recipe>``).
+1. Trains the recipe (dense baseline → ISS → compact → fine-tune; checkpoints in ``runs/<recipe>``); with
+   ``--from``, only the steps it trains unlike ``RECIPE``'s run (say, a fine-tuning with a teacher).
 2. "Direct design" (the ISS paper's baseline): the compact model's per-layer widths trained from
    scratch with the dense baseline's schedule (``runs/<recipe>_direct``), and the fine-tuning's
    dropout where the recipe lowers it for the compact model. A recipe that learns ISS from scratch (no
@@ -20,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from _common import RESULTS, interleaved_latency, recipe_run, train, train_seconds, write
+from _common import RESULTS, RUNS, interleaved_latency, recipe_run, train, train_seconds, write
 from torchslim.plots import plot_history
 from torchslim.profile import profile
 from torchslim.recipes import apply_overrides, recipe_from_dict
@@ -49,7 +50,8 @@ def _ppl(result, key: str, valid: bool = False) -> float:
 
 
 def main() -> None:
-    recipe, result, resume = recipe_run("kjv_lm_iss")
+    args, result = recipe_run("kjv_lm_iss")
+    recipe = args.recipe
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     widths = _widths(small)
 
@@ -59,7 +61,10 @@ def main() -> None:
         direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
             f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
             *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
-        direct = train(direct_recipe, resume)
+        # a branch's direct design trains as its source's: that run is reused where it exists
+        source = f"{args.branch}_direct" if args.branch is not None else None
+        direct = train(direct_recipe, args.resume,
+                       source if source and (RUNS / source / "checkpoint.pt").is_file() else None)
         direct_design = {"widths": widths, "perplexity": _ppl(direct, "baseline"),
                          "valid_perplexity": _ppl(direct, "baseline", valid=True),
                          "epochs": direct_recipe.baseline.epochs, "dropout": dropout}

@@ -89,7 +89,7 @@ def _summary(recipe, result) -> dict:
 
 
 def main() -> None:
-    recipe, resume = recipe_args("kjv_lm_iss_650_keep", __doc__.splitlines()[0])
+    recipe, resume, _ = recipe_args("kjv_lm_iss_650_keep", __doc__.splitlines()[0])
     _run(control_recipe(recipe), resume)
     iss = RESULTS / f"iss_{recipe.name}.json"
     if not iss.exists():

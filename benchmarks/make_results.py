@@ -19,7 +19,8 @@ from zoo_report import exactness_section, zoo_section
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
 # the README row shows the last one measured
-LM_RECIPES = ("kjv_lm_iss", "kjv_lm_iss_650", "kjv_lm_iss_650_keep", "kjv_lm_iss_650_scratch")
+LM_RECIPES = ("kjv_lm_iss", "kjv_lm_iss_650", "kjv_lm_iss_650_keep", "kjv_lm_iss_650_scratch", "kjv_lm_iss_650_long",
+              "kjv_lm_iss_650_long_kd")
 
 
 def _load(name: str) -> dict | None:

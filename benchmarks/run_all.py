@@ -17,6 +17,8 @@ STEPS = [
     ["iss_lm_control.py", "--recipe", "kjv_lm_iss_650_keep"],   # dense ~2 h + direct ~35 min at 2 threads
     ["iss_lm.py", "--recipe", "kjv_lm_iss_650_scratch"],        # ~90 min at 2 threads
     ["iss_lm_control.py", "--recipe", "kjv_lm_iss_650_scratch"],  # reuses _keep's controls where they train the same
+    ["iss_lm.py", "--recipe", "kjv_lm_iss_650_long"],           # ~6 h at 2 threads (20 dense epochs, direct design)
+    ["iss_lm.py", "--recipe", "kjv_lm_iss_650_long_kd", "--from", "kjv_lm_iss_650_long"],  # its fine-tuning only
     ["ssl_recipe.py", "--recipe", "lenet_lowrank"],
     ["ssl_recipe.py", "--recipe", "lenet_force_lowrank"],
     ["force_seeds.py"],                                        # 10 LeNet baselines

@@ -25,7 +25,8 @@ def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def main() -> None:
-    recipe, result, _ = recipe_run("lenet_ssl_full")
+    args, result = recipe_run("lenet_ssl_full")
+    recipe = args.recipe
     dense, small = result.dense_model.eval(), result.compact_model.eval()
     x1 = result.example[:1]
     lowered = compact(result.sparse_model, result.example, shapes="lowered")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -86,6 +87,15 @@ def test_train_then_compact_then_profile(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out and "conv2" in out
     assert (run / "compact.pt").is_file() and (run / "structure.png").is_file()
+
+    branch = tmp_path / "branch"  # another fine-tuning of the same SSL model
+    assert main(["train", "lenet_ssl", "--out", str(branch), "--from", str(run), *TINY,
+                 "--set", "finetune.lr=0.02"]) == 0
+    trained = json.loads((branch / "results.json").read_text())["epochs_trained"]
+    assert trained == {"baseline": 0, "ssl": 0, "finetune": 1}
+    assert main(["train", "lenet_ssl", "--out", str(branch), "--from", str(run), *TINY, "--set", "baseline.lr=1"]) == 2
+    assert "nothing to branch from" in capsys.readouterr().err
+    assert (branch / "compact.pt").is_file()  # the refused branch left the earlier one alone
 
     small = tmp_path / "small.pt"
     assert main(["compact", str(run / "sparse.pt"), "--out", str(small), "--shapes", "lowered"]) == 0

@@ -274,3 +274,56 @@ def test_a_teacher_can_be_any_model_file_the_library_writes(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="not a model file torchslim reads"):
         engine._load_model_file(tmp_path / "junk.pt", tiny())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A whole tiny run, for branches to start from."""
+    path, threads = tmp_path_factory.mktemp("source"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine.run(tiny(), run_dir=path, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+@pytest.mark.parametrize("change, trained", [
+    ("finetune.lr=0.02", {"baseline": 0, "ssl": 0, "finetune": 1}),
+    ("compact.shapes=off", {"baseline": 0, "ssl": 0, "finetune": 1}),
+    ("ssl.strength={channel: 0.02, shape: 0.02}", {"baseline": 0, "ssl": 1, "finetune": 1}),
+], ids=["finetune", "compact", "ssl"])
+def test_a_branch_trains_only_what_differs_and_ends_as_a_straight_run(tmp_path, finished_run, change, trained):
+    straight = engine.run(tiny(change), run_dir=tmp_path / "straight", progress=False)
+    branch = engine.run(tiny(change), run_dir=tmp_path / "branch", progress=False, branch_from=finished_run)
+    assert branch.finished and branch.epochs_trained == trained
+    assert [r.phase for r in branch.history] == ["baseline", "ssl", "finetune"]
+    assert (tmp_path / "branch" / "baseline.pt").is_file()  # the default distillation teacher is there too
+    # LeNet has no dropout and each epoch's batches are seeded: the branch trains as the straight run did
+    assert branch.accuracy == pytest.approx(straight.accuracy)
+    for k, v in straight.compact_model.state_dict().items():
+        torch.testing.assert_close(branch.compact_model.state_dict()[k], v)
+    again = engine.run(tiny(change), run_dir=tmp_path / "branch", progress=False, resume=True,
+                       branch_from=finished_run)
+    assert again.epochs_trained == {"baseline": 0, "ssl": 0, "finetune": 0}  # resume wins over the branch
+
+
+def test_a_branch_of_the_same_recipe_copies_the_finished_run(tmp_path, finished_run):
+    branch = engine.run(tiny(), run_dir=tmp_path, progress=False, branch_from=finished_run)
+    assert branch.finished and branch.epochs_trained == {"baseline": 0, "ssl": 0, "finetune": 0}
+    assert branch.accuracy == pytest.approx(json.loads((finished_run / "results.json").read_text())["accuracy"])
+
+
+def test_branch_errors_say_what_is_missing(tmp_path, finished_run):
+    with pytest.raises(ConfigError, match="baseline on"):
+        engine.run(tiny("baseline.lr=0.1"), run_dir=tmp_path / "a", progress=False, branch_from=finished_run)
+    with pytest.raises(ConfigError, match="differ in data"):
+        engine.run(tiny("data.train_limit=256"), run_dir=tmp_path / "a", progress=False, branch_from=finished_run)
+    with pytest.raises(ConfigError, match="itself"):
+        engine.run(tiny(), run_dir=finished_run, progress=False, branch_from=finished_run)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        engine.run(tiny(), run_dir=tmp_path / "a", progress=False, branch_from=tmp_path / "nowhere")
+    engine.run(tiny(), run_dir=tmp_path / "dense", progress=False, stop_after="baseline")
+    with pytest.raises(CheckpointError, match=r"not finished its ssl step \(sparse.pt missing\).*--stop-after ssl"):
+        engine.run(tiny("compact.shapes=off"), run_dir=tmp_path / "a", progress=False, branch_from=tmp_path / "dense")
+    assert (finished_run / "compact.pt").is_file()  # a refused branch removed nothing

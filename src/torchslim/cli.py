@@ -62,6 +62,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="recipe name (e.g. lenet_ssl) or path to a YAML file")
     _add_run_options(p)
     p.add_argument("--stop-after", choices=("baseline", "ssl", "compact"), help="stop after this step")
+    p.add_argument("--from", dest="branch_from", metavar="RUN_DIR",
+                   help="start after the steps another run's recipe trains alike (its dense baseline, its SSL, ...), "
+                        "copying them from its folder")
     p.set_defaults(func=cmd_train)
 
 
@@ -146,7 +149,8 @@ def _train(args: argparse.Namespace, recipe_name: str):
     recipe = load_recipe(recipe_name, overrides=args.overrides)
     out = Path(args.out) if args.out else None
     return run(recipe, data_dir=args.data_dir, run_dir=out, resume=args.resume,
-               stop_after=getattr(args, "stop_after", None), progress=_progress(args))
+               stop_after=getattr(args, "stop_after", None), progress=_progress(args),
+               branch_from=getattr(args, "branch_from", None))
 
 
 def _write_plots(result) -> list[Path]:

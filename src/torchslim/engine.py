@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,6 +401,97 @@ def _restore(run: _Run, model: nn.Module) -> tuple[nn.Module, str]:
     return model, phase
 
 
+# ---------------------------------------------------------------------------------------------
+# branching: a run that starts from the steps another run trained the same way
+
+# The recipe sections each step depends on, in run order; what all steps share comes first.
+_COMMON = ("seed", "model", "data", "batch_size", "eval_batch_size")
+_STEPS = (("baseline", ("baseline",)), ("ssl", ("ssl",)), ("compact", ("compact", "lowrank")),
+          ("finetune", ("finetune",)))
+# the files that hold a step's outcome, copied into the branch
+_STEP_FILES = {"baseline": ("baseline.pt",), "ssl": ("sparse.pt",), "compact": ("compacted.pt",),
+               "finetune": ("compact.pt",)}
+
+
+def _shared_steps(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
+    """The leading steps (``baseline``, ``ssl``, ``compact``, ``finetune``) two recipe dicts train alike.
+
+    Raises:
+        ConfigError: they differ in model, data, seed or batch sizes (no step is shared).
+    """
+    source, target = _with_defaults(source), _with_defaults(target)
+    differ = [k for k in _COMMON if source.get(k) != target.get(k)]
+    if differ:
+        raise ConfigError(f"{target.get('name')} and {source.get('name')} differ in {', '.join(differ)}, "
+                          f"so they share no training; run {target.get('name')} without a branch")
+    shared = []
+    for step, keys in _STEPS:
+        if any(source.get(k) != target.get(k) for k in keys):
+            break
+        shared.append(step)
+    return shared
+
+
+def _branch(run: _Run, source_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """What ``source_dir``'s run trained as ``run.recipe`` would: a checkpoint at the end of the shared steps,
+    from which :func:`_restore` continues, and the names of their files to copy (:func:`_seed_branch`).
+    Recipes alike throughout continue from wherever the source is.
+
+    The branch's RNG is not the source's at that point: dropout masks differ from an unbroken run's.
+
+    Raises:
+        CheckpointError: ``source_dir`` holds no engine checkpoint, or has not finished the shared steps.
+        ConfigError: the recipes share no step, or ``source_dir`` is the run's own folder.
+    """
+    if source_dir.resolve() == run.run_dir.resolve():
+        raise ConfigError(f"cannot branch {run.run_dir} from itself; use --resume to continue it")
+    state = load_checkpoint(source_dir / "checkpoint.pt")
+    if state.get("kind") != "engine":
+        raise CheckpointError(f"{source_dir / 'checkpoint.pt'} is not an engine checkpoint; branch from a run folder")
+    shared = _shared_steps(state["recipe"], run.recipe.to_dict())
+    if not shared:
+        raise ConfigError(f"{run.recipe.name} and {state['recipe']['name']} differ from their baseline on; "
+                          f"there is nothing to branch from, run without it")
+    last = shared[-1]
+    if last == "finetune":
+        files = [name for name in _RUN_FILES[1:-1] if (source_dir / name).is_file()]
+    else:
+        files = [name for step in shared for name in _STEP_FILES[step]]
+        missing = [name for name in files if not (source_dir / name).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{source_dir} has not finished its {last} step ({', '.join(missing)} missing), which "
+                f"{run.recipe.name} shares: train it that far first "
+                f"(torchslim train {state['recipe']['name']} --resume --stop-after {last})")
+        _rewind(state, last, source_dir)
+    log.info("branching %s from %s, which trained its %s alike", run.recipe.name, source_dir, ", ".join(shared))
+    return state | {"recipe": run.recipe.to_dict()}, files
+
+
+def _seed_branch(run: _Run, source_dir: Path, state: dict[str, Any], files: list[str]) -> None:
+    """Write :func:`_branch`'s checkpoint and copy its files into the (cleared) run folder."""
+    for name in files:
+        shutil.copy2(source_dir / name, run.run_dir / name)
+    save_checkpoint(run.run_dir / "checkpoint.pt", state)
+
+
+def _rewind(state: dict[str, Any], step: str, source_dir: Path) -> None:
+    """An engine checkpoint ``state`` taken at or after the end of ``step`` (baseline, ssl or compact), set
+    back to the end of ``step``: later epochs and metrics dropped, the model from that step's file."""
+    phases = ("baseline",) if step == "baseline" else ("baseline", "ssl")
+    keys = (*phases, "compact") if step == "compact" else phases
+    state["history"] = [h for h in state["history"] if h["phase"] in phases]
+    for metric in ("accuracy", "valid_accuracy", "loss", "valid_loss"):
+        state[metric] = {k: v for k, v in state.get(metric, {}).items() if k in keys}
+    state["done"] = {p: (n if p in phases else 0) for p, n in state["done"].items()}
+    state["lowrank"] = ([{k: v for k, v in row.items() if k != "rank_final"} for row in state.get("lowrank", [])]
+                        if step == "compact" else [])
+    state["phase"], state["compacted"] = ("finetune", True) if step == "compact" else (step, False)
+    state["model"] = (load_compact(source_dir / "compacted.pt").state_dict() if step == "compact"
+                      else load_checkpoint(source_dir / _STEP_FILES[step][0])["model"])
+    state["optimizer"], state["rng"] = None, None
+
+
 def _with_defaults(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """A saved recipe with the keys added since it was written, at their defaults (``raw`` if it no longer loads)."""
     try:
@@ -640,6 +732,7 @@ def run(
     resume: bool = False,
     stop_after: str | None = None,
     progress: bool | None = None,
+    branch_from: str | Path | None = None,
 ) -> RunResult:
     """Train ``recipe`` through baseline → SSL → compact → fine-tune.
 
@@ -650,10 +743,15 @@ def run(
         resume: continue from ``run_dir/checkpoint.pt`` if it exists; finished epochs are not redone.
         stop_after: ``"baseline"``, ``"ssl"`` or ``"compact"`` to stop after that step.
         progress: progress bars on stderr: ``None`` on a terminal only, ``True`` always, ``False`` never.
+        branch_from: another run's folder: start after the steps it trained as ``recipe`` would (say, the
+            same dense baseline, or the same SSL before another fine-tuning), copying their files. Ignored
+            when ``resume`` finds a checkpoint in ``run_dir``.
     Raises:
         DatasetNotFound: the data is missing (the message says how to get it).
-        CheckpointError: ``resume`` with a corrupt checkpoint, or one of another model.
-        ConfigError: a recipe value the model does not fit (e.g. a multiplier for a missing layer).
+        CheckpointError: ``resume`` with a corrupt checkpoint, or one of another model; ``branch_from``
+            without a checkpoint, or short of the shared steps.
+        ConfigError: a recipe value the model does not fit (e.g. a multiplier for a missing layer);
+            ``branch_from`` a run that shares no step.
     """
     if stop_after not in (None, "baseline", "ssl", "compact"):
         raise ConfigError(f"stop_after must be 'baseline', 'ssl' or 'compact', got {stop_after!r}")
@@ -670,9 +768,13 @@ def run(
     if resume and (run_.run_dir / "checkpoint.pt").exists():
         model, phase = _restore(run_, model)
     else:
-        if resume:
+        if resume and branch_from is None:
             log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
+        branch = _branch(run_, Path(branch_from)) if branch_from is not None else None  # checked before clearing
         _clear_run_dir(run_.run_dir)
+        if branch is not None:
+            _seed_branch(run_, Path(branch_from), *branch)
+            model, phase = _restore(run_, model)
     model, finished = _run_phases(run_, model, phase, stop_after)
     return _results(run_, model, finished, time.perf_counter() - started)
 

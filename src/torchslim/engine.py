@@ -409,8 +409,7 @@ _COMMON = ("seed", "model", "data", "batch_size", "eval_batch_size")
 _STEPS = (("baseline", ("baseline",)), ("ssl", ("ssl",)), ("compact", ("compact", "lowrank")),
           ("finetune", ("finetune",)))
 # the files that hold a step's outcome, copied into the branch
-_STEP_FILES = {"baseline": ("baseline.pt",), "ssl": ("sparse.pt",), "compact": ("compacted.pt",),
-               "finetune": ("compact.pt",)}
+_STEP_FILES = {"baseline": "baseline.pt", "ssl": "sparse.pt", "compact": "compacted.pt"}
 
 
 def _shared_steps(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
@@ -456,7 +455,7 @@ def _branch(run: _Run, source_dir: Path) -> tuple[dict[str, Any], list[str]]:
     if last == "finetune":
         files = [name for name in _RUN_FILES[1:-1] if (source_dir / name).is_file()]
     else:
-        files = [name for step in shared for name in _STEP_FILES[step]]
+        files = [_STEP_FILES[step] for step in shared]
         missing = [name for name in files if not (source_dir / name).is_file()]
         if missing:
             raise CheckpointError(
@@ -487,8 +486,8 @@ def _rewind(state: dict[str, Any], step: str, source_dir: Path) -> None:
     state["lowrank"] = ([{k: v for k, v in row.items() if k != "rank_final"} for row in state.get("lowrank", [])]
                         if step == "compact" else [])
     state["phase"], state["compacted"] = ("finetune", True) if step == "compact" else (step, False)
-    state["model"] = (load_compact(source_dir / "compacted.pt").state_dict() if step == "compact"
-                      else load_checkpoint(source_dir / _STEP_FILES[step][0])["model"])
+    path = source_dir / _STEP_FILES[step]
+    state["model"] = load_compact(path).state_dict() if step == "compact" else load_checkpoint(path)["model"]
     state["optimizer"], state["rng"] = None, None
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from _common import RESULTS, RUNS, interleaved_latency, recipe_run, train, train_seconds, write
+from torchslim.checkpoint import load_checkpoint
 from torchslim.plots import plot_history
 from torchslim.profile import profile
 from torchslim.recipes import apply_overrides, recipe_from_dict
@@ -49,6 +50,13 @@ def _ppl(result, key: str, valid: bool = False) -> float:
     return math.exp((result.valid_loss if valid else result.loss)[key])
 
 
+def _same_model(run: str | None, recipe) -> bool:
+    """Whether ``runs/<run>`` trains ``recipe``'s model: a branch's direct design, if ISS reached the same widths
+    as in the run it branched from, is that run's, and is reused rather than trained again."""
+    path = RUNS / run / "checkpoint.pt" if run is not None else None
+    return path is not None and path.is_file() and load_checkpoint(path)["recipe"]["model"] == recipe.to_dict()["model"]
+
+
 def main() -> None:
     args, result = recipe_run("kjv_lm_iss")
     recipe = args.recipe
@@ -61,10 +69,8 @@ def main() -> None:
         direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
             f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
             *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
-        # a branch's direct design trains as its source's: that run is reused where it exists
         source = f"{args.branch}_direct" if args.branch is not None else None
-        direct = train(direct_recipe, args.resume,
-                       source if source and (RUNS / source / "checkpoint.pt").is_file() else None)
+        direct = train(direct_recipe, args.resume, source if _same_model(source, direct_recipe) else None)
         direct_design = {"widths": widths, "perplexity": _ppl(direct, "baseline"),
                          "valid_perplexity": _ppl(direct, "baseline", valid=True),
                          "epochs": direct_recipe.baseline.epochs, "dropout": dropout}

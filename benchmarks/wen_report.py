@@ -343,8 +343,11 @@ def readme_rows(force: dict[str, Any] | None, combined: dict[str, Any] | None, l
             what = "ISS from scratch"
             ppl = f"perplexity {ref:.1f} → {p['finetune']:.1f} (trained as long; direct design {direct['perplexity']:.1f})"
         else:
-            control = f" (dense fine-tuned as long: {c['perplexity']['finetune']:.1f})" if c else ""
-            what, ppl = "ISS", f"perplexity {p['baseline']:.1f} → {p['finetune']:.1f}{control}"
+            notes = [f"dense fine-tuned as long: {c['perplexity']['finetune']:.1f}"] if c else []
+            if direct := lm.get("direct_design"):
+                notes.append(f"direct design {direct['perplexity']:.1f}")
+            what, ppl = "ISS", f"perplexity {p['baseline']:.1f} → {p['finetune']:.1f}"
+            ppl += f" ({'; '.join(notes)})" if notes else ""
         if _distill(lm):
             what += ", fine-tuned with the dense model as teacher"
         rows.append(f"| Word LSTM LM, King James Bible, {what} | {ppl} "

@@ -87,3 +87,14 @@ def test_lm_report_says_when_fine_tuning_was_distilled(monkeypatch):
     d["recipe"]["finetune"]["distill"] = {"alpha": 0.5, "temperature": 1.0, "teacher": None}
     assert "distilled from the dense model (α 0.5 on its outputs at temperature 1" in wen_report._lm_budget(d)
     assert "ISS, fine-tuned with the dense model as teacher |" in wen_report.readme_rows(None, None, d)[0]
+
+
+def test_lm_readme_row_names_the_direct_design(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["make_results"])
+    make_results, wen_report = importlib.import_module("make_results"), importlib.import_module("wen_report")
+    d = make_results._load_lm("kjv_lm_iss_650_keep")
+    row = wen_report.readme_rows(None, None, d)[0]
+    assert f"; direct design {d['direct_design']['perplexity']:.1f})" in row
+    d["control"], d["direct_design"] = None, None
+    assert f"{d['perplexity']['finetune']:.1f} |" in wen_report.readme_rows(None, None, d)[0]

@@ -23,6 +23,8 @@ from torch import nn
 
 from _common import RESULTS, RUNS, interleaved_latency, recipe_run, train, train_seconds, write
 from torchslim.checkpoint import load_checkpoint
+from torchslim.engine import shared_steps
+from torchslim.errors import ConfigError
 from torchslim.plots import plot_history
 from torchslim.profile import profile
 from torchslim.recipes import apply_overrides, recipe_from_dict
@@ -50,11 +52,16 @@ def _ppl(result, key: str, valid: bool = False) -> float:
     return math.exp((result.valid_loss if valid else result.loss)[key])
 
 
-def _same_model(run: str | None, recipe) -> bool:
-    """Whether ``runs/<run>`` trains ``recipe``'s model: a branch's direct design, if ISS reached the same widths
-    as in the run it branched from, is that run's, and is reused rather than trained again."""
+def _shares_baseline(run: str | None, recipe) -> bool:
+    """Whether ``runs/<run>`` trained ``recipe``'s baseline alike, by the engine's own rule for ``--from``: a
+    branch's direct design, where ISS reached the widths of the run it branched from, is that run's, reused."""
     path = RUNS / run / "checkpoint.pt" if run is not None else None
-    return path is not None and path.is_file() and load_checkpoint(path)["recipe"]["model"] == recipe.to_dict()["model"]
+    if path is None or not path.is_file():
+        return False
+    try:
+        return bool(shared_steps(load_checkpoint(path)["recipe"], recipe.to_dict()))
+    except ConfigError:  # another model (ISS reached other widths), data or seed
+        return False
 
 
 def main() -> None:
@@ -70,7 +77,7 @@ def main() -> None:
             f"name={recipe.name}_direct", f"model.kwargs.hidden_size={widths}", "ssl.epochs=0", "finetune.epochs=0",
             *([f"baseline.dropout={dropout}"] if dropout is not None else [])]))
         source = f"{args.branch}_direct" if args.branch is not None else None
-        direct = train(direct_recipe, args.resume, source if _same_model(source, direct_recipe) else None)
+        direct = train(direct_recipe, args.resume, source if _shares_baseline(source, direct_recipe) else None)
         direct_design = {"widths": widths, "perplexity": _ppl(direct, "baseline"),
                          "valid_perplexity": _ppl(direct, "baseline", valid=True),
                          "epochs": direct_recipe.baseline.epochs, "dropout": dropout}

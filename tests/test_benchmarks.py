@@ -98,3 +98,22 @@ def test_lm_readme_row_names_the_direct_design(monkeypatch):
     assert f"; direct design {d['direct_design']['perplexity']:.1f})" in row
     d["control"], d["direct_design"] = None, None
     assert f"{d['perplexity']['finetune']:.1f} |" in wen_report.readme_rows(None, None, d)[0]
+
+
+def test_lm_direct_design_is_reused_only_where_the_engine_would_branch(monkeypatch, tmp_path):
+    from torchslim.checkpoint import save_checkpoint
+    from torchslim.recipes import load_recipe
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(sys, "argv", ["iss_lm"])
+    iss_lm = importlib.import_module("iss_lm")
+    monkeypatch.setattr(iss_lm, "RUNS", tmp_path)
+    direct = load_recipe("kjv_lm_iss_650_long", overrides=["model.kwargs.hidden_size=[260,260]", "ssl.epochs=0",
+                                                           "finetune.epochs=0", "baseline.dropout=0.3"])
+    save_checkpoint(tmp_path / "source_direct" / "checkpoint.pt", {"recipe": direct.to_dict()})
+    assert iss_lm._shares_baseline("source_direct", direct)
+    assert not iss_lm._shares_baseline("missing_direct", direct)
+    assert not iss_lm._shares_baseline(None, direct)
+    for other in ("model.kwargs.hidden_size=[260,250]", "baseline.dropout=0.2"):  # other widths; other dropout
+        changed = iss_lm.recipe_from_dict(iss_lm.apply_overrides(direct.to_dict(), [other]))
+        assert not iss_lm._shares_baseline("source_direct", changed)

@@ -412,7 +412,7 @@ _STEPS = (("baseline", ("baseline",)), ("ssl", ("ssl",)), ("compact", ("compact"
 _STEP_FILES = {"baseline": "baseline.pt", "ssl": "sparse.pt", "compact": "compacted.pt"}
 
 
-def _shared_steps(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
+def shared_steps(source: Mapping[str, Any], target: Mapping[str, Any]) -> list[str]:
     """The leading steps (``baseline``, ``ssl``, ``compact``, ``finetune``) two recipe dicts train alike.
 
     Raises:
@@ -447,7 +447,7 @@ def _branch(run: _Run, source_dir: Path) -> tuple[dict[str, Any], list[str]]:
     state = load_checkpoint(source_dir / "checkpoint.pt")
     if state.get("kind") != "engine":
         raise CheckpointError(f"{source_dir / 'checkpoint.pt'} is not an engine checkpoint; branch from a run folder")
-    shared = _shared_steps(state["recipe"], run.recipe.to_dict())
+    shared = shared_steps(state["recipe"], run.recipe.to_dict())
     if not shared:
         raise ConfigError(f"{run.recipe.name} and {state['recipe']['name']} differ from their baseline on; "
                           f"there is nothing to branch from, run without it")

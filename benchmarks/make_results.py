@@ -1,16 +1,19 @@
 """Write RESULTS.md and the README's results table from benchmarks/results/*.json.
 
-    python benchmarks/make_results.py
+    python benchmarks/make_results.py [--out DIR]
 
 Nothing here is typed by hand: every number is read from a JSON file a benchmark script wrote.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import re
 from pathlib import Path
 
+from _report import (Codec, ForceSeeds, ISSAlternatives, LMControl, LMRun, Magnitude, Modes, Overhead, SSLRun,
+                     TernGradConvergence, TernGradSpeed, TernGradWire, ZooExactness, ZooSpeed, load, machine_line,
+                     table)
 from terngrad_report import terngrad_sections
 from wen_report import (iss_alternatives_section, iss_lm_section, lowrank_sections, rank_table_section,
                         readme_rows)
@@ -23,22 +26,19 @@ LM_RECIPES = ("kjv_lm_iss", "kjv_lm_iss_650", "kjv_lm_iss_650_keep", "kjv_lm_iss
               "kjv_lm_iss_650_long_kd")
 
 
-def _load(name: str) -> dict | None:
+def _load(name: str, schema: type = SSLRun) -> dict | None:
+    """``results/<name>.json`` checked against ``schema``; None when it has not been measured."""
     path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return load(path, schema) if path.exists() else None
 
 
 def _load_lm(name: str) -> dict | None:
     """``iss_<name>.json`` with the controls of ``iss_lm_control.py`` as ``"control"`` (dense) and
     ``"control_direct"`` (the compact widths from scratch), where measured."""
-    if (d := _load(f"iss_{name}")) is not None:
-        d["control"], d["control_direct"] = _load(f"iss_{name}_denseft"), _load(f"iss_{name}_direct_long")
+    if (d := _load(f"iss_{name}", LMRun)) is not None:
+        d["control"] = _load(f"iss_{name}_denseft", LMControl)
+        d["control_direct"] = _load(f"iss_{name}_direct_long", LMControl)
     return d
-
-
-def _machine(d: dict) -> str:
-    m = d["machine"]
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}"
 
 
 def _pts(a: float, b: float) -> str:
@@ -46,39 +46,35 @@ def _pts(a: float, b: float) -> str:
 
 
 def ssl_section(d: dict, title: str) -> list[str]:
-    acc = d["accuracy"]
-    lines = [f"### {title}", "", f"Recipe `{d['recipe']['name']}`; machine: {_machine(d)}.", "",
-             "| | dense | SSL (sparse) | compact + fine-tuned |", "|---|---|---|---|",
-             f"| test accuracy | {acc['baseline']:.2%} | {acc['ssl']:.2%} ({_pts(acc['ssl'], acc['baseline'])} pts) "
-             f"| {acc['finetune']:.2%} ({_pts(acc['finetune'], acc['baseline'])} pts) |",
-             f"| parameters | {d['params']['dense']:,} | | {d['params']['compact']:,} |",
-             f"| multiply-adds / sample | {d['macs']['dense']:,} | | {d['macs']['compact']:,} "
-             f"({d['flop_reduction']:.1f}× fewer) |"]
+    acc, valid = d["accuracy"], d.get("valid_accuracy") or {}
+    rows = [["test accuracy", f"{acc['baseline']:.2%}", f"{acc['ssl']:.2%} ({_pts(acc['ssl'], acc['baseline'])} pts)",
+             f"{acc['finetune']:.2%} ({_pts(acc['finetune'], acc['baseline'])} pts)"]]
+    if valid:
+        rows.append(["validation accuracy (λ chosen on it)", f"{valid['baseline']:.2%}", f"{valid['ssl']:.2%}",
+                     f"{valid['finetune']:.2%}"])
+    rows += [["parameters", f"{d['params']['dense']:,}", "", f"{d['params']['compact']:,}"],
+             ["multiply-adds / sample", f"{d['macs']['dense']:,}", "",
+              f"{d['macs']['compact']:,} ({d['flop_reduction']:.1f}× fewer)"]]
     if d["conv_macs"]["dense"]:
-        lines.append(f"| conv multiply-adds / sample | {d['conv_macs']['dense']:,} | | {d['conv_macs']['compact']:,} "
-                     f"({d['conv_flop_reduction']:.1f}× fewer) |")
+        rows.append(["conv multiply-adds / sample", f"{d['conv_macs']['dense']:,}", "",
+                     f"{d['conv_macs']['compact']:,} ({d['conv_flop_reduction']:.1f}× fewer)"])
     if (branches := d.get("branches") or {}).get("total"):
-        lines.append(f"| residual branches (depth groups) | {branches['total']} | | "
+        rows.append(["residual branches (depth groups)", branches["total"], "",
                      f"{branches['total'] - branches['removed']} ({branches['removed']} removed, "
-                     f"{2 * branches['removed']} conv layers fewer) |")
-    lines += ["", "| layer | filters / neurons | input channels | shape fibers | multiply-adds kept |",
-              "|---|---|---|---|---|"]
-    for s in d["layers"]:
-        lines.append(f"| {s['name']} | {s['filters'][0]}/{s['filters'][1]} | {s['channels'][0]}/{s['channels'][1]} "
-                     f"| {s['shape'][0]}/{s['shape'][1]} | {s['macs_kept']:.1%} |")
+                     f"{2 * branches['removed']} conv layers fewer)"])
+    lines = [f"### {title}", "", f"Recipe `{d['recipe']['name']}`; machine: {machine_line(d)}.", "",
+             *table(["", "dense", "SSL (sparse)", "compact + fine-tuned"], rows), "",
+             *table(["layer", "filters / neurons", "input channels", "shape fibers", "multiply-adds kept"],
+                    [[s["name"], f"{s['filters'][0]}/{s['filters'][1]}", f"{s['channels'][0]}/{s['channels'][1]}",
+                      f"{s['shape'][0]}/{s['shape'][1]}", f"{s['macs_kept']:.1%}"] for s in d["layers"]])]
     if d.get("history_plot") and (RESULTS / d["history_plot"]).exists():
         lines += ["", f"![training history](benchmarks/results/{d['history_plot']})"]
-    valid = d.get("valid_accuracy") or {}
-    if valid:
-        lines.insert(7, f"| validation accuracy (λ chosen on it) | {valid['baseline']:.2%} | {valid['ssl']:.2%} "
-                        f"| {valid['finetune']:.2%} |")
     onnx = d.get("speed_onnxruntime", {})
     lines += ["", "CPU latency, median of 30 interleaved runs (dense, compact and lowered timed in turn), in PyTorch "
               "eager and in onnxruntime; *÷ MACs* is the speedup over the multiply-add reduction "
               f"({d['flop_reduction']:.1f}×):", "",
-              "| threads | batch | dense ms | compact ms | speedup | ÷ MACs | lowered ms | speedup (lowered) "
-              "| ORT dense ms | ORT compact ms | ORT speedup | ÷ MACs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              *table(["threads", "batch", "dense ms", "compact ms", "speedup", "÷ MACs", "lowered ms",
+                      "speedup (lowered)", "ORT dense ms", "ORT compact ms", "ORT speedup", "÷ MACs"])]
     for key, v in d["speed"].items():
         t, b = re.match(r"threads(\d+)_batch(\d+)", key).groups()
         row = (f"| {t} | {b} | {v['dense']['median_ms']:.3f} | {v['compact']['median_ms']:.3f} | "
@@ -96,24 +92,22 @@ def overhead_section(d: dict) -> list[str]:
     o, ms = d["overhead"], d["step_ms"]
     return ["### GroupLasso's cost per training step", "",
             f"LeNet, batch {d['batch_size']}, {d['threads']} threads, {d['groups']} groups "
-            f"(channels, neurons, shape fibers); median of {d['repeats']} interleaved steps; {_machine(d)}.", "",
-            "| | ms | vs a plain SGD step |", "|---|---|---|",
-            f"| plain SGD step | {ms['plain']:.2f} | |",
-            f"| proximal step alone (`lasso.step_`) | {ms['prox_alone']:.2f} | {o['prox_alone']:.1%} |",
-            f"| step + prox | {ms['prox']:.2f} | {o['prox']:+.1%} |",
-            f"| step with the penalty in the loss | {ms['penalty']:.2f} | {o['penalty']:+.1%} |", ""]
+            f"(channels, neurons, shape fibers); median of {d['repeats']} interleaved steps; {machine_line(d)}.", "",
+            *table(["", "ms", "vs a plain SGD step"],
+                   [["plain SGD step", f"{ms['plain']:.2f}", ""],
+                    ["proximal step alone (`lasso.step_`)", f"{ms['prox_alone']:.2f}", f"{o['prox_alone']:.1%}"],
+                    ["step + prox", f"{ms['prox']:.2f}", f"{o['prox']:+.1%}"],
+                    ["step with the penalty in the loss", f"{ms['penalty']:.2f}", f"{o['penalty']:+.1%}"]]), ""]
 
 
 def modes_section(d: dict) -> list[str]:
-    lines = ["### Proximal vs the paper's subgradient + zero-out (same recipe, same budget)", "",
-             f"Recipe `{d['recipe']}`; {_machine(d)}.", "",
-             "| mode | accuracy after SSL | after fine-tuning | zero groups | conv multiply-adds kept |",
-             "|---|---|---|---|---|"]
-    for mode, r in d["modes"].items():
-        zeros = ", ".join(f"{k} {v:.0%}" for k, v in r["zero_groups"].items())
-        lines.append(f"| {mode} | {r['accuracy']['ssl']:.2%} | {r['accuracy']['finetune']:.2%} | {zeros} "
-                     f"| {r['conv_macs_kept']:.1%} |")
-    return lines + [""]
+    rows = [[mode, f"{r['accuracy']['ssl']:.2%}", f"{r['accuracy']['finetune']:.2%}",
+             ", ".join(f"{k} {v:.0%}" for k, v in r["zero_groups"].items()), f"{r['conv_macs_kept']:.1%}"]
+            for mode, r in d["modes"].items()]
+    return ["### Proximal vs the paper's subgradient + zero-out (same recipe, same budget)", "",
+            f"Recipe `{d['recipe']}`; {machine_line(d)}.", "",
+            *table(["mode", "accuracy after SSL", "after fine-tuning", "zero groups", "conv multiply-adds kept"], rows),
+            ""]
 
 
 def _maybe_pct(v: float | None) -> str:
@@ -128,9 +122,8 @@ def magnitude_section(d: dict) -> list[str]:
              f"The SSL run's dense baseline, with its lowest-L2-norm {'/'.join(mag['kinds'])} groups removed "
              f"({mag['scope']} scope, `torchslim.magnitude_prune`) down to at most the SSL model's multiply-adds, "
              f"then fine-tuned as SSL's compact model was: {ft['epochs']} epochs, lr {ft['lr']} ({ft['lr_schedule']}), "
-             f"batch {ft['batch_size']}; {_machine(d)}.", "",
-             "| | dense | SSL: compact + fine-tuned | magnitude: pruned | magnitude: + fine-tuned |",
-             "|---|---|---|---|---|",
+             f"batch {ft['batch_size']}; {machine_line(d)}.", "",
+             *table(["", "dense", "SSL: compact + fine-tuned", "magnitude: pruned", "magnitude: + fine-tuned"]),
              f"| test accuracy | {acc['dense']:.2%} | {acc['ssl']:.2%} ({_pts(acc['ssl'], acc['dense'])} pts) "
              f"| {acc['magnitude_pruned']:.2%} | {acc['magnitude']:.2%} ({_pts(acc['magnitude'], acc['dense'])} pts) |"]
     if valid:
@@ -139,12 +132,10 @@ def magnitude_section(d: dict) -> list[str]:
     lines += [f"| multiply-adds / sample | {macs['dense']:,} | {macs['ssl']:,} "
               f"({macs['dense'] / macs['ssl']:.1f}× fewer) | {macs['magnitude']:,} "
               f"({macs['dense'] / macs['magnitude']:.1f}× fewer) | |",
-              f"| parameters | {params['dense']:,} | {params['ssl']:,} | {params['magnitude']:,} | |", "",
-              "| layer | output channels / neurons: dense | SSL (kernel) | magnitude |", "|---|---|---|---|"]
-    for s in d["layers"]:
-        kernel = f" ({s['ssl_kernel'][0]}×{s['ssl_kernel'][1]})" if s["ssl_kernel"] else ""
-        lines.append(f"| {s['name']} | {s['dense']} | {s['ssl']}{kernel} | {s['magnitude']} |")
-    return lines + [""]
+              f"| parameters | {params['dense']:,} | {params['ssl']:,} | {params['magnitude']:,} | |", ""]
+    kernel = lambda s: f" ({s['ssl_kernel'][0]}×{s['ssl_kernel'][1]})" if s["ssl_kernel"] else ""
+    rows = [[s["name"], s["dense"], f"{s['ssl']}{kernel(s)}", s["magnitude"]] for s in d["layers"]]
+    return lines + table(["layer", "output channels / neurons: dense", "SSL (kernel)", "magnitude"], rows) + [""]
 
 
 def codec_section(d: dict) -> list[str]:
@@ -152,13 +143,10 @@ def codec_section(d: dict) -> list[str]:
              f"GB/s of fp32 gradient ({d['numel']:,} elements), median of {d['repeats']}; encode = ternarize + pack "
              f"(the scaler, timed apart, is one max/std pass), decode = unpack_sum of {d['world']} workers' codes "
              "(into a new int32 tensor / "
-             f"into the float32 bucket with `out=`); {_machine(d)}.", "",
-             "| device | threads | scheme | encode | decode | decode into bucket |", "|---|---|---|---|---|---|"]
-    for r in d["rows"]:
-        g = r["gbps"]
-        lines.append(f"| {r['device']} | {r['threads']} | {r['scheme']} | {g['encode']:.2f} | {g['decode']:.2f} "
-                     f"| {g['decode_out']:.2f} |")
-    return lines + [""]
+             f"into the float32 bucket with `out=`); {machine_line(d)}.", ""]
+    rows = [[r["device"], r["threads"], r["scheme"],
+             *(f"{r['gbps'][k]:.2f}" for k in ("encode", "decode", "decode_out"))] for r in d["rows"]]
+    return lines + table(["device", "threads", "scheme", "encode", "decode", "decode into bucket"], rows) + [""]
 
 
 def _terngrad_rows(wire: dict | None, speed: dict | None, conv: dict | None) -> list[str]:
@@ -184,8 +172,8 @@ def _terngrad_rows(wire: dict | None, speed: dict | None, conv: dict | None) -> 
 
 
 def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, rowlstm: dict | None) -> str:
-    rows = ["| experiment | accuracy (dense → compact) | reduction | CPU speedup, batch 64 / 1, 1 thread: "
-            "PyTorch; onnxruntime |", "|---|---|---|---|"]
+    rows = table(["experiment", "accuracy (dense → compact)", "reduction",
+                  "CPU speedup, batch 64 / 1, 1 thread: PyTorch; onnxruntime"])
     for d, what in ((lenet, "LeNet, Fashion-MNIST, SSL"), (mlp, "MLP, Fashion-MNIST, SSL neurons"),
                     (rowlstm, "LSTM, sequential Fashion-MNIST, ISS"),
                     (_load("ssl_resnet20_depth"), "ResNet-20, Fashion-MNIST, SSL depth"),
@@ -203,7 +191,8 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
                     f"{sp['threads1_batch64']['speedup']:.2f}× / {sp['threads1_batch1']['speedup']:.2f}×{ort_speed} |")
     lm = next((d for name in reversed(LM_RECIPES) if (d := _load_lm(name)) is not None), None)
     rows += readme_rows(_load("ssl_lenet_force_lowrank"), _load("ssl_lenet_ssl_force_lowrank"), lm)
-    rows += _terngrad_rows(_load("terngrad_wire"), _load("terngrad_speed"), _load("terngrad_convergence"))
+    rows += _terngrad_rows(_load("terngrad_wire", TernGradWire), _load("terngrad_speed", TernGradSpeed),
+                           _load("terngrad_convergence", TernGradConvergence))
     if overhead:
         share = overhead["overhead"]["prox_alone"]
         rows.append(f"| GroupLasso prox step, LeNet | | {share:.1%} of a training step | |")
@@ -211,8 +200,13 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT, metavar="DIR",
+                        help="folder to write RESULTS.md and README.md into (default: the repository root; the README "
+                             "is always read from there)")
+    args = parser.parse_args()
     lenet, mlp, rowlstm = _load("ssl_lenet_ssl_full"), _load("ssl_mlp_ssl"), _load("ssl_rowlstm_iss")
-    overhead, modes = _load("lasso_overhead"), _load("prox_vs_subgradient_lenet_ssl")
+    overhead, modes = _load("lasso_overhead", Overhead), _load("prox_vs_subgradient_lenet_ssl", Modes)
     out = ["# Results", "", "Generated by `python benchmarks/make_results.py` from `benchmarks/results/*.json`; "
            "each JSON is written by the benchmark script named in it (`make bench` runs them all).", ""]
     if lenet:
@@ -226,10 +220,10 @@ def main() -> None:
     for name in LM_RECIPES:
         if (lm := _load_lm(name)) is not None:
             out += iss_lm_section(lm)
-    if (alt := _load("iss_alternatives")) is not None:
+    if (alt := _load("iss_alternatives", ISSAlternatives)) is not None:
         out += iss_alternatives_section(alt)
     out += lowrank_sections(_load("ssl_lenet_lowrank"), _load("ssl_lenet_force_lowrank"), lenet,
-                            _load("ssl_lenet_ssl_force_lowrank"), _load("force_seeds_lenet_force_lowrank"))
+                            _load("ssl_lenet_ssl_force_lowrank"), _load("force_seeds_lenet_force_lowrank", ForceSeeds))
     out += rank_table_section(_load("ssl_resnet20_lowrank"), _load("ssl_resnet20_force_lowrank"),
                               "Force regularization and low rank: ResNet-20, Fashion-MNIST")
     if overhead:
@@ -238,20 +232,21 @@ def main() -> None:
         out += modes_section(modes)
     for path in sorted(RESULTS.glob("ssl_vs_magnitude_*.json")):
         if not path.stem.endswith("_smoke"):
-            out += magnitude_section(json.loads(path.read_text()))
-    codec = _load("codec_throughput")
+            out += magnitude_section(load(path, Magnitude))
+    codec = _load("codec_throughput", Codec)
     if codec:
         out += codec_section(codec)
     out += terngrad_sections(RESULTS)
-    out += zoo_section(zoo) if (zoo := _load("zoo_speed")) is not None else []
-    out += exactness_section(exact) if (exact := _load("zoo_exactness")) is not None else []
-    (ROOT / "RESULTS.md").write_text("\n".join(out))
+    out += zoo_section(zoo) if (zoo := _load("zoo_speed", ZooSpeed)) is not None else []
+    out += exactness_section(exact) if (exact := _load("zoo_exactness", ZooExactness)) is not None else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()
     table = readme_table(lenet, mlp, overhead, rowlstm)
     readme = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
                     lambda _: f"<!-- results:start -->\n{table}\n<!-- results:end -->", readme, flags=re.S)
-    (ROOT / "README.md").write_text(readme)
-    print("wrote RESULTS.md and README.md's results table")
+    (args.out / "README.md").write_text(readme)
+    print(f"wrote RESULTS.md and README.md's results table in {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ is skipped; a file marked ``"smoke": true`` (a quick check, not a result) is lab
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from _report import TernGradConvergence, TernGradSpeed, TernGradWire, load, machine_line, table
 
 __all__ = ["terngrad_sections"]
 
@@ -23,18 +24,13 @@ def terngrad_sections(results_dir: str | Path) -> list[str]:
     """Markdown lines for the three TernGrad benchmarks whose JSON is in ``results_dir``."""
     results_dir = Path(results_dir)
     lines: list[str] = []
-    for name, section in (("terngrad_wire", _wire_section), ("terngrad_convergence", _convergence_section),
-                          ("terngrad_speed", _speed_section)):
+    for name, schema, section in (("terngrad_wire", TernGradWire, _wire_section),
+                                  ("terngrad_convergence", TernGradConvergence, _convergence_section),
+                                  ("terngrad_speed", TernGradSpeed, _speed_section)):
         path = results_dir / f"{name}.json"
         if path.exists():
-            lines += section(json.loads(path.read_text()))
+            lines += section(load(path, schema))
     return lines
-
-
-def _machine(d: dict[str, Any]) -> str:
-    m = d["machine"]
-    smoke = " **Smoke run (tiny settings): not a result.**" if d.get("smoke") else ""
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}.{smoke}"
 
 
 def _wire_section(d: dict[str, Any]) -> list[str]:
@@ -44,10 +40,10 @@ def _wire_section(d: dict[str, Any]) -> list[str]:
              f"per worker and step, from the difference of two runs ({steps} steps) so start-up cancels. "
              "*Theory*: ring formulas (compression_anchors §8); *hook*: the hook's own ring accounting; "
              "*payload*: one worker's encoded gradient before the collective multiplies it "
-             f"(an all-gather sends it N−1 times). Batch {d['batch_size']} per worker; {_machine(d)}", "",
-             "| model | workers | gradients | MB / step / worker | bits / element on the wire | theory | hook | "
-             "payload bits / element | × fewer bytes than fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"(an all-gather sends it N−1 times). Batch {d['batch_size']} per worker; "
+             f"{machine_line(d, sentence=True)}", "",
+             *table(["model", "workers", "gradients", "MB / step / worker", "bits / element on the wire", "theory",
+                     "hook", "payload bits / element", "× fewer bytes than fp32"])]
     for r in d["rows"]:
         ratio = f"{r['wire_vs_fp32']:.1f}×" if r.get("wire_vs_fp32") else ""
         lines.append(f"| {r['model']} | {r['world_size']} | {_NAMES.get(r['variant'], r['variant'])} | "
@@ -69,8 +65,8 @@ def _convergence_section(d: dict[str, Any]) -> list[str]:
              f"{d['world_size']} workers × batch {d['batch_size_per_worker']} (total {d['total_batch']}), "
              f"SGD lr {d['lr']}, momentum {d['momentum']}, weight decay {d['weight_decay']}, {d['steps']} steps, "
              f"seeds {', '.join(map(str, d['seeds']))}; same data order and initial weights for every run. "
-             f"{_machine(d)}", "",
-             "| gradients | test accuracy | vs fp32 (points) | training time (s) |", "|---|---|---|---|"]
+             f"{machine_line(d, sentence=True)}", "",
+             *table(["gradients", "test accuracy", "vs fp32 (points)", "training time (s)"])]
     for name, c in configs.items():
         spread = f" ± {c['test_accuracy_std']:.2%}" if c.get("test_accuracy_std") is not None else ""
         has_delta = c.get("delta_vs_fp32_points") is not None and name != "fp32"
@@ -80,7 +76,7 @@ def _convergence_section(d: dict[str, Any]) -> list[str]:
     names = list(configs)
     steps = [p["step"] for p in configs[names[0]]["runs"][0]["curve"]]
     lines += ["", "Test accuracy during training (first seed):", "",
-              "| step | " + " | ".join(_NAMES.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+              *table(["step", *(_NAMES.get(n, n) for n in names)])]
     for i, step in enumerate(steps):
         lines.append(f"| {step} | " + " | ".join(f"{configs[n]['runs'][0]['curve'][i]['test_accuracy']:.2%}"
                                                  for n in names) + " |")
@@ -95,9 +91,8 @@ def _speed_section(d: dict[str, Any]) -> list[str]:
              f"`{d['model']}`, {d['world_size']} workers (one thread each on {d['cores']} cores), batch "
              f"{d['batch_size_per_worker']} per worker; median step time after {d['warmup']} warm-up steps of "
              f"{d['steps']}. The link is a tbf cap on a namespace's `lo`, **shared by all workers** (at 1 Gbit/s "
-             f"the {d['world_size']} workers move 1 Gbit/s in total). {_machine(d)}", "",
-             "| link cap (measured) | " + " | ".join(f"{_NAMES.get(v, v)} steps/s" for v in variants) + " |",
-             "|---" * (len(variants) + 1) + "|"]
+             f"the {d['world_size']} workers move 1 Gbit/s in total). {machine_line(d, sentence=True)}", "",
+             *table(["link cap (measured)", *(f"{_NAMES.get(v, v)} steps/s" for v in variants)])]
     for rate, r in d["rates"].items():
         cells = []
         for v in variants:
@@ -109,8 +104,7 @@ def _speed_section(d: dict[str, Any]) -> list[str]:
     lines += ["", f"Model: step ≈ (N/C)·t1 + 8V/B, with t1 one worker's step alone (world 1, codec included), "
               f"N/C = {a['cpu_share_N_over_C']:g} workers per core, V all workers' bytes per step, B the measured "
               "link rate. Milliseconds, predicted / measured:", "",
-              "| link | " + " | ".join(f"{_NAMES.get(v, v)}" for v in variants) + " |",
-              "|---" * (len(variants) + 1) + "|",
+              *table(["link", *(_NAMES.get(v, v) for v in variants)]),
               "| t1 (world 1) | " + " | ".join(f"{d['compute_world1'][v]['median_step_s'] * 1e3:.0f}"
                                               for v in variants) + " |"]
     for rate, per in a["predicted"].items():
@@ -119,8 +113,8 @@ def _speed_section(d: dict[str, Any]) -> list[str]:
             for v in variants) + " |")
     lines += ["", "Compression stops paying above the break-even bandwidth B*, where the codec's extra compute "
               "equals the transfer time it saves:", "",
-              "| gradients | B*: this machine, shared link (Gbit/s) | B*: one core and one link per worker (Gbit/s) |",
-              "|---|---|---|"]
+              *table(["gradients", "B*: this machine, shared link (Gbit/s)",
+                      "B*: one core and one link per worker (Gbit/s)"])]
     for v in variants:
         if v == "fp32":
             continue

@@ -8,12 +8,9 @@ import re
 import statistics
 from typing import Any
 
+from _report import machine_line, table
+
 __all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections", "rank_table_section", "readme_rows"]
-
-
-def _machine(d: dict[str, Any]) -> str:
-    m = d["machine"]
-    return f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}"
 
 
 def _ranks(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -53,12 +50,12 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
                   "Ranks at 95% PCA energy (the smallest r whose eigenvalues keep 95%, `torchslim.lowrank`) of the "
                   "dense model trained with and without the force (`ForceRegularizer`, λ_s chosen on the validation "
                   "split), then each layer decomposed where r saves multiply-adds, and fine-tuned. Speedups: dense vs "
-                  f"decomposed, 1 thread, PyTorch / onnxruntime, median of 30 interleaved runs; {_machine(d0)}.", ""]
+                  f"decomposed, 1 thread, PyTorch / onnxruntime, median of 30 interleaved runs; "
+                  f"{machine_line(d0)}.", ""]
         names = [r["name"] for r in d0["lowrank"]]
-        head = "| | " + " | ".join(f"{n}: {n_r['out']}×{n_r['fan_in']}" for n, n_r in
-                                   ((n, _ranks(d0)[n]) for n in names))
-        lines += [head + " | valid / test accuracy (dense) | decomposed | fine-tuned | MACs | speedup b64 | b1 |",
-                  "|---" * (len(names) + 7) + "|"]
+        shapes = [f"{n}: {_ranks(d0)[n]['out']}×{_ranks(d0)[n]['fan_in']}" for n in names]
+        lines += table(["", *shapes, "valid / test accuracy (dense)", "decomposed", "fine-tuned", "MACs",
+                        "speedup b64", "b1"])
         for label, d in runs:
             r = _ranks(d)
             cells = " | ".join(f"{r[n]['rank']}" + ("" if r[n]["decomposed"] else " (kept)") for n in names)
@@ -76,34 +73,40 @@ def lowrank_sections(plain: dict[str, Any] | None, force: dict[str, Any] | None,
                       "", _force_layers(force)]
         lines.append("")
         lines += force_seeds_section(seeds)
+    return lines + _combined_section(plain, ssl, force, combined)
+
+
+def _combined_section(plain: dict[str, Any] | None, ssl: dict[str, Any] | None, force: dict[str, Any] | None,
+                      combined: dict[str, Any] | None) -> list[str]:
+    """SSL alone, force + low rank alone, and both: accuracy, multiply-adds and speed of each final model."""
     both = [(n, d) for n, d in (("SSL alone", ssl), ("force + low rank alone", force),
                                 ("force + SSL + low rank", combined)) if d]
-    if combined and len(both) > 1:
-        plain_acc = plain["accuracy"]["baseline"] if plain else None
+    if not (combined and len(both) > 1):
+        return []
+    plain_acc = plain["accuracy"]["baseline"] if plain else None
 
-        def drop(d: dict[str, Any], ref: dict[str, Any] | None) -> str:
-            """Final minus a dense model's accuracy, valid / test points (``ref`` None: the run's own dense)."""
-            ref = ref or d
-            pts = [f"{(d[k]['finetune'] - ref[k]['baseline']) * 100:+.2f}" for k in ("valid_accuracy", "accuracy")
-                   if d.get(k) and ref.get(k)]
-            return " / ".join(pts)
+    def drop(d: dict[str, Any], ref: dict[str, Any] | None) -> str:
+        """Final minus a dense model's accuracy, valid / test points (``ref`` None: the run's own dense)."""
+        ref = ref or d
+        pts = [f"{(d[k]['finetune'] - ref[k]['baseline']) * 100:+.2f}" for k in ("valid_accuracy", "accuracy")
+               if d.get(k) and ref.get(k)]
+        return " / ".join(pts)
 
-        lines += ["### SSL, low rank, and both: LeNet, Fashion-MNIST", "",
-                  "Each row is a full recipe run (`benchmarks/ssl_recipe.py --recipe …`): test accuracy of its own dense "
-                  "baseline (trained with the force where the recipe has one) and of the final model; *Δ plain* is "
-                  "against the dense LeNet trained without any regularizer in `lenet_lowrank`"
-                  + (f" ({plain_acc:.2%})" if plain_acc is not None else "") + "; multiply-adds and parameters of the "
-                  "final model. The Δ columns give validation / test points; the recipes were chosen on validation.", "",
-                  "| method | recipe | its dense | final | Δ pts | Δ plain | MACs / sample | fewer MACs | parameters | "
-                  "speedup b64 (PyTorch / ORT) |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, d in both:
-            acc = d["accuracy"]
-            vs_plain = drop(d, plain) if plain else ""
-            lines.append(f"| {label} | `{d['recipe']['name']}` | {acc['baseline']:.2%} | {acc['finetune']:.2%} "
-                         f"| {drop(d, None)} | {vs_plain} | {d['macs']['compact']:,} "
-                         f"| {d['flop_reduction']:.1f}× | {d['params']['compact']:,} | {_speed(d, 'threads1_batch64')} |")
-        lines.append("")
-    return lines
+    lines = ["### SSL, low rank, and both: LeNet, Fashion-MNIST", "",
+             "Each row is a full recipe run (`benchmarks/ssl_recipe.py --recipe …`): test accuracy of its own dense "
+             "baseline (trained with the force where the recipe has one) and of the final model; *Δ plain* is "
+             "against the dense LeNet trained without any regularizer in `lenet_lowrank`"
+             + (f" ({plain_acc:.2%})" if plain_acc is not None else "") + "; multiply-adds and parameters of the "
+             "final model. The Δ columns give validation / test points; the recipes were chosen on validation.", "",
+             *table(["method", "recipe", "its dense", "final", "Δ pts", "Δ plain", "MACs / sample", "fewer MACs",
+                     "parameters", "speedup b64 (PyTorch / ORT)"])]
+    for label, d in both:
+        acc = d["accuracy"]
+        vs_plain = drop(d, plain) if plain else ""
+        lines.append(f"| {label} | `{d['recipe']['name']}` | {acc['baseline']:.2%} | {acc['finetune']:.2%} "
+                     f"| {drop(d, None)} | {vs_plain} | {d['macs']['compact']:,} "
+                     f"| {d['flop_reduction']:.1f}× | {d['params']['compact']:,} | {_speed(d, 'threads1_batch64')} |")
+    return lines + [""]
 
 
 def force_seeds_section(d: dict[str, Any] | None) -> list[str]:
@@ -113,9 +116,10 @@ def force_seeds_section(d: dict[str, Any] | None) -> list[str]:
     plain, force = d["runs"][d["plain_recipe"]], d["runs"][d["force_recipe"]]
     lines = [f"#### Over {len(d['seeds'])} training seeds", "",
              f"`benchmarks/force_seeds.py`: the dense baselines of `{d['plain_recipe']}` and `{d['force_recipe']}` "
-             f"trained with seeds {', '.join(map(str, d['seeds']))}; summed ranks at 95% energy; {_machine(d)}.", "",
-             "| seed | no force: valid / test | ranks | force: valid / test | ranks | Δ valid / test pts | lower |",
-             "|---|---|---|---|---|---|---|"]
+             f"trained with seeds {', '.join(map(str, d['seeds']))}; summed ranks at 95% energy; "
+             f"{machine_line(d)}.", "",
+             *table(["seed", "no force: valid / test", "ranks", "force: valid / test", "ranks", "Δ valid / test pts",
+                     "lower"])]
 
     def cell(r: dict[str, Any]) -> str:
         return (f"{r['valid_acc']:.2%} / " if r.get("valid_acc") is not None else "") + f"{r['test_acc']:.2%}"
@@ -152,16 +156,16 @@ def rank_table_section(plain: dict[str, Any] | None, force: dict[str, Any] | Non
              f"(`ForceRegularizer`; {_force_label(force)}; per-layer multipliers "
              f"{f['multipliers']}), then each layer decomposed where r saves multiply-adds, and fine-tuned "
              f"{force['recipe']['finetune']['epochs']} epochs. Speedups: dense vs decomposed, 1 thread, PyTorch / "
-             f"onnxruntime, median of 30 interleaved runs; {_machine(force)}.", "",
-             "| layer | N × d | rank, no force | rank, force | lower |", "|---|---|---|---|---|"]
+             f"onnxruntime, median of 30 interleaved runs; {machine_line(force)}.", "",
+             *table(["layer", "N × d", "rank, no force", "rank, force", "lower"])]
     for n in names:
         a, b = rp[n], rf[n]
         kept = lambda r: f"{r['rank']}" + ("" if r["decomposed"] else " (kept)")
         lines.append(f"| {n} | {a['out']} × {a['fan_in']} | {kept(a)} | {kept(b)} | {a['rank'] / max(1, b['rank']):.2f}× |")
     total_p, total_f = sum(rp[n]["rank"] for n in names), sum(rf[n]["rank"] for n in names)
     lines += [f"| **sum** | | {total_p} | {total_f} | {total_p / max(1, total_f):.2f}× |", "",
-              "| | valid / test accuracy, dense | decomposed | fine-tuned | fewer MACs | speedup b64 | b1 |",
-              "|---|---|---|---|---|---|---|"]
+              *table(["", "valid / test accuracy, dense", "decomposed", "fine-tuned", "fewer MACs", "speedup b64",
+                      "b1"])]
     for label, d in (("no force", plain), ("force", force)):
         acc, valid = d["accuracy"], d.get("valid_accuracy") or {}
         lines.append(f"| {label} | {valid.get('baseline', float('nan')):.2%} / {acc['baseline']:.2%} "
@@ -230,8 +234,8 @@ def _lm_control(d: dict[str, Any], epochs: int) -> list[str]:
     lines = ["", f"Controls (`iss_lm_control.py`{reused}): the same schedule with no ISS phase, {e['baseline']} epochs "
                  f"and then the {e['finetune']} fine-tuning epochs (learning rate restarted), on the model itself; test "
                  "perplexity after each fine-tuning epoch in the last column:", "",
-             "| | hidden sizes | epochs | dropout | test perplexity | validation perplexity | ISS model vs it | per epoch |",
-             "|---|---|---|---|---|---|---|---|"]
+             *table(["", "hidden sizes", "epochs", "dropout", "test perplexity", "validation perplexity",
+                     "ISS model vs it", "per epoch"])]
     for label, c in (("dense, fine-tuned as long", dense), ("direct design, as long", direct)):
         if c:
             ft = c["perplexity"]["finetune"]
@@ -271,8 +275,8 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
     lines = [f"### ISS on a word-level LSTM language model: `{d['recipe']['name']}`", "",
              f"The King James Bible (10k words + `<unk>` + `<eos>`, split by books), a 2-layer LSTM, hidden = "
              f"embedding = {k['hidden_size']}, tied decoder, dropout {k['dropout']}, BPTT {d['recipe']['data']['bptt']}; "
-             f"perplexity on the test books (λ chosen on the validation books); {_machine(d)}.", "",
-             "| | dense | ISS (sparse) | compact | compact + fine-tuned | direct design |", "|---|---|---|---|---|---|",
+             f"perplexity on the test books (λ chosen on the validation books); {machine_line(d)}.", "",
+             *table(["", "dense", "ISS (sparse)", "compact", "compact + fine-tuned", "direct design"]),
              f"| hidden sizes | {', '.join(map(str, w['dense']))} | | {', '.join(map(str, w['compact']))} "
              f"| {', '.join(map(str, w['compact']))} | {', '.join(map(str, dd['widths']))} |",
              f"| test perplexity | {ref:.2f} | {p['ssl']:.2f} | {p['compact']:.2f} | {p['finetune']:.2f} "
@@ -288,8 +292,8 @@ def iss_lm_section(d: dict[str, Any]) -> list[str]:
               f"({d['flop_reduction']:.2f}× fewer) | | |", "", how, *_lm_control(d, sum(epochs)), "",
               "CPU latency on (35, B) token blocks, median of 30 interleaved runs; *LSTM* is the embedding and "
               "the LSTM layers without the 10k-word decoder, which ISS does not shrink:", "",
-              "| threads | batch | dense ms | compact ms | speedup | LSTM dense ms | LSTM compact ms | LSTM speedup |",
-              "|---|---|---|---|---|---|---|---|"]
+              *table(["threads", "batch", "dense ms", "compact ms", "speedup", "LSTM dense ms", "LSTM compact ms",
+                      "LSTM speedup"])]
     for key, s in d["speed"].items():
         t, b = re.match(r"threads(\d+)_batch(\d+)", key).groups()
         lines.append(f"| {t} | {b} | {s['dense']['median_ms']:.2f} | {s['compact']['median_ms']:.2f} "
@@ -308,9 +312,9 @@ def iss_alternatives_section(d: dict[str, Any]) -> list[str]:
              f"{s['model']}, {s['train_images']:,} training and {s['test_images']:,} test images; {s['baseline_epochs']} "
              f"dense epochs ({d['dense']['test_acc']:.2%}), then {s['ssl_epochs']} epochs with each regularizer "
              f"(proximal, λ_g = λ·√|g|), no fine-tuning, one seed, test split (a comparison, not a tuned result); "
-             f"{_machine(d)}. Each cell: test accuracy / LSTM weights that are zero / hidden size after `compact()` "
-             f"(of {d['dense']['hidden_size']}).", "",
-             "| λ | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 1) + "|"]
+             f"{machine_line(d)}. Each cell: test accuracy / LSTM weights that are zero / hidden size after "
+             f"`compact()` (of {d['dense']['hidden_size']}).", "",
+             *table(["λ", *names.values()])]
     points = {(p["kind"], p["lam"]): p for p in d["points"]}
     for lam in s["lams"]:
         cells = []

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from _report import machine_line, table
+
 __all__ = ["exactness_section", "zoo_section"]
 
 _ENGINES = (("pytorch", "PyTorch"), ("channels_last", "channels_last"), ("onnxruntime", "ORT"))
@@ -30,18 +32,17 @@ def zoo_section(d: dict[str, Any]) -> list[str]:
 
 
 def _machine(d: dict[str, Any]) -> str:
-    m = d["machine"]
-    smoke = " **Smoke run (tiny settings): not a result.**" if d.get("smoke") else ""
+    """The machine line, with the load average at start and end when recorded."""
     load = d["settings"].get("loadavg_start"), d["settings"].get("loadavg_end")
     busy = f" Load average (1 min) at start / end: {load[0][0]:.1f} / {load[1][0]:.1f}." if all(load) else ""
-    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, {d['date']}."
-            f"{busy}{smoke}")
+    return machine_line(d, sentence=True, note=busy)
 
 
 def _model_table(name: str, m: dict[str, Any]) -> list[str]:
     c, ratio = m["coverage"], m["mac_ratio"]
-    head = "| threads | batch | MAC ratio |" + "".join(
-        f" {label} dense ms | {label} compact ms | {label} speedup | ÷ MACs |" for _, label in _ENGINES)
+    head = ["threads", "batch", "MAC ratio"]
+    for _, label in _ENGINES:
+        head += [f"{label} dense ms", f"{label} compact ms", f"{label} speedup", "÷ MACs"]
     lines = [f"#### {name}", "",
              (f"{c['groups']:,} channel groups in {c['families']} families cover {c['conv_channels_in_groups']:,} of "
               f"{c['conv_output_channels']:,} conv output channels ({c['convs']} convs); {m['groups_zeroed']:,} groups "
@@ -50,7 +51,7 @@ def _model_table(name: str, m: dict[str, Any]) -> list[str]:
               f"{m['macs']['compact']:,} ({ratio:.2f}× fewer); max |dense − compact| "
               f"= {m['max_abs_diff']:.1e}; compact convs whose width is not a multiple of 8: "
               f"{m.get('widths_not_multiple_of_8', '?')}."), "",
-             head, "|" + "---|" * (3 + 4 * len(_ENGINES))]
+             *table(head)]
     for key, row in m["speed"].items():
         threads, batch = re.match(r"threads(\d+)_batch(\d+)", key).groups()
         cells = [threads, batch, f"{ratio:.2f}"]
@@ -68,7 +69,7 @@ def _tool_table(t: dict[str, Any]) -> list[str]:
               "calls after a first one, in a fresh process. Memory, of that first call: the peak of Python "
               "allocations (tracemalloc; tensor storage not included), and how far the peak resident memory "
               "(VmHWM, reset before the call) rose above the resident memory before it (tensors included)."), "",
-             "| step | seconds | Python heap peak MiB | RSS peak growth MiB |", "|---|---|---|---|"]
+             *table(["step", "seconds", "Python heap peak MiB", "RSS peak growth MiB"])]
     for step in ("structures", "compact"):
         mem = t["memory"][step]
         growth = mem["rss_peak_growth_mib"]
@@ -89,9 +90,9 @@ def exactness_section(d: dict[str, Any]) -> list[str]:
              f"`compact`, outputs compared on fresh random inputs. **{ok} of {len(rows)} exact** "
              f"(max |difference| ≤ 1e-4 × output scale). *Strict* names the operation that stops the tracer "
              f"where some channels stay unremovable (`strict=True` raises there). "
-             f"{d['machine'].get('cpu', '?')}, 1 thread, torch {d['machine'].get('torch', '?')}, {d['date']}.", "",
-             "| model | groups | conv/linear outputs | parameters: dense → compact | max abs diff | "
-             "structures s | compact s | strict |", "|---|---|---|---|---|---|---|---|"]
+             f"{machine_line(d, cores='1 thread')}.", "",
+             *table(["model", "groups", "conv/linear outputs", "parameters: dense → compact", "max abs diff",
+                     "structures s", "compact s", "strict"])]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | | | | | | | error: {r['error'][:80]} |")

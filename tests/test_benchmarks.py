@@ -30,7 +30,7 @@ def test_run_all_lists_existing_scripts():
 
 
 def test_lm_controls_keep_the_schedule_and_drop_iss(monkeypatch):
-    from torchslim.recipes import load_recipe
+    from torchslim.train.recipes import load_recipe
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     control = importlib.import_module("iss_lm_control")
@@ -48,7 +48,7 @@ def test_lm_controls_keep_the_schedule_and_drop_iss(monkeypatch):
 
 
 def test_lm_controls_of_iss_from_scratch_train_its_iss_schedule_densely(monkeypatch):
-    from torchslim.recipes import load_recipe
+    from torchslim.train.recipes import load_recipe
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     control = importlib.import_module("iss_lm_control")
@@ -101,8 +101,8 @@ def test_lm_readme_row_names_the_direct_design(monkeypatch):
 
 
 def test_lm_direct_design_is_reused_only_where_the_engine_would_branch(monkeypatch, tmp_path):
-    from torchslim.checkpoint import save_checkpoint
-    from torchslim.recipes import load_recipe
+    from torchslim.train.checkpoint import save_checkpoint
+    from torchslim.train.recipes import load_recipe
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setattr(sys, "argv", ["iss_lm"])

@@ -137,7 +137,7 @@ def test_structure_plot_counts_zero_filters_channels_and_shapes(tmp_path):
 
     from torchslim.errors import ConfigError
     from torchslim.models import create_model
-    from torchslim.plots import layer_zeros, plot_history, plot_structure
+    from torchslim.train.plots import layer_zeros, plot_history, plot_structure
 
     model = create_model("lenet")
     with torch.no_grad():

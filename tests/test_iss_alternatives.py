@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from torchslim import ConfigError, GroupLasso, compact, structures, verify
-from torchslim.lasso import L1
-from torchslim.recipes import load_recipe
+from torchslim.regularize.lasso import L1
+from torchslim.train.recipes import load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +119,7 @@ def test_one_zero_side_makes_the_unit_removable(kind, options):
 
 
 def test_row_zeros_keep_a_unit_whose_zero_output_is_not_read_as_zero():
-    from torchslim.compaction import _live_members  # the rule compact() applies to each hidden family
+    from torchslim.surgery.compact import _live_members  # the rule compact() applies to each hidden family
 
     model, x = _Squashed().eval(), torch.randn(2, 6, 4)
     unit = structures(model, x, kinds=("hidden",))[0].family

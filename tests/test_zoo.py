@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from nets import randomize_bn
+
 from torchslim import UnsupportedOperation, compact, structures, verify
-from torchslim.profile import profile
+from torchslim.deploy.profile import profile
 
 torchvision = pytest.importorskip("torchvision")
 

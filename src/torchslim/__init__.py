@@ -1,9 +1,19 @@
 """torchslim: learn structured sparsity, then cut it out; low rank after force regularization;
 ternary gradients for DDP.
 
-The public API is what this module exports; everything else is private.
+The public API is what this module exports; everything else is private. The library core lives in
+``structure`` (groups, tracing), ``regularize`` (GroupLasso, force), ``surgery`` (compact, lowrank),
+``deploy`` (save, export, profile) and ``comm`` (TernGrad); the training app in ``torchslim.train``.
 """
 
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torchslim.comm import TernGradState, terngrad_hook
+from torchslim.deploy.profile import Profile, profile
+from torchslim.deploy.serialize import export_onnx, load_compact, save_compact
 from torchslim.errors import (
     CheckpointError,
     ConfigError,
@@ -13,18 +23,16 @@ from torchslim.errors import (
     UnsupportedOperation,
     VerificationError,
 )
-from torchslim.comm import TernGradState, terngrad_hook
-from torchslim.compaction import VerifyReport, compact, verify
-from torchslim.distill import distill_loss
-from torchslim.force import ForceRegularizer
-from torchslim.groups import Group
-from torchslim.lasso import L1, GroupLasso
-from torchslim.layers import LoweredConv2d
-from torchslim.lowrank import LowRank, LowRankResult, lowrank
-from torchslim.magnitude import magnitude_prune
-from torchslim.masking import ZeroMask
-from torchslim.report import SparsityReport, sparsity_report
-from torchslim.tracing import structures
+from torchslim.layers import LoweredConv2d, LowRank
+from torchslim.regularize.force import ForceRegularizer
+from torchslim.regularize.lasso import L1, GroupLasso
+from torchslim.regularize.masking import ZeroMask
+from torchslim.structure.groups import Group
+from torchslim.structure.report import SparsityReport, sparsity_report
+from torchslim.structure.tracing import structures
+from torchslim.surgery.compact import VerifyReport, compact, verify
+from torchslim.surgery.lowrank import LowRankResult, lowrank
+from torchslim.surgery.magnitude import magnitude_prune
 
 __version__ = "0.1.0"
 
@@ -39,6 +47,7 @@ __all__ = [
     "LowRank",
     "LowRankResult",
     "LoweredConv2d",
+    "Profile",
     "ShapeMismatch",
     "SparsityReport",
     "TernGradState",
@@ -48,11 +57,26 @@ __all__ = [
     "VerifyReport",
     "ZeroMask",
     "compact",
-    "distill_loss",
+    "export_onnx",
+    "load_compact",
     "lowrank",
     "magnitude_prune",
+    "profile",
+    "save_compact",
     "sparsity_report",
     "structures",
     "terngrad_hook",
     "verify",
 ]
+
+_MOVED = {"distill_loss": "torchslim.train"}  # kept for one release
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        warnings.warn(f"torchslim.{name} moved to {_MOVED[name]}.{name}; the old name goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'torchslim' has no attribute {name!r}")

@@ -73,7 +73,7 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
                        description="Compact an engine checkpoint (checkpoint.pt, sparse.pt, baseline.pt) or a "
                                    "plain state dict (with --recipe) into a smaller dense model file.")
     p.add_argument("checkpoint", help="engine checkpoint, or a state dict saved with torch.save")
-    p.add_argument("--out", required=True, help="the compact model file to write (torchslim.serialize format)")
+    p.add_argument("--out", required=True, help="the compact model file to write (torchslim.deploy.serialize format)")
     p.add_argument("--shapes", choices=("crop", "lowered", "auto", "off"), default=None,
                    help="zero shape fibers: crop kernels, lowered GEMM, auto (measured), off (default: recipe's)")
     p.add_argument("--channel-multiple", type=int, default=None,
@@ -130,7 +130,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.addHandler(handler)
     root.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("torchslim.engine").setLevel(
+    logging.getLogger("torchslim.train.engine").setLevel(
         logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
@@ -143,8 +143,8 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _train(args: argparse.Namespace, recipe_name: str):
-    from torchslim.engine import run
-    from torchslim.recipes import load_recipe
+    from torchslim.train.engine import run
+    from torchslim.train.recipes import load_recipe
 
     recipe = load_recipe(recipe_name, overrides=args.overrides)
     out = Path(args.out) if args.out else None
@@ -154,7 +154,7 @@ def _train(args: argparse.Namespace, recipe_name: str):
 
 
 def _write_plots(result) -> list[Path]:
-    from torchslim.plots import plot_history, plot_structure
+    from torchslim.train.plots import plot_history, plot_structure
 
     paths = []
     if result.sparse_model is not None:
@@ -181,10 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from torchslim.compaction import compact, verify
-    from torchslim.engine import example_inputs, load_phase_model
-    from torchslim.recipes import load_recipe
-    from torchslim.serialize import save_compact
+    from torchslim.deploy.serialize import save_compact
+    from torchslim.surgery.compact import compact, verify
+    from torchslim.train.engine import example_inputs, load_phase_model
+    from torchslim.train.recipes import load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     model, recipe = load_phase_model(args.checkpoint, recipe)
@@ -200,11 +200,11 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from torchslim.engine import build_model
+    from torchslim.deploy.profile import compare, machine_info, profile
+    from torchslim.deploy.serialize import load_compact
     from torchslim.models import create_model
-    from torchslim.profile import compare, machine_info, profile
-    from torchslim.recipes import load_recipe
-    from torchslim.serialize import load_compact
+    from torchslim.train.engine import build_model
+    from torchslim.train.recipes import load_recipe
 
     path = Path(args.compact)
     if not path.is_file():
@@ -244,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"the run of {name} did not finish; run the demo again with --resume")
     measured = _measure(result, threads=args.threads)
     plots = _write_plots(result)
-    from torchslim.engine import write_results
+    from torchslim.train.engine import write_results
 
     write_results(result, extra={"demo": measured.as_dict()})
     print()
@@ -275,7 +275,7 @@ class _Measured:
 
 
 def _measure(result, *, threads: int, batches: Sequence[int] = (1, 64)) -> _Measured:
-    from torchslim.profile import machine_info, profile
+    from torchslim.deploy.profile import machine_info, profile
 
     dense, small = result.dense_model, result.compact_model
     latency = {}
@@ -433,7 +433,7 @@ def _stored_arch(path: Path) -> dict | None:
 def _input_shape(recipe) -> tuple[int, ...]:
     if recipe is None:
         return (1, 28, 28)
-    from torchslim.engine import example_inputs
+    from torchslim.train.engine import example_inputs
 
     return tuple(example_inputs(recipe, batch=1).shape[1:])
 

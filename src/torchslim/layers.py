@@ -1,4 +1,6 @@
-"""The one non-torch.nn layer compaction may emit: a convolution lowered to a column-gathered GEMM.
+"""The layers torchslim emits besides torch.nn's: a convolution lowered to a column-gathered GEMM
+(:class:`LoweredConv2d`, from shape sparsity) and a layer split in two (:class:`LowRank`, from :func:`lowrank`).
+
 
 SSL's shape-wise sparsity zeroes columns of the lowered weight matrix ``W: (N, C*kh*kw)`` (the
 paper's ``LOWERED_CCNMM``). Where the zero columns are not whole kernel rows or columns (which
@@ -6,6 +8,8 @@ shrink an ordinary ``Conv2d``), this layer keeps only the ``K`` live columns: un
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +84,38 @@ class LoweredConv2d(nn.Module):
             f"columns={len(self.columns)}/{self.in_channels * self.kernel_size[0] * self.kernel_size[1]}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
         )
+
+
+class LowRank(nn.Sequential):
+    """``first`` (basis filters: C → r·g, the original kernel, no bias) then ``second`` (r·g → N, bias).
+
+    A plain ``nn.Sequential`` forward, so tracing sees two standard layers and compact checkpoints
+    describe it; its own class marks the intermediate channels as rank groups.
+    """
+
+    def __init__(self, first: nn.Module, second: nn.Module) -> None:
+        super().__init__(first, second)
+
+    @property
+    def rank(self) -> int:
+        """Components per group, ``r``."""
+        second = self[1]
+        return second.in_features if isinstance(second, nn.Linear) else second.in_channels // second.groups
+
+
+def is_rank_family(model: nn.Module, producers: Sequence[str]) -> bool:
+    """Whether channels produced by ``producers`` (module paths) are the ranks of :class:`LowRank` layers:
+    every producer is the ``first`` child of a ``LowRank`` (or inside it, e.g. a cropped kernel)."""
+    return bool(producers) and all(_in_first_of_lowrank(model, p) for p in producers)
+
+
+def _in_first_of_lowrank(model: nn.Module, path: str) -> bool:
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part == "0":
+            try:
+                if isinstance(model.get_submodule(".".join(parts[:i])), LowRank):
+                    return True
+            except AttributeError:  # an RNN producer "lstm.l0" is no module path
+                return False
+    return False

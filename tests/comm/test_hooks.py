@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import torchslim.comm.hooks as hooks
-from torchslim.checkpoint import load_checkpoint, save_checkpoint
 from torchslim.comm.hooks import TernGradState, terngrad_hook
 from torchslim.comm.ternary import scaler, ternarize
 from torchslim.errors import CheckpointError, ConfigError
+from torchslim.train.checkpoint import load_checkpoint, save_checkpoint
 
 SPAWN_TIMEOUT_S = 120
 # fork: the workers inherit the imported torch (spawn re-imports it: ~4x slower on a busy 2-core box)

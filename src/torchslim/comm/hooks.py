@@ -199,7 +199,7 @@ class TernGradState:
         return "allreduce"
 
     def state_dict(self) -> dict[str, Any]:
-        """Options and counters, without the process group, for :func:`torchslim.checkpoint.save_checkpoint`."""
+        """Options and counters, without the process group, for :func:`torchslim.train.checkpoint.save_checkpoint`."""
         options = {name: getattr(self, name) for name in _OPTIONS}
         return {"version": _STATE_VERSION, "options": options, **{name: getattr(self, name) for name in _COUNTERS}}
 

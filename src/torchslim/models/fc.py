@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim.errors import ConfigError
-from torchslim.models import register_model
+from torchslim.models.registry import register_model
 
 __all__ = ["FCNet", "fcnet"]
 

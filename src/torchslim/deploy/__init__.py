@@ -1,0 +1,1 @@
+"""What ships: save/load without pickle, ONNX/TorchScript export, ``profile``."""

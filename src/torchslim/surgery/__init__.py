@@ -1,0 +1,1 @@
+"""What cuts them out: ``compact`` and ``verify``, kernel shrinking, ``lowrank``, the magnitude baseline."""

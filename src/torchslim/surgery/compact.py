@@ -1,0 +1,437 @@
+"""Cut learned zeros out: a physically smaller model of standard layers that computes the same function."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from torchslim._inputs import as_tuple, first_inputs, outputs
+from torchslim.errors import ConfigError, ShapeMismatch, VerificationError
+from torchslim.layers import LoweredConv2d
+from torchslim.structure.depth import remove_branches, residual_branches
+from torchslim.structure.groups import Family
+from torchslim.structure.tracing import _Chan, _DependencyGraph, channel_graph, coupled_families
+
+log = logging.getLogger(__name__)
+
+Shapes = Literal["off", "crop", "lowered", "auto"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """How far two models' outputs are apart on the same inputs (eval mode)."""
+
+    max_abs_diff: float
+    scale: float  # max |output| of the reference model
+    tolerance: float
+    ok: bool
+
+    def __str__(self) -> str:
+        verdict = "equal" if self.ok else "DIFFERENT"
+        return (f"{verdict}: max |a - b| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, "
+                f"tolerance {self.tolerance:.3g})")
+
+
+def verify(a: nn.Module, b: nn.Module, inputs: Tensor | Sequence[Tensor], *, atol: float = 1e-5) -> VerifyReport:
+    """Compare ``a(*inputs)`` with ``b(*inputs)`` in eval mode.
+
+    ``ok`` when ``max |a − b| ≤ atol · max(1, max |a|)``: absolute for outputs within ±1, relative to
+    the output's scale beyond (float sums of fewer terms round differently).
+
+    Raises:
+        ShapeMismatch: the models' outputs differ in number or shape.
+    """
+    inputs = as_tuple(inputs)
+    ya, yb = outputs(a, inputs), outputs(b, inputs)
+    if len(ya) != len(yb) or any(p.shape != q.shape for p, q in zip(ya, yb)):
+        raise ShapeMismatch(
+            f"outputs differ in shape: {[tuple(t.shape) for t in ya]} vs {[tuple(t.shape) for t in yb]}"
+        )
+    diff = max((float((p.float() - q.float()).abs().max()) for p, q in zip(ya, yb) if p.numel()), default=0.0)
+    scale = max((float(p.float().abs().max()) for p in ya if p.numel()), default=0.0)
+    tol = atol * max(1.0, scale)
+    return VerifyReport(diff, scale, tol, diff <= tol)
+
+
+# -- channel removal ---------------------------------------------------------------------------
+
+def _live_members(fam: Family, multiple: int = 1) -> Tensor:
+    """Members that must stay: not unread (consumers zero) and not silent (producers zero).
+
+    With ``multiple > 1`` the count is rounded up to a multiple (capped at ``fam.size``) by also keeping
+    the largest of the removable members: kept as they are, they change nothing.
+    """
+    has_in = any(s.role == "in" for s in fam.stripes)
+    unread = fam.row_sq("in") == 0 if has_in else torch.ones(fam.size, dtype=torch.bool)
+    silent = (fam.row_sq("out") == 0) & fam.zero_preserving
+    live = torch.nonzero(~(unread.cpu() | silent.cpu())).flatten()
+    want = min(fam.size, max(1, -(-len(live) // multiple) * multiple))  # keep one: no 0-width layers
+    return _keep_strongest(fam, live, want)
+
+
+def _keep_strongest(fam: Family, keep: Tensor, count: int) -> Tensor:
+    """``keep`` (sorted member indices) plus the largest other members, up to ``count`` in all.
+
+    Keeping a removable member as it is changes nothing, so this only trades size for a shape.
+    """
+    if count <= len(keep):
+        return keep
+    spare = fam.row_sq().cpu().index_fill(0, keep, -1.0)
+    return torch.sort(torch.cat([keep, spare.topk(count - len(keep)).indices])).values
+
+
+def _get(model: nn.Module, name: str) -> Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) that holds each parameter or buffer, by tensor id (tied weights: several)."""
+    out: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for key, t in [*mod._parameters.items(), *mod._buffers.items()]:
+            if t is not None:
+                out.setdefault(id(t), []).append((mod, key))
+    return out
+
+
+def _set(model: nn.Module, name: str, value: Tensor, holders: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Replace the tensor ``name`` everywhere it is used: tied weights stay tied."""
+    old = _get(model, name)
+    new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+    holders[id(new)] = holders.pop(id(old))         # the same tensor may be cut again along another dim
+    for mod, key in holders[id(new)]:
+        if isinstance(new, nn.Parameter):
+            setattr(mod, key, new)
+        else:
+            mod._buffers[key] = new
+
+
+def _uniform(plan: list[tuple[Family, Tensor]]) -> list[tuple[Family, Tensor]]:
+    """One hidden size per nn.LSTM/GRU: its layers all keep the largest count, padded with the strongest."""
+    need: dict[str, int] = {}
+    for fam, keep in plan:
+        if fam.uniform is not None:
+            need[fam.uniform] = max(need.get(fam.uniform, 0), len(keep))
+    return [(fam, _keep_strongest(fam, keep, need[fam.uniform]) if fam.uniform is not None else keep)
+            for fam, keep in plan]
+
+
+def _entries(chan: _Chan, size: int, base: Tensor, per: Tensor, always: int) -> Tensor:
+    """For each of ``size`` entries of ``chan``'s dimension, its slot in the flat live vector (see :func:`_tied`)."""
+    slot = torch.full((size,), always, dtype=torch.long)
+    for seg in chan.segs:
+        k = torch.arange(seg.lo, seg.hi)
+        rows = (seg.offset + (k - seg.lo) * seg.stride)[:, None] + torch.arange(seg.width)
+        slot[rows.flatten()] = (base[seg.space] + k // per[seg.space]).repeat_interleave(seg.width)
+    return slot
+
+
+def _wanted(kind: str, alive: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """The entries a tie needs kept, given the ``alive`` ones (a superset of them)."""
+    if kind == "groups":   # view(a, b) with a constant: every group keeps the same entries j
+        a, b = sizes
+        return alive.view(a, b).any(0).repeat(a)
+    if kind == "blocks":   # view(a, b) with b constant: whole groups go
+        a, b = sizes
+        return alive.view(a, b).any(1).repeat_interleave(b)
+    # chunk(n) of C' entries: ceil(C'/n) in each piece, the rest (at least one) in the last
+    pieces = list(alive.split(list(sizes)))
+    counts = [int(p.sum()) for p in pieces]
+    c = max(max(counts), 1)
+    want = []
+    for i, p in enumerate(pieces):
+        need = c if i < len(pieces) - 1 else max(counts[-1], c - len(pieces) + 1, 1)
+        p = p.clone()
+        p[torch.nonzero(~p).flatten()[:max(0, need - int(p.sum()))]] = True
+        want.append(p)
+    return torch.cat(want)
+
+
+def _tied(graph: _DependencyGraph, plan: list[tuple[Family, Tensor]],
+          roots: list[int]) -> tuple[list[tuple[Family, Tensor]], dict[Family, Tensor]]:
+    """Keep more members where a channel shuffle or a ``chunk`` needs them to stay exact.
+
+    The compact model runs the same code on fewer channels: a shuffle's ``view(B, g, C'/g, ...)``
+    interleaves its groups' channels correctly only if every group keeps the same positions, and
+    ``chunk(n)`` cuts ``ceil(C'/n)`` channels per piece. Keeping a removable member as it is changes
+    nothing, so members are added (vectorized over each tie's entries) until every tie holds;
+    entries of fixed spaces are always kept. Before that, a shuffle group that is one family seen in
+    no earlier tie (a branch's fresh output) is *relabeled*: renumbering a family's members in all
+    its stripes changes nothing either, so its kept members are moved onto the positions the other
+    groups keep and only the counts must agree. Returns the plan (in the new labels) and
+    ``{family: perm}``: member ``k`` becomes member ``perm[k]`` (see :func:`_relabel`).
+    """
+    if not graph.ties:
+        return plan, {}
+    classes = graph.classes()
+    starts = torch.tensor([0] + [fam.size for fam, _ in plan]).cumsum(0).tolist()
+    live = torch.zeros(starts[-1] + 1, dtype=torch.bool)
+    live[-1] = True  # the slot of every entry outside a family
+    base = torch.full((len(graph.spaces),), starts[-1], dtype=torch.long)
+    per = torch.full((len(graph.spaces),), 2 ** 62, dtype=torch.long)  # outside a family: every member -> its slot
+    for (fam, keep), root, at in zip(plan, roots, starts):
+        live[at + keep] = True
+        for sid in classes[root]:
+            base[sid], per[sid] = at, graph.spaces[sid].size // graph.count[root]
+    ties = [(kind, _entries(chan, sum(sizes) if kind == "chunk" else sizes[0] * sizes[1], base, per, starts[-1]),
+             sizes) for kind, chan, sizes in graph.ties]
+    owner = torch.bucketize(torch.arange(starts[-1] + 1), torch.tensor(starts[1:]), right=True)  # slot -> family
+    seen = torch.zeros(len(plan) + 1, dtype=torch.bool)
+    perms: dict[Family, Tensor] = {}
+    for kind, slot, sizes in ties:  # in graph order: a family not seen yet can still be relabeled
+        if kind != "groups" or not _align(plan, starts, live, owner, seen, slot, sizes, perms):
+            live[slot[_wanted(kind, live[slot], sizes)]] = True
+        seen[owner[slot]] = True
+    changed = True
+    while changed:
+        changed = False
+        for kind, slot, sizes in ties:
+            alive = live[slot]
+            want = _wanted(kind, alive, sizes)
+            if bool((want & ~alive).any()):
+                live[slot[want]] = True
+                changed = True
+    return [(fam, torch.nonzero(live[at:at + fam.size]).flatten()) for (fam, _), at in zip(plan, starts)], perms
+
+
+def _align(plan: list[tuple[Family, Tensor]], starts: list[int], live: Tensor, owner: Tensor, seen: Tensor,
+           slot: Tensor, sizes: tuple[int, ...], perms: dict[Family, Tensor]) -> bool:
+    """Relabel the shuffle groups that are exactly one unseen family each, so they keep what the others keep.
+
+    Returns False (nothing done) where no group is such a family.
+    """
+    a, b = sizes
+    parts = slot.view(a, b)
+    everywhere = owner[slot]
+    free = [j for j in range(a) if (f := int(owner[parts[j, 0]])) < len(plan) and not seen[f]
+            and plan[f][0].size == b and torch.equal(parts[j], starts[f] + torch.arange(b))
+            and int((everywhere == f).sum()) == b]
+    if not free or a < 2:
+        return False
+    fixed = [j for j in range(a) if j not in free] or [free.pop(0)]  # all fresh: the first is the reference
+    want = live[parts[fixed]].any(0)                  # positions the other groups keep
+    for j in free:
+        fam = plan[int(owner[parts[j, 0]])][0]
+        mine = live[parts[j]].clone()                 # members of fam that must stay, in its old labels
+        strength = fam.row_sq().detach().cpu()
+        cuts = sorted({0, b, *(st.lo for st in fam.stripes), *(st.hi for st in fam.stripes if st.hi is not None)})
+        perm = torch.arange(b)
+        for c0, c1 in zip(cuts, cuts[1:]):            # a stripe's members [lo, hi) must stay in place
+            w, m = want[c0:c1], mine[c0:c1]           # views: filled in place
+            extra = int(m.sum()) - int(w.sum())
+            if extra > 0:                             # the other groups keep more of their positions
+                w[torch.nonzero(~w).flatten()[:extra]] = True
+            elif extra < 0:                           # fam keeps its strongest removable members too
+                m[strength[c0:c1].masked_fill(m, -1.0).topk(-extra).indices] = True
+            perm[c0 + torch.cat([torch.nonzero(m).flatten(), torch.nonzero(~m).flatten()])] = \
+                c0 + torch.cat([torch.nonzero(w).flatten(), torch.nonzero(~w).flatten()])
+        perms[fam] = perm
+        live[parts[j]] = False                        # its live members are now those at `want`
+    live[parts[:, want]] = True                       # every group keeps the same positions
+    return True
+
+
+def _relabel(model: nn.Module, fam: Family, perm: Tensor) -> None:
+    """Renumber ``fam``'s members (member ``k`` becomes ``perm[k]``) in every stripe: the function stays."""
+    with torch.no_grad():
+        for s in fam.stripes:
+            k = torch.arange(s.lo, fam.size if s.hi is None else s.hi)
+            t = _get(model, s.param)
+            src, dst = s.member_rows(k)[0].to(t.device), s.member_rows(perm[k])[0].to(t.device)
+            t.index_copy_(s.dim, dst, t.index_select(s.dim, src))
+
+
+def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
+    """Drop the rows of every member not kept, all families at once.
+
+    Several families can share a tensor (a BatchNorm after ``cat``, a consumer of two chunks), so rows
+    are marked first and each tensor is cut once: cutting family by family would shift the offsets.
+    """
+    drop: dict[tuple[str, int], Tensor] = {}
+    for fam, keep in plan:
+        dead = torch.ones(fam.size, dtype=torch.bool)
+        dead[keep] = False
+        for s in fam.stripes:
+            t = _get(model, s.param)
+            mask = drop.setdefault((s.param, s.dim), torch.zeros(t.shape[s.dim], dtype=torch.bool))
+            mask[s.member_rows(torch.nonzero(dead).flatten())[0]] = True
+    holders = _holders(model)
+    for (name, dim), mask in drop.items():
+        t = _get(model, name)
+        _set(model, name, t.detach().index_select(dim, torch.nonzero(~mask).flatten().to(t.device)).clone(), holders)
+
+
+def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
+    """Make each layer's size attributes agree with its (cut) parameters.
+
+    ``multipliers``: each grouped (or depthwise) conv's output channels per group, from before the cut:
+    whole groups are cut, so the new number of groups is ``out_channels / multiplier``.
+    """
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d) and not isinstance(mod, LoweredConv2d):
+            if mod in multipliers:
+                mod.groups = mod.weight.shape[0] // multipliers[mod]
+            mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1] * mod.groups
+        elif isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif isinstance(mod, (nn.LSTM, nn.GRU)):
+            mod.hidden_size, mod.input_size = mod.weight_hh_l0.shape[1], mod.weight_ih_l0.shape[1]
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            ref = mod.weight if mod.weight is not None else mod.running_mean
+            mod.num_features = ref.shape[0]
+
+
+def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1,
+                    graph: _DependencyGraph | None = None) -> dict[str, tuple[int, int]]:
+    """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``.
+
+    ``graph``: ``model``'s channel graph if the caller has traced it already (it is traced otherwise).
+    """
+    if graph is None:
+        graph, _ = channel_graph(model, inputs)
+    roots: list[int] = []
+    plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph, roots)])
+    plan, perms = _tied(graph, plan, roots)
+    for fam, perm in perms.items():
+        _relabel(model, fam, perm)
+    plan = [(fam, keep) for fam, keep in plan if len(keep) < fam.size]
+    grouped = {m: m.out_channels // m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    _cut(model, plan)
+    _sync_sizes(model, grouped)
+    return {fam.label: (fam.size, len(keep)) for fam, keep in plan}
+
+
+# -- shape-wise: smaller kernels, lowered convolutions -------------------------------------------
+
+def _span(alive: Tensor) -> tuple[int, int]:
+    """Zero entries cut from the start and the end of a 1-d boolean ``alive``."""
+    ix = torch.nonzero(alive).flatten()
+    return int(ix[0]), int(len(alive) - 1 - ix[-1])
+
+
+def _cropped(conv: nn.Conv2d) -> nn.Module:
+    """``conv`` with its all-zero outer kernel rows and columns cut; padding adjusted."""
+    w = conv.weight.detach()
+    alive = w.abs().sum(0) != 0  # (C, kh, kw): live shape fibers
+    (ct, cb), (cl, cr) = _span(alive.any(2).any(0)), _span(alive.any(1).any(0))
+    if ct + cb + cl + cr == 0:
+        return conv
+    (kh, kw), (ph, pw), (dh, dw) = conv.kernel_size, conv.padding, conv.dilation
+    pads = (pw - dw * cl, pw - dw * cr, ph - dh * ct, ph - dh * cb)  # (left, right, top, bottom)
+    symmetric = pads[0] == pads[1] >= 0 and pads[2] == pads[3] >= 0
+    small = nn.Conv2d(
+        conv.in_channels, conv.out_channels, (kh - ct - cb, kw - cl - cr), conv.stride,
+        padding=(pads[2], pads[0]) if symmetric else 0, dilation=conv.dilation, bias=conv.bias is not None,
+    ).to(w.device)
+    with torch.no_grad():
+        small.weight.copy_(w[:, :, ct:kh - cb, cl:kw - cr])
+        if conv.bias is not None:
+            small.bias.copy_(conv.bias)
+    return small if symmetric else nn.Sequential(nn.ZeroPad2d(pads), small)  # negative pad = crop
+
+
+def _lowered(layer: nn.Module) -> nn.Module | None:
+    """The lowered form of a (cropped) conv whose kernels still hold zero fibers, else None."""
+    pad, conv = (layer[0], layer[1]) if isinstance(layer, nn.Sequential) else (None, layer)
+    columns = torch.nonzero(conv.weight.detach().flatten(1).abs().sum(0)).flatten()
+    if len(columns) == conv.weight[0].numel():
+        return None
+    lowered = LoweredConv2d.from_conv(conv, columns.cpu())
+    return nn.Sequential(pad, lowered) if pad is not None else lowered
+
+
+def _median_ms(layer: nn.Module, x: Tensor, repeats: int = 15) -> float:
+    with torch.inference_mode():
+        layer(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            layer(x)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def shrink_kernels(model: nn.Module, inputs: tuple[Tensor, ...], shapes: Shapes) -> dict[str, str]:
+    """Replace convs with zero shape fibers in place; ``{name: what it became}``."""
+    convs = [n for n, m in model.named_modules()
+             if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and m.weight.any()]
+    samples = first_inputs(model, inputs, convs) if shapes == "auto" else {}
+    changes = {}
+    for name in convs:
+        conv = model.get_submodule(name)
+        choice = _cropped(conv)
+        if shapes in ("lowered", "auto"):
+            lowered = _lowered(choice)
+            if lowered is not None and (shapes == "lowered" or name not in samples
+                                        or _median_ms(lowered, samples[name]) < _median_ms(choice, samples[name])):
+                choice = lowered
+        if choice is not conv:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, choice)
+            changes[name] = type(choice).__name__ if not isinstance(choice, nn.Sequential) \
+                else "+".join(type(m).__name__ for m in choice)
+    return changes
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    shapes: Shapes = "crop",
+    channel_multiple: int = 1,
+    atol: float = 1e-5,
+) -> nn.Module:
+    """A physically smaller copy of ``model`` without its all-zero removable structures.
+
+    Replaces every residual block whose branch is all zero (a zero ``depth`` group) by its shortcut,
+    removes every zero ``channel``/``neuron`` group (a channel is removed when all the weights that
+    read it are zero, or when all that produce it are zero and every operation on its way maps 0 to 0),
+    then, by ``shapes``:
+
+    * ``"crop"``: cut all-zero outer kernel rows/columns (a smaller standard ``Conv2d``, padding adjusted);
+    * ``"lowered"``: also turn convs with zero shape fibers left into :class:`LoweredConv2d`;
+    * ``"auto"``: lowered only where it is measured faster on ``example_inputs``;
+    * ``"off"``: channels only.
+
+    ``channel_multiple=8`` (or 16) keeps each layer's width a multiple of 8 by keeping a few removable
+    channels (the largest): onnxruntime's blocked convolutions need multiples of 8 and ran 9-17% faster
+    on a half-width resnet50 despite the extra multiply-adds (benchmarks/zoo_speed.py); plain PyTorch
+    eager gains nothing from it.
+
+    The result is checked with :func:`verify` on ``example_inputs`` and on random inputs of the same
+    shape, and is returned in eval mode; ``model`` is not changed.
+
+    Raises:
+        VerificationError: the smaller model's outputs differ (a bug; please report it).
+    """
+    if shapes not in ("off", "crop", "lowered", "auto"):
+        raise ConfigError(f"shapes must be one of 'off', 'crop', 'lowered', 'auto', got {shapes!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
+    inputs = as_tuple(example_inputs)
+    small = copy.deepcopy(model).eval()
+    graph, gm = channel_graph(small, inputs)
+    blocks = remove_branches(small, residual_branches(small, gm))
+    if blocks:
+        log.info("blocks reduced to their shortcut: %s", blocks)
+    cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph)  # re-trace if changed
+    log.info("removed channels: %s", cuts)
+    if shapes != "off":
+        log.info("kernels: %s", shrink_kernels(small, inputs, shapes))
+    gen = torch.Generator().manual_seed(0)
+    randoms = tuple(torch.randn(t.shape, generator=gen).to(t) if t.is_floating_point() else t for t in inputs)
+    for probe in (inputs, randoms):
+        report = verify(model, small, probe, atol=atol)
+        if not report.ok:
+            raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
+    return small
+

@@ -1,0 +1,480 @@
+"""Recipes: one YAML file per experiment, parsed into typed dataclasses.
+
+A recipe names the model, the data and the three training phases of SSL (Wen et al., NIPS 2016):
+a dense baseline, group-Lasso training, and fine-tuning of the compacted model with the Lasso off.
+Every field has a default, so a recipe states only what differs. Unknown keys and bad values raise
+:class:`~torchslim.errors.ConfigError` naming the key and the valid options.
+
+Example::
+
+    recipe = load_recipe("lenet_ssl", overrides=["ssl.epochs=1", "data.train_limit=512"])
+    recipe.ssl.strength        # {'channel': 0.0002, 'shape': 0.0002}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+
+from torchslim.errors import ConfigError
+
+__all__ = [
+    "CompactSpec",
+    "DataSpec",
+    "DistillSpec",
+    "ForceSpec",
+    "LowRankSpec",
+    "ModelSpec",
+    "PhaseSpec",
+    "Recipe",
+    "SSLSpec",
+    "apply_overrides",
+    "available_recipes",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_dirs",
+]
+
+Schedule = Literal["cosine", "constant", "step"]
+GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "hidden_row",
+                    "hidden_col", "rank"]
+
+
+@dataclass
+class ModelSpec:
+    """Which network to build: ``torchslim.models.create_model(name, **kwargs)``."""
+
+    name: str = "lenet"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSpec:
+    """Which dataset; ``*_limit`` keep only the first N images (or tokens of a corpus: quick runs and tests).
+
+    Images: ``"fashion-mnist"``, ``"mnist"``. Word corpora (language models): ``"kjv"``, ``"ptb"``;
+    for those ``bptt`` and ``vocab_size`` apply, ``test_limit`` cuts valid and test, and the corpus's
+    own validation split is used instead of ``valid_size``.
+    """
+
+    name: str = "fashion-mnist"
+    train_limit: int | None = None  # None: all 60k training images (all tokens)
+    test_limit: int | None = None  # None: all 10k test images (all tokens)
+    valid_size: int = 0  # hold out the last N training images to tune hyper-parameters on, not on test
+    bptt: int = 35  # corpora: truncated-BPTT steps per chunk (Zaremba et al.'s PTB models)
+    vocab_size: int = 10_000  # corpora: words with their own id, besides <unk> and <eos>
+
+    def __post_init__(self) -> None:
+        _check_min("data.valid_size", self.valid_size, 0)
+        _check_min("data.bptt", self.bptt, 1)
+        _check_min("data.vocab_size", self.vocab_size, 1)
+
+
+@dataclass
+class ForceSpec:
+    """Force regularization (Wen et al., ICCV 2017) on the filters of every Conv/Linear layer while training."""
+
+    strength: float = 0.0  # λ_s (the solver's force_decay); 0: off
+    kind: Literal["l2", "l1"] = "l2"  # l2: f_ji = w_j − w_i (Caffe "Degradation"); l1: unit force ("Constant")
+    multipliers: dict[str, float] = field(default_factory=dict)  # per-layer λ_s scale (force_mult); 0 disables
+    exclude: list[str] = field(default_factory=list)  # layers left alone
+    adaptive: bool = False  # force_decay_type "adaptive": ||force|| = λ_s·mult·||data gradient|| per layer
+    epochs: int | None = None  # the authors' force_iter: the force stops after this many epochs of its phase; None: all
+
+    def __post_init__(self) -> None:
+        _check_min("strength", self.strength, 0.0)
+        if self.epochs is not None:
+            _check_min("epochs", self.epochs, 0)
+        for layer, mult in self.multipliers.items():
+            _check_min(f"multipliers.{layer}", mult, 0.0)
+
+
+@dataclass
+class DistillSpec:
+    """Knowledge distillation (Hinton et al., 2015) from a teacher while a phase trains (:mod:`torchslim.train.distill`)."""
+
+    alpha: float = 0.0  # α: the weight of the teacher's softened outputs against the labels' 1 − α; 0: off
+    temperature: float = 1.0  # T: softens teacher and student alike; the soft term is scaled by T²
+    teacher: str | None = None  # a model file (compact.pt, baseline.pt, a state dict); None: this run's baseline.pt
+
+    def __post_init__(self) -> None:
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        _check_positive("temperature", self.temperature)
+
+
+@dataclass
+class PhaseSpec:
+    """One training phase: momentum SGD with L2 weight decay, a learning-rate schedule, optionally a force."""
+
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9  # the paper's Caffe solvers all use 0.9
+    weight_decay: float = 5.0e-4  # Caffe LeNet's L2 decay; SSL keeps it beside the group Lasso
+    lr_schedule: Schedule = "cosine"  # per-step cosine to 0; "step" divides by 10 at 50% and 75%
+    grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)
+    force: ForceSpec = field(default_factory=ForceSpec)  # coordinate filters toward low rank (off by default)
+    dropout: float | None = None  # every dropout's p during this phase (a compact model needs less); None: the model's
+    distill: DistillSpec = field(default_factory=DistillSpec)  # fit a teacher's outputs too (off by default)
+
+    def __post_init__(self) -> None:
+        _check_min("epochs", self.epochs, 0)
+        if self.dropout is not None:
+            _check_range("dropout", self.dropout, 0.0, 1.0)
+        _check_positive("lr", self.lr)
+        _check_range("momentum", self.momentum, 0.0, 1.0)
+        _check_min("weight_decay", self.weight_decay, 0.0)
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip)
+
+
+@dataclass
+class SSLSpec(PhaseSpec):
+    """The group-Lasso phase: ``E(W) = E_D(W) + λ_wd·R(W) + Σ_kind λ_kind Σ_g ||w_g||_2``."""
+
+    mode: Literal["prox", "subgradient"] = "prox"  # prox: exact zeros; subgradient: Caffe + 1e-4 zero-out
+    kinds: list[GroupKind] = field(default_factory=lambda: ["channel", "shape"])
+    strength: float | dict[str, float] = 2.0e-4  # λ, one value or one per kind
+    multipliers: dict[str, float] = field(default_factory=dict)  # per-layer λ scale, as Caffe's decay_mult
+    weight_by_size: bool = True  # λ_g = λ·sqrt(|g|): the usual group-Lasso weighting
+    threshold: float = 1.0e-4  # subgradient mode: |w| below this is set to 0 (Caffe's ZEROUT_THRESHOLD)
+    reset_momentum: bool = False  # zero the momentum of weights the Lasso set to 0, so zero groups stay zero
+    keep: float | dict[str, float] | None = None  # size budget: a layer's Lasso stops at this fraction of its groups
+    keep_ramp: float = 0.0  # reach keep over this fraction of the phase, on Zhu & Gupta's cubic; 0: from the start
+    keep_cut: Literal["end", "step"] = "end"  # cut a layer λ left above budget by magnitude: at the end, every step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.kinds:
+            kinds = ", ".join(typing.get_args(GroupKind))
+            raise _FieldError("kinds", f"is empty; give at least one of {kinds}")
+        if isinstance(self.strength, dict):
+            for kind in self.strength:
+                if kind not in self.kinds:
+                    raise _FieldError(f"strength.{kind}",
+                                      f"is for a kind not in kinds {self.kinds}; add it there or remove it")
+            for kind in self.kinds:
+                if kind not in self.strength:
+                    raise _FieldError("strength", f"has no value for kind '{kind}'; give one per kind in {self.kinds}")
+                _check_min(f"strength.{kind}", self.strength[kind], 0.0)
+        else:
+            _check_min("strength", self.strength, 0.0)
+        for layer, mult in self.multipliers.items():
+            _check_min(f"multipliers.{layer}", mult, 0.0)
+        _check_min("threshold", self.threshold, 0.0)
+        if self.keep is not None:
+            if self.mode != "prox":
+                raise _FieldError("keep", "needs mode: prox (the budget holds exact zeros); remove it or set the mode")
+            for kind, fraction in (self.keep.items() if isinstance(self.keep, dict) else [("", self.keep)]):
+                if kind and kind not in self.kinds:
+                    raise _FieldError(f"keep.{kind}", f"is for a kind not in kinds {self.kinds}; add it there or remove it")
+                if not 0 < fraction <= 1:
+                    raise _FieldError(f"keep.{kind}" if kind else "keep",
+                                      f"must be in (0, 1], the fraction of each layer's groups to keep, got {fraction}")
+        if not 0 <= self.keep_ramp <= 1:
+            raise _FieldError("keep_ramp", f"must be in [0, 1], the fraction of the phase, got {self.keep_ramp}")
+        if self.keep_ramp and self.keep is None:
+            raise _FieldError("keep_ramp", "needs keep, the budget it ramps down to; set keep or remove keep_ramp")
+        if self.keep_cut == "step" and self.keep is None:
+            raise _FieldError("keep_cut", "'step' needs keep, the budget it cuts to; set keep or remove keep_cut")
+
+
+@dataclass
+class CompactSpec:
+    """How :func:`torchslim.surgery.compact.compact` handles zero shape fibers and rounds widths."""
+
+    shapes: Literal["crop", "lowered", "auto", "off"] = "crop"  # crop: shrink kernels at zero borders
+    channel_multiple: int = 1  # 8: widths stay multiples of 8 (onnxruntime's blocked convolutions)
+
+    def __post_init__(self) -> None:
+        _check_min("compact.channel_multiple", self.channel_multiple, 1)
+
+
+@dataclass
+class LowRankSpec:
+    """Low-rank decomposition after compaction (:func:`torchslim.surgery.lowrank.lowrank`), before fine-tuning."""
+
+    energy: float | None = None  # None: no decomposition; 0.95: the paper's "<= 5% PCA reconstruction error"
+    method: Literal["pca", "svd"] = "pca"  # pca: uncentered, energy by eigenvalues (the original tool's default)
+    ranks: dict[str, int] = field(default_factory=dict)  # explicit r per layer (wins over energy)
+    skip: list[str] = field(default_factory=list)  # layers left alone (e.g. ResNet projection shortcuts)
+    lasso: float = 0.0  # λ on each rank group (scaled by √|g|) while fine-tuning; zero ranks are cut at the end
+
+    def __post_init__(self) -> None:
+        if self.energy is not None:
+            _check_range("lowrank.energy", self.energy, 0.0, 1.0)
+        _check_min("lowrank.lasso", self.lasso, 0.0)
+        if self.lasso and not self.enabled:
+            raise ConfigError("lowrank.lasso needs a decomposition: set lowrank.energy or lowrank.ranks")
+
+    @property
+    def enabled(self) -> bool:
+        return self.energy is not None or bool(self.ranks)
+
+
+@dataclass
+class Recipe:
+    """A whole experiment: baseline → SSL → compact → fine-tune."""
+
+    name: str = "recipe"
+    seed: int = 0  # seeds the model's initialization and every epoch's shuffling
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    batch_size: int = 64  # Caffe's LeNet batch size
+    eval_batch_size: int = 1000  # evaluation only: larger is faster, same result
+    baseline: PhaseSpec = field(default_factory=lambda: PhaseSpec(epochs=2, lr=0.01))
+    ssl: SSLSpec = field(default_factory=SSLSpec)
+    finetune: PhaseSpec = field(default_factory=lambda: PhaseSpec(epochs=1, lr=0.001))
+    compact: CompactSpec = field(default_factory=CompactSpec)
+    lowrank: LowRankSpec = field(default_factory=LowRankSpec)
+
+    def __post_init__(self) -> None:
+        _check_min("batch_size", self.batch_size, 1)
+        _check_min("eval_batch_size", self.eval_batch_size, 1)
+        if self.baseline.distill.alpha and self.baseline.distill.teacher is None:
+            raise ConfigError("baseline.distill needs baseline.distill.teacher, a trained model file: the run's own "
+                              "dense model is what the baseline phase trains")
+        for phase in ("ssl", "finetune"):
+            d = getattr(self, phase).distill
+            if d.alpha and d.teacher is None and self.baseline.epochs == 0:
+                raise ConfigError(f"{phase}.distill's teacher is the run's dense model, but baseline.epochs is 0; "
+                                  f"train a baseline or set {phase}.distill.teacher to a trained model file")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML/JSON/checkpoint safe); ``recipe_from_dict(r.to_dict()) == r``."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def recipe_dirs() -> list[Path]:
+    """Folders searched for a recipe given by bare name: the repository's, then the package's."""
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package.parents[1] / "recipes", package / "recipes") if d.is_dir()]
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes found in :func:`recipe_dirs`."""
+    names = {p.stem for d in recipe_dirs() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def _resolve(path_or_name: str | Path) -> Path:
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+        for d in recipe_dirs():
+            candidate = d / f"{path.name}.yaml"
+            if candidate.is_file():
+                return candidate
+    names = available_recipes()
+    hint = _suggest(path.stem, names)
+    raise ConfigError(
+        f"recipe '{path_or_name}' not found: give a YAML file or one of {names or '(none found)'}"
+        f"{hint} (searched {[str(d) for d in recipe_dirs()]})"
+    )
+
+
+def load_recipe(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe from a YAML file or by name (``"lenet_ssl"`` → ``recipes/lenet_ssl.yaml``).
+
+    Args:
+        path_or_name: a path to a YAML file, or the bare name of a recipe in :func:`recipe_dirs`.
+        overrides: ``"dotted.key=value"`` strings applied before validation; values are YAML
+            (``ssl.epochs=1``, ``ssl.kinds=[channel]``, ``data.train_limit=null``).
+    Raises:
+        ConfigError: the recipe is missing, is not valid YAML, or has an unknown key or a bad value.
+    """
+    path = _resolve(path_or_name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def recipe_from_dict(raw: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
+    """Validate plain data (parsed YAML, or :meth:`Recipe.to_dict`) into a :class:`Recipe`."""
+    try:
+        return _build(Recipe, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``"a.b.c=value"`` set; the value is parsed as YAML."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not key=value, e.g. ssl.epochs=1")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({exc})") from exc
+        if isinstance(value, dict) and any(":" in str(k) and v is None for k, v in value.items()):
+            # YAML reads {conv1:0.5} as the key "conv1:0.5" with no value: a mapping needs "conv1: 0.5"
+            raise ConfigError(f"override '{item}': put a space after each ':' in a mapping "
+                              f"(e.g. {key.strip()}='{{conv1: 0.5}}')")
+        _set_dotted(out, key.strip().split("."), value, key.strip())
+    return out
+
+
+def _set_dotted(d: dict[str, Any], parts: list[str], value: Any, key: str) -> None:
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"cannot set '{key}': '{where}' is {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_copy(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _deep_copy(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_deep_copy(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: plain data → typed dataclasses
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """An instance of dataclass ``cls`` from the mapping ``raw``; ``prefix`` names it in errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'{_suggest(str(key), names)}; valid keys: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        raise _FieldError(f"{prefix}{exc.key}", exc.problem) from None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (dataclass, Literal, union, list, dict, scalar)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if origin is Literal:
+        if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
+        if value not in args:
+            raise ConfigError(
+                f"'{key}' is {value!r}{_suggest(str(value), [str(a) for a in args])}; "
+                f"valid options: {', '.join(map(str, args))}"
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        return _coerce_union(value, args, key)
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"'{key}' must not be null")
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(" or ".join(errors))
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    raise ConfigError(f"'{key}': unsupported type {tp!r}")  # a bug in a spec class, not in the recipe
+
+
+class _FieldError(ConfigError):
+    """A bad value of one field; :func:`_build` prefixes the key with its section (``ssl.``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"'{key}' {problem}")
+        self.key, self.problem = key, problem
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_min(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise _FieldError(key, f"must be >= {low}, got {value}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise _FieldError(key, f"must be > 0, got {value}")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value < high:
+        raise _FieldError(key, f"must be in [{low}, {high}), got {value}")

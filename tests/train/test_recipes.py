@@ -1,0 +1,165 @@
+"""Recipes: YAML → typed dataclasses, dotted overrides, errors that name the key and the options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from torchslim.errors import ConfigError
+from torchslim.train.recipes import (
+    PhaseSpec,
+    Recipe,
+    SSLSpec,
+    apply_overrides,
+    available_recipes,
+    load_recipe,
+    recipe_from_dict,
+)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_parses_and_round_trips(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert isinstance(recipe.ssl, SSLSpec) and isinstance(recipe.baseline, PhaseSpec)
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+
+
+def test_demo_recipe_values_are_typed():
+    recipe = load_recipe("lenet_ssl")
+    assert recipe.model.name == "lenet" and recipe.data.name == "fashion-mnist"
+    assert recipe.data.train_limit is None
+    assert isinstance(recipe.baseline.lr, float) and isinstance(recipe.ssl.epochs, int)
+    assert set(recipe.ssl.strength) == set(recipe.ssl.kinds)
+    assert recipe.compact.shapes == "crop"
+
+
+def test_available_recipes_lists_the_shipped_ones():
+    assert {"lenet_ssl", "lenet_ssl_full", "mlp_ssl", "resnet20_ssl"} <= set(available_recipes())
+
+
+def test_load_from_a_yaml_path_uses_defaults_and_the_file_stem(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text("ssl: {epochs: 1, kinds: [channel], strength: 0.001}\n")
+    recipe = load_recipe(path)
+    assert recipe.name == "tiny"
+    assert recipe.ssl.epochs == 1 and recipe.ssl.strength == 0.001
+    assert recipe.baseline == Recipe().baseline
+
+
+def test_overrides_are_dotted_and_yaml_parsed():
+    recipe = load_recipe("lenet_ssl", overrides=[
+        "ssl.epochs=1", "data.train_limit=512", "ssl.strength.channel=1e-3",  # YAML 1.1: "1e-3" is a string
+        "ssl.mode=subgradient", "baseline.lr_schedule=constant", "model.kwargs.num_classes=10",
+    ])
+    assert recipe.ssl.epochs == 1
+    assert recipe.data.train_limit == 512
+    assert recipe.ssl.strength["channel"] == pytest.approx(1e-3)
+    assert recipe.ssl.mode == "subgradient"
+    assert recipe.baseline.lr_schedule == "constant"
+    assert recipe.model.kwargs == {"num_classes": 10}
+
+
+def test_override_of_a_list_and_back_to_null():
+    recipe = load_recipe("lenet_ssl", overrides=[
+        "ssl.kinds=[channel]", "ssl.strength=0.002", "data.train_limit=100", "data.train_limit=null",
+    ])
+    assert recipe.ssl.kinds == ["channel"] and recipe.ssl.strength == 0.002
+    assert recipe.data.train_limit is None
+
+
+def test_apply_overrides_does_not_change_its_input():
+    raw = {"ssl": {"epochs": 3}}
+    out = apply_overrides(raw, ["ssl.epochs=1", "finetune.lr=0.1"])
+    assert raw == {"ssl": {"epochs": 3}}
+    assert out == {"ssl": {"epochs": 1}, "finetune": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("override, words", [
+    ("ssl.epoch=1", ["ssl.epoch", "did you mean 'epochs'"]),
+    ("baseline.learning_rate=0.1", ["baseline.learning_rate", "valid keys", "lr"]),
+    ("sssl.epochs=1", ["sssl", "did you mean 'ssl'"]),
+])
+def test_unknown_key_names_it_and_suggests(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_recipe("lenet_ssl", overrides=[override])
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("compact.shapes=cropp", ["compact.shapes", "did you mean 'crop'", "lowered"]),
+    ("ssl.mode=proximal", ["ssl.mode", "prox", "subgradient"]),
+    ("ssl.kinds=[channel, filterz]", ["ssl.kinds[1]", "did you mean 'filter'"]),
+    ("baseline.lr=-1", ["baseline.lr", "> 0"]),
+    ("ssl.epochs=two", ["ssl.epochs", "integer"]),
+    ("finetune.momentum=1.5", ["finetune.momentum", "[0.0, 1.0)"]),
+    ("finetune.dropout=1", ["finetune.dropout", "[0.0, 1.0)"]),
+    ("ssl.keep=1.5", ["ssl.keep", "(0, 1]"]),
+    ("ssl.keep=0", ["ssl.keep", "(0, 1]"]),
+    ("ssl.keep={filter: 0.5}", ["ssl.keep.filter", "not in kinds"]),
+    ("ssl.keep_ramp=0.5", ["ssl.keep_ramp", "needs keep"]),
+    ("ssl.keep_ramp=2", ["ssl.keep_ramp", "[0, 1]"]),
+    ("ssl.keep_cut=step", ["ssl.keep_cut", "needs keep"]),
+    ("ssl.keep_cut=always", ["ssl.keep_cut", "end", "step"]),
+    ("batch_size=0", ["batch_size", ">= 1"]),
+    ("ssl.strength.filter=0.1", ["ssl.strength.filter", "not in kinds"]),
+    ("ssl.weight_by_size=maybe", ["ssl.weight_by_size", "true or false"]),
+    ("baseline.force.kind=l3", ["baseline.force.kind", "l2", "l1"]),
+    ("baseline.force.strength=-1", ["baseline.force.strength", ">= 0"]),
+    ("baseline.force.epochs=-2", ["baseline.force.epochs", ">= 0"]),
+    ("lowrank.energy=1.5", ["lowrank.energy", "[0.0, 1.0"]),
+    ("lowrank.method=qr", ["lowrank.method", "pca", "svd"]),
+    ("lowrank.lasso=1e-3", ["lowrank.lasso", "lowrank.energy"]),
+    ("data.bptt=0", ["data.bptt", ">= 1"]),
+    ("finetune.distill.alpha=1.5", ["finetune.distill.alpha", "[0.0, 1.0)"]),
+    ("finetune.distill.temperature=0", ["finetune.distill.temperature", "> 0"]),
+    ("baseline.distill.alpha=0.5", ["baseline.distill.teacher", "trained model file"]),
+])
+def test_bad_values_name_the_key_and_the_valid_options(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_recipe("lenet_ssl", overrides=[override])
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_distilling_from_the_runs_own_dense_model_needs_a_baseline():
+    with pytest.raises(ConfigError, match="baseline.epochs is 0; train a baseline or set finetune.distill.teacher"):
+        load_recipe("lenet_ssl", overrides=["baseline.epochs=0", "finetune.distill.alpha=0.5"])
+    recipe = load_recipe("lenet_ssl", overrides=["baseline.epochs=0", "finetune.distill={alpha: 0.5, teacher: t.pt}"])
+    assert recipe.finetune.distill.teacher == "t.pt"
+
+
+def test_strength_mapping_must_cover_every_kind():
+    with pytest.raises(ConfigError, match="no value for kind 'shape'"):
+        load_recipe("lenet_ssl", overrides=["ssl.kinds=[channel, shape]", "ssl.strength={channel: 0.001}"])
+
+
+def test_malformed_override_says_how_to_write_it():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_recipe("lenet_ssl", overrides=["ssl.epochs"])
+    with pytest.raises(ConfigError, match="not a mapping"):
+        load_recipe("lenet_ssl", overrides=["ssl.epochs.x=1"])
+    with pytest.raises(ConfigError, match="space after each ':'"):
+        load_recipe("lenet_ssl", overrides=["ssl.strength={channel:0.001}"])
+
+
+def test_unknown_recipe_lists_the_available_ones():
+    with pytest.raises(ConfigError) as info:
+        load_recipe("lenet_sl")
+    assert "did you mean 'lenet_ssl'" in str(info.value)
+    assert "lenet_ssl_full" in str(info.value)
+
+
+def test_broken_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("ssl: {epochs: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_yaml_off_reads_as_the_off_option(tmp_path):
+    path = tmp_path / "off.yaml"
+    path.write_text("compact: {shapes: off}\n")  # YAML 1.1 reads a bare off as false
+    assert load_recipe(path).compact.shapes == "off"

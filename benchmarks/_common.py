@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from torchslim.profile import machine_info
+from torchslim.deploy.profile import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path(__file__).resolve().parent.parent / "runs"
@@ -41,7 +41,7 @@ def interleaved_onnx_latency(models: dict[str, nn.Module], x: torch.Tensor, *, t
     """As :func:`interleaved_latency`, in onnxruntime (CPU): each model exported with ``export_onnx``."""
     import onnxruntime as ort
 
-    from torchslim.serialize import export_onnx
+    from torchslim.deploy.serialize import export_onnx
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -82,7 +82,7 @@ def write(name: str, data: dict[str, Any]) -> Path:
 
 
 class RecipeArgs(NamedTuple):
-    recipe: Any  # torchslim.recipes.Recipe
+    recipe: Any  # torchslim.train.recipes.Recipe
     resume: bool
     branch: str | None  # the recipe whose run this one starts from (``--from``), or None
 
@@ -93,7 +93,7 @@ def recipe_args(default: str, description: str | None = None, *, branch: bool = 
     import argparse
     import logging
 
-    from torchslim.recipes import load_recipe
+    from torchslim.train.recipes import load_recipe
 
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torchslim").setLevel(logging.INFO)
@@ -110,7 +110,7 @@ def recipe_args(default: str, description: str | None = None, *, branch: bool = 
 def train(recipe, resume: bool, branch: str | None = None):
     """Train ``recipe`` in ``runs/<name>`` (seeded as every benchmark run), starting after the steps that
     ``runs/<branch>`` trained alike where given: its ``RunResult``."""
-    from torchslim.engine import run
+    from torchslim.train.engine import run
 
     torch.manual_seed(0)
     return run(recipe, run_dir=RUNS / recipe.name, resume=resume, progress=False,

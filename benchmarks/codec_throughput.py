@@ -26,8 +26,8 @@ import time
 from typing import Callable
 
 import torch
-
 from _common import write
+
 from torchslim.comm import SCHEMES, pack, packed_numel, scaler, ternarize, unpack_sum
 
 WORLD = 4

@@ -20,9 +20,9 @@ import torch
 from _common import write
 
 from torchslim import lowrank
-from torchslim.checkpoint import load_checkpoint
-from torchslim.engine import run
-from torchslim.recipes import load_recipe
+from torchslim.train.checkpoint import load_checkpoint
+from torchslim.train.engine import run
+from torchslim.train.recipes import load_recipe
 
 RUNS = Path(__file__).resolve().parent.parent / "runs" / "seeds"
 

@@ -11,7 +11,7 @@ trains the sparsity phase (proximal, momentum SGD, cosine) at each λ:
 * ``hidden_row``: only the gate rows that produce a unit (rows ``g·H + k`` of ``weight_ih``/``weight_hh``,
   both biases);
 * ``hidden_col``: only the columns that read it (``weight_hh``, the next layer's ``weight_ih``, ``fc``);
-* ``l1``: element-wise ``λ·Σ|w|`` (:class:`torchslim.lasso.L1`) on the same tensors as ISS;
+* ``l1``: element-wise ``λ·Σ|w|`` (:class:`torchslim.regularize.lasso.L1`) on the same tensors as ISS;
 * ``none`` (λ = 0): the same epochs without a regularizer, the accuracy the others lose against.
 
 The group kinds use λ_g = λ·sqrt(|g|), so that one λ shrinks a weight about as much in every scheme
@@ -31,14 +31,14 @@ import time
 from typing import Any
 
 import torch
+from _common import write
 from torch import nn
 
-from _common import write
 from torchslim import compact, structures
-from torchslim.engine import build_model, lr_at
-from torchslim.lasso import L1, GroupLasso
-from torchslim.recipes import load_recipe
-from torchslim.tasks import load_task
+from torchslim.regularize.lasso import L1, GroupLasso
+from torchslim.train.engine import build_model, lr_at
+from torchslim.train.recipes import load_recipe
+from torchslim.train.tasks import load_task
 
 KINDS = ("none", "hidden", "hidden_row", "hidden_col", "l1")  # none: the same epochs without a regularizer
 

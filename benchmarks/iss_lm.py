@@ -19,15 +19,15 @@ from __future__ import annotations
 import math
 
 import torch
+from _common import RESULTS, RUNS, interleaved_latency, recipe_run, train, train_seconds, write
 from torch import nn
 
-from _common import RESULTS, RUNS, interleaved_latency, recipe_run, train, train_seconds, write
-from torchslim.checkpoint import load_checkpoint
-from torchslim.engine import shared_steps
+from torchslim.deploy.profile import profile
 from torchslim.errors import ConfigError
-from torchslim.plots import plot_history
-from torchslim.profile import profile
-from torchslim.recipes import apply_overrides, recipe_from_dict
+from torchslim.train.checkpoint import load_checkpoint
+from torchslim.train.engine import shared_steps
+from torchslim.train.plots import plot_history
+from torchslim.train.recipes import apply_overrides, recipe_from_dict
 
 
 class _Stack(nn.Module):

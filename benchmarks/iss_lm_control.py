@@ -24,7 +24,8 @@ import json
 import math
 
 from _common import RESULTS, recipe_args, train, train_seconds, write
-from torchslim.recipes import apply_overrides, recipe_from_dict
+
+from torchslim.train.recipes import apply_overrides, recipe_from_dict
 
 
 def control_recipe(recipe):

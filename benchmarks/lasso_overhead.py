@@ -14,8 +14,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import write
+
 from torchslim import GroupLasso, structures
 from torchslim.models import create_model
 

@@ -11,12 +11,27 @@ import argparse
 import re
 from pathlib import Path
 
-from _report import (Codec, ForceSeeds, ISSAlternatives, LMControl, LMRun, Magnitude, Modes, Overhead, SSLRun,
-                     TernGradConvergence, TernGradSpeed, TernGradWire, ZooExactness, ZooSpeed, load, machine_line,
-                     table)
+from _report import (
+    Codec,
+    ForceSeeds,
+    ISSAlternatives,
+    LMControl,
+    LMRun,
+    Magnitude,
+    Modes,
+    Overhead,
+    SSLRun,
+    TernGradConvergence,
+    TernGradSpeed,
+    TernGradWire,
+    ZooExactness,
+    ZooSpeed,
+    load,
+    machine_line,
+    table,
+)
 from terngrad_report import terngrad_sections
-from wen_report import (iss_alternatives_section, iss_lm_section, lowrank_sections, rank_table_section,
-                        readme_rows)
+from wen_report import iss_alternatives_section, iss_lm_section, lowrank_sections, rank_table_section, readme_rows
 from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent

@@ -1,4 +1,4 @@
-"""Run ``torchrun -m torchslim.distributed`` inside a private network namespace and count its bytes.
+"""Run ``torchrun -m torchslim.train.distributed`` inside a private network namespace and count its bytes.
 
 Shared by ``terngrad_wire.py``, ``terngrad_speed.py`` and ``terngrad_convergence.py``::
 
@@ -178,7 +178,7 @@ def step_log(stderr: str) -> tuple[StepLog, ...]:
 
 def torchrun_in(ns: Netns, nproc: int, args: Sequence[str], timeout: float, *,
                 threads: int = 1, attempts: int = 3) -> TorchrunResult:
-    """Train with ``torchrun --standalone --nproc-per-node nproc -m torchslim.distributed args`` inside ``ns``.
+    """Train with ``torchrun --standalone --nproc-per-node nproc -m torchslim.train.distributed args`` inside ``ns``.
 
     Workers get ``OMP_NUM_THREADS=threads`` (4 workers on a 2-core machine must not each spin 2 threads)
     and ``GLOO_SOCKET_IFNAME=lo``. ``--out`` is added (a temporary file) unless ``args`` has one.
@@ -218,7 +218,7 @@ def _torchrun_once(ns: Netns, nproc: int, args: Sequence[str], timeout: float, t
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
         command = ns.argv([str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc),
-                           "-m", "torchslim.distributed", *args])
+                           "-m", "torchslim.train.distributed", *args])
         before, began = ns.lo_bytes(), time.perf_counter()
         stderr = _run_in(ns, command, env, timeout)
         wall, after = time.perf_counter() - began, ns.lo_bytes()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 
 from _common import write
-from torchslim.engine import run
-from torchslim.recipes import load_recipe
+
+from torchslim.train.engine import run
+from torchslim.train.recipes import load_recipe
 
 
 def main() -> None:

@@ -13,11 +13,11 @@ in onnxruntime.
 from __future__ import annotations
 
 import torch
-
 from _common import RESULTS, interleaved_latency, interleaved_onnx_latency, recipe_run, train_seconds, write
+
 from torchslim import compact, structures
-from torchslim.plots import plot_history
-from torchslim.profile import profile
+from torchslim.deploy.profile import profile
+from torchslim.train.plots import plot_history
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:

@@ -5,7 +5,7 @@
     python benchmarks/ssl_vs_magnitude.py --run-dir /tmp/run --smoke     # a few hundred images, 1 epoch
 
 Reads a finished SSL run (``runs/<recipe>``: ``baseline.pt``, ``compact.pt``, ``results.json``, as
-``torchslim.engine.run`` writes them; ``benchmarks/ssl_recipe.py`` makes one), measures the SSL compact
+``torchslim.train.engine.run`` writes them; ``benchmarks/ssl_recipe.py`` makes one), measures the SSL compact
 model's multiply-adds, prunes the run's dense baseline to at most as many with
 :func:`torchslim.magnitude_prune` (the lowest-norm channels/neurons, then ``compact``), and fine-tunes it
 as the run fine-tuned its SSL model: the recipe's finetune phase (epochs, lr, schedule, momentum, weight
@@ -23,15 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write
 from torch import nn
 
-from _common import write
 from torchslim import magnitude_prune
-from torchslim.engine import PHASES, load_phase_model, lr_at
-from torchslim.profile import profile
-from torchslim.recipes import Recipe, apply_overrides, recipe_from_dict
-from torchslim.serialize import load_compact
-from torchslim.tasks import ImageTask, load_task
+from torchslim.deploy.profile import profile
+from torchslim.deploy.serialize import load_compact
+from torchslim.train.engine import PHASES, load_phase_model, lr_at
+from torchslim.train.recipes import Recipe, apply_overrides, recipe_from_dict
+from torchslim.train.tasks import ImageTask, load_task
+
 
 def smoke_recipe(recipe: Recipe) -> Recipe:
     """The recipe cut to a few hundred images and one fine-tuning epoch (a check that the script runs)."""

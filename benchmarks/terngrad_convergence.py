@@ -2,7 +2,7 @@
 
     python benchmarks/terngrad_convergence.py [--steps 3000] [--eval-every 500] [--seeds 0 1 2] [--smoke]
 
-Runs of ``torchrun -m torchslim.distributed`` with identical options but the gradients:
+Runs of ``torchrun -m torchslim.train.distributed`` with identical options but the gradients:
 ``fp32`` (plain DDP all-reduce), ``terngrad`` (the paper's clipping, s = min(max|g|, 2.5σ)) and
 ``terngrad-noclip`` (``--clip-sigma inf``, s = max|g|), which shows what clipping buys, and
 ``terngrad-twophase`` (``--reduce twophase``: the fewest bytes, the average rounded to ternary
@@ -33,7 +33,7 @@ from _common import RESULTS, write
 from matplotlib.figure import Figure
 from netlink import exit_on_sigterm, namespace, torchrun_in
 
-CONFIGS = {  # name: torchslim.distributed arguments
+CONFIGS = {  # name: torchslim.train.distributed arguments
     "fp32": ["--grad", "fp32"],
     "terngrad": ["--grad", "terngrad", "--clip-sigma", "2.5"],
     "terngrad-noclip": ["--grad", "terngrad", "--clip-sigma", "inf"],

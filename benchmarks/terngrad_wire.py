@@ -2,7 +2,7 @@
 
     python benchmarks/terngrad_wire.py [--models lenet fcnet] [--worlds 2 4] [--variants ...] [--smoke]
 
-For every model, world size and gradient variant, ``torchrun -m torchslim.distributed`` trains inside a
+For every model, world size and gradient variant, ``torchrun -m torchslim.train.distributed`` trains inside a
 fresh, unthrottled network namespace (netlink.py), whose ``lo`` carries only our traffic. Each
 configuration runs twice, for S and S' > S steps; start-up (rendezvous, DDP's broadcast of the weights)
 and tear-down are the same in both, so the bytes of one step, sent by one worker, are::
@@ -12,7 +12,7 @@ and tear-down are the same in both, so the bytes of one step, sent by one worker
 That is TCP payload plus TCP/IP headers and ACKs, i.e. what a NIC would carry. It is compared with
 
 * ``accounted``: the hook's own ring-model counter (``TernGradState.bytes_sent``), or for fp32/fp16 the
-  ring all-reduce volume ``2(N-1)/N · bytes`` that ``torchslim.distributed`` reports;
+  ring all-reduce volume ``2(N-1)/N · bytes`` that ``torchslim.train.distributed`` reports;
 * ``theory``: compression_anchors §8 in bits per gradient element, ``2(N-1)/N · 32`` (fp32),
   ``2(N-1)/N · 16`` (fp16), and for TernGrad ``(N-1) · b`` for the ternarized share (an all-gather of
   b = 1.6 or 2-bit codes; ``2(N-1)/N · b`` two-phase) plus ``2(N-1)/N · 32`` for the layers kept in fp32
@@ -35,7 +35,7 @@ from torchslim.comm import TernGradState
 from torchslim.comm.ternary import packed_numel
 from torchslim.models import create_model
 
-VARIANTS = {  # name: torchslim.distributed arguments
+VARIANTS = {  # name: torchslim.train.distributed arguments
     "fp32": ["--grad", "fp32"],
     "fp16": ["--grad", "fp16"],
     "terngrad-base3": ["--grad", "terngrad", "--scheme", "base3"],

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-
 from _common import write
+
 from torchslim import compact, structures, verify
 from torchslim.errors import TorchSlimError
 

@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 import torchvision
+from _common import interleaved_latency, interleaved_onnx_latency, write
 from torch import nn
 
-from _common import interleaved_latency, interleaved_onnx_latency, write
 from torchslim import Group, compact, structures, verify
-from torchslim.profile import profile
+from torchslim.deploy.profile import profile
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 THREADS = (1, 2)

@@ -163,3 +163,102 @@ def test_yaml_off_reads_as_the_off_option(tmp_path):
     path = tmp_path / "off.yaml"
     path.write_text("compact: {shapes: off}\n")  # YAML 1.1 reads a bare off as false
     assert load_recipe(path).compact.shapes == "off"
+
+
+# ---------------------------------------------------------------------------------------------
+# base: a recipe that starts from another
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+def _leaves(d, prefix=""):
+    """``{"a.b": value}`` for every non-mapping value of a nested mapping."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _write(folder, name, text):
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_base_merges_mappings_key_by_key_and_replaces_lists_and_scalars(tmp_path):
+    _write(tmp_path, "parent", "seed: 3\nmodel: {name: mlp, kwargs: {hidden: 8, depth: 2}}\n"
+                               "ssl: {epochs: 4, kinds: [channel, shape], strength: {channel: 0.1, shape: 0.2}}\n")
+    child = load_recipe(_write(tmp_path, "child", "base: parent\nmodel: {kwargs: {hidden: 16}}\n"
+                                                  "ssl: {kinds: [channel], strength: 0.5}\n"))
+    assert child.name == "child" and child.seed == 3
+    assert child.model.name == "mlp" and child.model.kwargs == {"hidden": 16, "depth": 2}
+    assert child.ssl.epochs == 4 and child.ssl.kinds == ["channel"] and child.ssl.strength == 0.5
+
+
+def test_base_chains_and_takes_paths_relative_to_the_recipe(tmp_path):
+    (tmp_path / "shared").mkdir()
+    _write(tmp_path / "shared", "grand", "name: grand\nseed: 1\nbatch_size: 8\nbaseline: {epochs: 5, lr: 0.5}\n")
+    _write(tmp_path / "shared", "mid", "name: mid\nbase: grand\nbaseline: {epochs: 3}\n")
+    leaf = load_recipe(_write(tmp_path, "leaf", "base: shared/mid.yaml\nseed: 2\n"), overrides=["batch_size=16"])
+    assert leaf.name == "leaf"  # neither base's name
+    assert (leaf.seed, leaf.batch_size, leaf.baseline.epochs, leaf.baseline.lr) == (2, 16, 3, 0.5)
+
+
+def test_a_shipped_base_is_found_by_name_from_any_folder(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "mine", "base: lenet_ssl\nssl: {epochs: 1}\n"))
+    assert recipe.name == "mine"
+    assert recipe.to_dict() == {**load_recipe("lenet_ssl", overrides=["ssl.epochs=1"]).to_dict(), "name": "mine"}
+
+
+def test_a_base_cycle_names_the_files_and_the_available_recipes(tmp_path):
+    _write(tmp_path, "a", "base: b\n")
+    _write(tmp_path, "b", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle") as info:
+        load_recipe(tmp_path / "a.yaml")
+    assert "a.yaml → base" in str(info.value) and "b.yaml" in str(info.value)
+    assert "lenet_ssl" in str(info.value)
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(_write(tmp_path, "itself", "base: itself\n"))
+
+
+def test_a_missing_base_names_the_chain_and_the_available_recipes(tmp_path):
+    _write(tmp_path, "mid", "base: nowhere\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(_write(tmp_path, "top", "base: mid\n"))
+    message = str(info.value)
+    assert "base 'nowhere'" in message and "top.yaml → base" in message and "mid.yaml" in message
+    assert "lenet_ssl" in message and "mid" in message
+    with pytest.raises(ConfigError, match="base 3 "):
+        load_recipe(_write(tmp_path, "bad", "base: 3\n"))
+
+
+def test_a_merged_recipe_is_validated_as_a_whole(tmp_path):
+    _write(tmp_path, "parent", "ssl: {kinds: [channel, shape], strength: {channel: 0.1, shape: 0.2}}\n")
+    with pytest.raises(ConfigError, match="strength.shape") as info:  # mappings merge: shape stays in strength
+        load_recipe(_write(tmp_path, "child", "base: parent\nssl: {kinds: [channel], strength: {channel: 0.3}}\n"))
+    assert "child.yaml → base" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml") if "\nbase:" in "\n" + p.read_text()))
+def test_a_shipped_recipe_with_a_base_is_its_base_with_the_keys_it_states(name):
+    import yaml
+
+    stated = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+    base, own = _leaves(load_recipe(stated.pop("base")).to_dict()), _leaves(stated)
+    recipe = _leaves(load_recipe(name).to_dict())
+
+    def overridden(key):  # the child states this leaf, a mapping inside it, or a value that replaces it
+        return any(key == o or o.startswith(key + ".") or key.startswith(o + ".") for o in own)
+
+    assert recipe == {**{k: v for k, v in base.items() if not overridden(k)}, **own}
+    assert any(base.get(key) != value for key, value in own.items() if key != "name")  # a real change
+
+
+def test_long_kd_is_long_with_a_distilled_finetuning():
+    long, kd = (_leaves(load_recipe(name).to_dict()) for name in ("kjv_lm_iss_650_long", "kjv_lm_iss_650_long_kd"))
+    changed = {key for key in long if long[key] != kd[key]}
+    assert changed == {"name", "finetune.distill.alpha"}
+    assert kd["finetune.distill.alpha"] == 0.5

@@ -2,8 +2,9 @@
 
 A recipe names the model, the data and the three training phases of SSL (Wen et al., NIPS 2016):
 a dense baseline, group-Lasso training, and fine-tuning of the compacted model with the Lasso off.
-Every field has a default, so a recipe states only what differs. Unknown keys and bad values raise
-:class:`~torchslim.errors.ConfigError` naming the key and the valid options.
+Every field has a default, so a recipe states only what differs; ``base: other_recipe`` starts it from
+another recipe's keys. Unknown keys and bad values raise :class:`~torchslim.errors.ConfigError` naming
+the key and the valid options. Every key is in docs/recipes.md.
 
 Example::
 
@@ -14,33 +15,18 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
 from torchslim.errors import ConfigError
+from torchslim.train._typed import _build, _check_min, _check_positive, _check_range, _FieldError, _suggest
 
-__all__ = [
-    "CompactSpec",
-    "DataSpec",
-    "DistillSpec",
-    "ForceSpec",
-    "LowRankSpec",
-    "ModelSpec",
-    "PhaseSpec",
-    "Recipe",
-    "SSLSpec",
-    "apply_overrides",
-    "available_recipes",
-    "load_recipe",
-    "recipe_from_dict",
-    "recipe_dirs",
-]
+__all__ = ["CompactSpec", "DataSpec", "DistillSpec", "ForceSpec", "LowRankSpec", "ModelSpec", "PhaseSpec", "Recipe",
+           "SSLSpec", "apply_overrides", "available_recipes", "load_recipe", "recipe_from_dict", "recipe_dirs"]
 
 Schedule = Literal["cosine", "constant", "step"]
 GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "hidden_row",
@@ -263,46 +249,78 @@ def recipe_dirs() -> list[Path]:
 
 def available_recipes() -> list[str]:
     """Names of the recipes found in :func:`recipe_dirs`."""
-    names = {p.stem for d in recipe_dirs() for p in d.glob("*.yaml")}
-    return sorted(names)
+    return sorted({p.stem for d in recipe_dirs() for p in d.glob("*.yaml")})
 
 
 def _resolve(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
-    if path.is_file():
-        return path
-    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
-        for d in recipe_dirs():
-            candidate = d / f"{path.name}.yaml"
-            if candidate.is_file():
-                return candidate
+    if found := path if path.is_file() else _find(path, near=None):
+        return found
     names = available_recipes()
-    hint = _suggest(path.stem, names)
-    raise ConfigError(
-        f"recipe '{path_or_name}' not found: give a YAML file or one of {names or '(none found)'}"
-        f"{hint} (searched {[str(d) for d in recipe_dirs()]})"
-    )
+    raise ConfigError(f"recipe '{path_or_name}' not found: give a YAML file or one of {names or '(none found)'}"
+                      f"{_suggest(path.stem, names)} (searched {[str(d) for d in recipe_dirs()]})")
+
+
+def _find(ref: Path, near: Path | None) -> Path | None:
+    """The file of a bare recipe name (in ``near``, then :func:`recipe_dirs`) or of a path relative to ``near``."""
+    named = ref.suffix not in (".yaml", ".yml") and len(ref.parts) == 1
+    folders = ([near] if near else []) + (recipe_dirs() if named else [])
+    candidates = [d / (f"{ref.name}.yaml" if named else ref) for d in folders]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def load_recipe(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe from a YAML file or by name (``"lenet_ssl"`` → ``recipes/lenet_ssl.yaml``).
 
+    ``base: other`` starts it from another recipe (:func:`_read_with_bases`); its name stays its own.
+
     Args:
         path_or_name: a path to a YAML file, or the bare name of a recipe in :func:`recipe_dirs`.
-        overrides: ``"dotted.key=value"`` strings applied before validation; values are YAML
+        overrides: ``"dotted.key=value"`` strings applied after the bases, before validation; values are YAML
             (``ssl.epochs=1``, ``ssl.kinds=[channel]``, ``data.train_limit=null``).
     Raises:
-        ConfigError: the recipe is missing, is not valid YAML, or has an unknown key or a bad value.
+        ConfigError: the recipe or a base is missing, the bases form a cycle, a file is not valid YAML, or the
+            merged recipe has an unknown key or a bad value.
     """
     path = _resolve(path_or_name)
+    raw, chain = _read_with_bases(path, ())
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(apply_overrides(raw, overrides), source=" → base ".join(map(str, chain)))
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """The mapping in ``path`` merged (:func:`_merge`) over its ``base:``'s (:func:`_find`); the files read."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path} must be a mapping of keys to values, got {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
-    return recipe_from_dict(apply_overrides(raw, overrides), source=str(path))
+    chain = (*seen, path)
+    if "base" not in raw:
+        return raw, chain
+    ref = raw.pop("base")
+    base = _find(Path(ref), near=path.parent) if isinstance(ref, str) and ref.strip() else None
+    cycle = base is not None and base.resolve() in [p.resolve() for p in chain]
+    if base is None or cycle:
+        read = " → base ".join(map(str, chain))
+        problem = (f"its bases form a cycle ({read} → base {base}); start one of them from a recipe outside it"
+                   if cycle else f"base {ref!r} of {path} not found (read: {read}); give a recipe name or a YAML "
+                   f"path relative to {path.parent}")
+        available = sorted({*available_recipes(), *(p.stem for p in path.parent.glob("*.yaml"))})
+        raise ConfigError(f"recipe {chain[0]}: {problem}; available recipes: {', '.join(available)}")
+    parent, chain = _read_with_bases(base, chain)
+    parent.pop("name", None)  # a recipe's name is its own, never its base's
+    return _merge(parent, raw), chain
+
+
+def _merge(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: a mapping in both merges key by key (recursively); lists and scalars replace."""
+    out = _deep_copy(base)
+    for key, value in child.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merge(out[key], value) if both else _deep_copy(value)
+    return out
 
 
 def recipe_from_dict(raw: Mapping[str, Any], *, source: str = "recipe") -> Recipe:
@@ -351,130 +369,3 @@ def _deep_copy(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_deep_copy(x) for x in v]
     return v
-
-
-# ---------------------------------------------------------------------------------------------
-# validation: plain data → typed dataclasses
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    """An instance of dataclass ``cls`` from the mapping ``raw``; ``prefix`` names it in errors."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise ConfigError(
-                f"unknown key '{prefix}{key}'{_suggest(str(key), names)}; valid keys: {', '.join(names)}"
-            )
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except _FieldError as exc:
-        raise _FieldError(f"{prefix}{exc.key}", exc.problem) from None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the annotation ``tp`` (dataclass, Literal, union, list, dict, scalar)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.")
-    if origin is Literal:
-        if value is False and "off" in args:  # YAML 1.1 reads a bare `off` as false
-            value = "off"
-        if value not in args:
-            raise ConfigError(
-                f"'{key}' is {value!r}{_suggest(str(value), [str(a) for a in args])}; "
-                f"valid options: {', '.join(map(str, args))}"
-            )
-        return value
-    if origin in (Union, types.UnionType):
-        return _coerce_union(value, args, key)
-    if origin in (list, tuple, Sequence):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    return _coerce_scalar(value, tp, key)
-
-
-def _coerce_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"'{key}' must not be null")
-    errors = []
-    for arg in args:
-        if arg is type(None):
-            continue
-        try:
-            return _coerce(value, arg, key)
-        except ConfigError as exc:
-            errors.append(str(exc))
-    raise ConfigError(" or ".join(errors))
-
-
-def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
-    raise ConfigError(f"'{key}': unsupported type {tp!r}")  # a bug in a spec class, not in the recipe
-
-
-class _FieldError(ConfigError):
-    """A bad value of one field; :func:`_build` prefixes the key with its section (``ssl.``)."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"'{key}' {problem}")
-        self.key, self.problem = key, problem
-
-
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check_min(key: str, value: float, low: float) -> None:
-    if value < low:
-        raise _FieldError(key, f"must be >= {low}, got {value}")
-
-
-def _check_positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise _FieldError(key, f"must be > 0, got {value}")
-
-
-def _check_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value < high:
-        raise _FieldError(key, f"must be in [{low}, {high}), got {value}")

@@ -48,4 +48,4 @@ def check_patterns(patterns: Iterable[str] | None, names: Sequence[str], keyword
             close = difflib.get_close_matches(pattern, names, n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             shown = ", ".join(list(names)[:12]) + (", ..." if len(names) > 12 else "")
-            raise ConfigError(f"{keyword} pattern {pattern!r} matches no layer{hint} Layers: {shown}")
+            raise ConfigError(f"{keyword} pattern {pattern!r} matches no layer{hint or '.'} Layers: {shown}")

@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-import torchslim.comm.hooks as hooks
 from torchslim.comm.hooks import TernGradState, terngrad_hook
+from torchslim.comm.state import _COUNTERS, _OPTIONS, _stream_seed
 from torchslim.comm.ternary import scaler, ternarize
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.train.checkpoint import load_checkpoint, save_checkpoint
@@ -119,7 +119,7 @@ def _reference_average(state: TernGradState, record: dict) -> Tensor:
     if tern:
         s = torch.stack([scaler(grads[i], state.clip_sigma) for i in tern])
         dist.all_reduce(s, op=dist.ReduceOp.MAX, group=group)
-        gen = torch.Generator().manual_seed(hooks._stream_seed(state.seed, rank, record["step"], record["index"]))
+        gen = torch.Generator().manual_seed(_stream_seed(state.seed, rank, record["step"], record["index"]))
         codes = torch.cat([ternarize(grads[i], s_l, gen) for i, s_l in zip(tern, s)])
         gathered = [torch.empty_like(codes) for _ in range(world)]
         dist.all_gather(gathered, codes, group=group)
@@ -368,6 +368,42 @@ def scenario_byte_counts(rank: int, world: int) -> None:
     assert state.numel_reduced == sum(p.numel() for p in model.parameters())
 
 
+def _glob_excluded_outputs(rank: int, world: int, **options) -> list[dict]:
+    """One backward of the tiny model with its biases kept in fp by a glob; the recorded buckets."""
+    model = _tiny_model()
+    state = TernGradState.for_model(model, **options)
+    assert state.full_precision_names() == ("0.bias", "2.bias", "4.bias")
+    records: list[dict] = []
+    _one_backward(_ddp(model, state, _recording_hook(records)), rank)
+    for record in records:
+        assert torch.equal(record["output"], _reference_average(state, record))
+    return records
+
+
+def scenario_exclude_glob(rank: int, world: int) -> None:
+    """exclude=("*.bias",): every bias is the exact fp mean, every weight ternary; the old keyword
+    full_precision_params warns and gives the same bits."""
+    records = _glob_excluded_outputs(rank, world, exclude=("*.bias",))
+    exact = ternary = 0
+    for record in records:
+        offset = 0
+        for p in record["params"]:
+            got = record["output"][offset:offset + p.numel()]
+            mean = _mean_allreduce(record["input"][offset:offset + p.numel()], world)
+            if p.dim() == 1:
+                assert torch.equal(got, mean), f"a {p.numel()}-element bias was not kept exact"
+                exact += 1
+            else:
+                assert not torch.equal(got, mean), "a weight was not ternarized"
+                ternary += 1
+            offset += p.numel()
+    assert exact == 3 and ternary == 3
+    with pytest.warns(DeprecationWarning, match="full_precision_params"):
+        old = _glob_excluded_outputs(rank, world, full_precision_params=("*.bias",))
+    assert [r["index"] for r in old] == [r["index"] for r in records]
+    assert all(torch.equal(a["output"], b["output"]) for a, b in zip(old, records))
+
+
 SCENARIOS: dict[str, Callable[[int, int], None]] = {
     name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")
 }
@@ -453,7 +489,9 @@ def test_unknown_scheme_says_which_exist():
     ({"clip_sigma": float("nan")}, "clip_sigma must be > 0"),
     ({"min_numel": -1}, "min_numel must be an integer >= 0"),
     ({"warmup_steps": 1.5}, "warmup_steps must be an integer"),
-    ({"full_precision_params": "fc2"}, r"write \('fc2',\)"),
+    ({"exclude": "fc2"}, r"exclude must be a sequence.*write \('fc2',\)"),
+    ({"include": "fc2"}, r"include must be a sequence.*write \('fc2',\)"),
+    ({"exclude": ("fc2", 3)}, "exclude must hold parameter or module names"),
 ])
 def test_bad_options_raise_config_error(options, match):
     with pytest.raises(ConfigError, match=match):
@@ -496,11 +534,80 @@ def test_bind_resolves_names_and_suggests_close_ones():
     model = _tiny_model()
     ddp_like = nn.Module()
     ddp_like.module = model                                          # DDP's "module." prefix is dropped
-    state = TernGradState.for_model(ddp_like, full_precision_params=("0",), full_precision_last=True)
+    state = TernGradState.for_model(ddp_like, exclude=("0",), full_precision_last=True)
     assert state.full_precision_names() == ("0.bias", "0.weight", "4.bias", "4.weight")
     assert state._in_full_precision(model[0].weight) and not state._in_full_precision(model[2].weight)
-    with pytest.raises(ConfigError, match=r"'fc2' names no parameter.*did you mean 'fc1'"):
-        TernGradState.for_model(nn.Sequential(OrderedDict(fc1=nn.Linear(2, 2))), full_precision_params=("fc2",))
+    with pytest.raises(ConfigError, match=r"exclude pattern 'fc2' matches no layer; did you mean 'fc1'"):
+        TernGradState.for_model(nn.Sequential(OrderedDict(fc1=nn.Linear(2, 2))), exclude=("fc2",))
+
+
+def _named_model() -> nn.Module:
+    """layer1 and layer2 (each conv1, conv2), fc: names for include/exclude patterns."""
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(layer1=_block(), layer2=_block(), fc=nn.Linear(2, 3)))
+
+
+def _block() -> nn.Module:
+    return nn.Sequential(OrderedDict(conv1=nn.Conv2d(2, 2, 3), conv2=nn.Conv2d(2, 2, 1)))
+
+
+def test_exclude_glob_may_name_modules_or_parameters():
+    model = _named_model()
+    by_module = TernGradState.for_model(model, exclude=("*.conv2",))      # a module: all its parameters
+    assert by_module.full_precision_names() == ("layer1.conv2.bias", "layer1.conv2.weight",
+                                                "layer2.conv2.bias", "layer2.conv2.weight")
+    by_param = TernGradState.for_model(model, exclude=("layer2.*.weight", "fc"))
+    assert by_param.full_precision_names() == ("fc.bias", "fc.weight", "layer2.conv1.weight", "layer2.conv2.weight")
+    assert by_param._in_full_precision(model.fc.bias) and not by_param._in_full_precision(model.layer2.conv1.bias)
+
+
+def test_include_ternarizes_only_those_less_exclude_and_last():
+    model = _named_model()
+    state = TernGradState.for_model(model, include=("layer2", "fc"), exclude=("*.bias",), full_precision_last=True)
+    ternarized = sorted(n for n, p in model.named_parameters() if not state._in_full_precision(p))
+    assert ternarized == ["layer2.conv1.weight", "layer2.conv2.weight"]
+    assert TernGradState.for_model(model, include=()).full_precision_names() == tuple(
+        sorted(n for n, _ in model.named_parameters()))
+    with pytest.raises(ConfigError, match="for_model"):
+        TernGradState(include=("fc",))._in_full_precision(model.fc.weight)
+
+
+@pytest.mark.parametrize("keyword, pattern, match", [
+    ("exclude", "layer3", r"exclude pattern 'layer3' matches no layer; did you mean 'layer2' or 'layer1'"),
+    ("exclude", "*.conv3", r"exclude pattern '\*.conv3' matches no layer.*Layers: fc, fc.bias"),
+    ("include", "layer2.conv1.wieght", r"include pattern 'layer2.conv1.wieght'.*did you mean 'layer2.conv1.weight'"),
+])
+def test_pattern_matching_nothing_raises_with_close_matches(keyword, pattern, match):
+    with pytest.raises(ConfigError, match=match):
+        TernGradState.for_model(_named_model(), **{keyword: (pattern,)})
+
+
+def test_full_precision_params_is_deprecated_exclude():
+    model = _named_model()
+    with pytest.warns(DeprecationWarning, match=r"TernGradState\(full_precision_params=...\).*use exclude="):
+        old = TernGradState(full_precision_params=["layer1"])
+    assert old.exclude == ("layer1",) and old == TernGradState(exclude=("layer1",))
+    with pytest.warns(DeprecationWarning, match=r"for_model\(full_precision_params=...\)"):
+        bound = TernGradState.for_model(model, full_precision_params=("layer1",))
+    assert bound.full_precision_names() == TernGradState.for_model(model, exclude=("layer1",)).full_precision_names()
+    with pytest.raises(TypeError, match="both"):
+        TernGradState(full_precision_params=("fc",), exclude=("fc",))
+
+
+def test_version_1_state_dict_with_full_precision_params_loads(tmp_path):
+    model = _tiny_model()
+    state = TernGradState.for_model(model, exclude=("4",), seed=3)
+    state.step = 5
+    saved = state.state_dict()
+    options = {k: v for k, v in saved["options"].items() if k not in ("include", "exclude")}
+    old = {**saved, "version": 1, "options": {**options, "full_precision_params": ("4",)}}
+    save_checkpoint(tmp_path / "old.pt", {"terngrad": old})
+    restored = TernGradState.for_model(model)
+    restored.load_state_dict(load_checkpoint(tmp_path / "old.pt")["terngrad"])
+    assert restored.state_dict() == saved
+    assert restored.full_precision_names() == ("4.bias", "4.weight")
+    with pytest.raises(CheckpointError, match=r"lacks \['options.exclude'\]"):
+        TernGradState().load_state_dict({**old, "options": options})
 
 
 def test_single_element_layers_stay_exact_under_clipping():
@@ -511,14 +618,14 @@ def test_single_element_layers_stay_exact_under_clipping():
 def test_state_dict_round_trip(tmp_path):
     model = _tiny_model()
     state = TernGradState.for_model(model, scheme="2bit", clip_sigma=None, seed=5, min_numel=10,
-                                    full_precision_params=("4",), warmup_steps=3, reduce="allreduce")
+                                    exclude=("4",), warmup_steps=3, reduce="allreduce")
     state.step, state.bytes_sent, state.bytes_received, state.numel_reduced = 7, 100, 100, 999
     save_checkpoint(tmp_path / "ckpt.pt", {"terngrad": state.state_dict()})       # weights-only loadable
     saved = load_checkpoint(tmp_path / "ckpt.pt")["terngrad"]
     assert "process_group" not in saved["options"]
     restored = TernGradState.for_model(model)
     restored.load_state_dict(saved)
-    for name in hooks._OPTIONS + hooks._COUNTERS:
+    for name in _OPTIONS + _COUNTERS:
         assert getattr(restored, name) == getattr(state, name), name
     assert restored.full_precision_names() == ("4.bias", "4.weight")
 
@@ -534,5 +641,5 @@ def test_load_state_dict_rejects_damaged_or_newer():
 
 
 def test_stream_seeds_differ_by_rank_step_and_bucket():
-    seeds = {hooks._stream_seed(0, r, k, b) for r in range(4) for k in range(4) for b in range(4)}
+    seeds = {_stream_seed(0, r, k, b) for r in range(4) for k in range(4) for b in range(4)}
     assert len(seeds) == 64 and all(0 <= s < 2**63 for s in seeds)

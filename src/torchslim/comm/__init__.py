@@ -1,6 +1,7 @@
-"""Gradient compression for distributed training: the TernGrad codec and its DDP communication hook."""
+"""Gradient compression for distributed training: the TernGrad codec, its DDP communication hook and its state."""
 
-from torchslim.comm.hooks import TernGradState, fp16_compress_hook, terngrad_hook
+from torchslim.comm.hooks import fp16_compress_hook, terngrad_hook
+from torchslim.comm.state import TernGradState
 from torchslim.comm.ternary import SCHEMES, pack, packed_numel, scaler, ternarize, unpack, unpack_sum
 
 __all__ = [

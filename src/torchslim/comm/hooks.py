@@ -23,248 +23,34 @@ Layers kept in full precision (small ones, chosen ones, the last layer) are aver
 all-reduce per bucket, as are whole buckets during warm-up and buckets holding a non-finite gradient
 (so an AMP ``GradScaler`` still sees the inf/NaN and skips the step).
 
+The hook's options and counters are a :class:`~torchslim.comm.state.TernGradState`, re-exported here.
 Baselines for benchmarks: no hook (fp32 all-reduce) and PyTorch's own :func:`fp16_compress_hook`,
-re-exported here.
+re-exported here too.
 """
 
 # No ``from __future__ import annotations``: DDP's register_comm_hook compares the hook's annotations
 # with the objects ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``, not strings.
-import difflib
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
-from torchslim.comm.ternary import SCHEMES, pack, packed_numel, scaler, ternarize, unpack, unpack_sum
-from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
+from torchslim.comm.state import _SUM_DTYPES, TernGradState, _clip
+from torchslim.comm.ternary import pack, scaler, ternarize, unpack, unpack_sum
+from torchslim.errors import TorchSlimError
 
 __all__ = ["TernGradState", "fp16_compress_hook", "terngrad_hook"]
 
 logger = logging.getLogger(__name__)
 
-Scheme = Literal["base3", "2bit"]
-Reduce = Literal["auto", "allgather", "allreduce", "twophase"]
-SumDtype = Literal["int8", "int32"]
-Collective = Literal["allgather", "allreduce", "twophase"]
-
-_REDUCES = ("auto", "allgather", "allreduce", "twophase")
-_SUM_DTYPES = {"int8": torch.int8, "int32": torch.int32}       # NCCL has no int16 SUM
-_SUM_LIMITS = {"int8": 127, "int32": 2**31 - 1}                 # |Σ_i t_i| ≤ N must fit
-_OPTIONS = (
-    "scheme", "clip_sigma", "seed", "min_numel", "full_precision_last", "full_precision_params",
-    "warmup_steps", "reduce", "sum_dtype",
-)
-_COUNTERS = ("step", "bytes_sent", "bytes_received", "numel_reduced")
-_STATE_VERSION = 1
-_MASK64 = (1 << 64) - 1
 _SHARD_ALIGN = 20   # twophase shards hold a multiple of 4 and 5 codes: whole bytes in both schemes
-_DDP_PREFIX = "module."
 # recent torch calls it all_gather_single and deprecates all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-@dataclass
-class TernGradState:
-    """Options and running counters of :func:`terngrad_hook`; checkpointed without the process group.
-
-    Byte counters follow the bandwidth-optimal ring algorithms of compression_anchors §8, as payload
-    arithmetic (not measured): an all-reduce of ``B`` bytes sends and receives ``⌊2(N-1)·B/N⌋`` bytes per
-    worker, an all-gather of ``B`` bytes per worker sends and receives ``(N-1)·B``. So ``bytes_sent ==
-    bytes_received``; the scaler all-reduce (4 bytes per layer + 4) is included. ``8 · bytes_sent /
-    numel_reduced`` is the wire cost in bits per gradient element.
-
-    Tuning guide (the paper's settings first):
-
-    - ``clip_sigma=2.5`` held for every model in the paper; without clipping one outlier sets ``s``
-      and most codes become 0 (AlexNet lost 3 points top-1 without it).
-    - ``full_precision_last=True`` as the paper's ImageNet runs (build with :meth:`for_model`);
-      ``min_numel`` = the original's ``size_to_binarize`` (its AlexNet scripts: 9217, i.e. biases stay fp).
-    - ``warmup_steps``: plain fp averaging for the first K steps (not in the paper; PowerSGD's hook has
-      the same knob, ``start_powerSGD_iter``); the paper trained with TernGrad from step 0.
-    - ``scheme="base3"`` sends 1.6 bits per element, ``"2bit"`` 2 bits with a cheaper pack; ``reduce="auto"``
-      switches from all-gather to the integer all-reduce near 10 workers (int8) as the volume rule says.
-    - ``reduce="twophase"`` sends the fewest bytes from 3 workers on (2.4 bits per element at N = 4,
-      ~3.2 at large N) but rounds twice; "auto" never picks it, as it changes the result, not just the cost.
-
-    Example:
-        >>> state = TernGradState(scheme="2bit", warmup_steps=10)
-        >>> state.collective_for(numel=1_000_000, world_size=4)     # 4·250,000 ≤ 2·1,000,000 bytes
-        'allgather'
-        >>> state.collective_for(numel=1_000_000, world_size=16)
-        'allreduce'
-    """
-
-    # --- what the user tunes ------------------------------------------------------------------------
-    process_group: dist.ProcessGroup | None = None  # None: the default group. Never saved.
-    scheme: Scheme = "base3"            # all-gather packing: 5 codes/byte (1.6 bits) or 4 codes/byte (2 bits)
-    clip_sigma: float | None = 2.5      # s = min(max|g|, c·σ); the paper's c = 2.5. None or inf: s = max|g|
-    seed: int = 0                       # rank r, step k, bucket b draw from a generator seeded by (seed, r, k, b)
-    min_numel: int = 1                  # size_to_binarize: layers with fewer elements are averaged in fp.
-    #                                     With clipping, 1-element layers always are (σ = 0 would zero them).
-    full_precision_last: bool = False   # keep the last layer (logits) in fp, as the original's default
-    #                                     quantize_logits=False did; needs bind(model)
-    full_precision_params: tuple[str, ...] = ()  # parameter or module names kept in fp; needs bind(model)
-    warmup_steps: int = 0               # the first K iterations average plain fp gradients
-    reduce: Reduce = "auto"             # the codes' collective; "auto" picks the fewer bytes (collective_for)
-    sum_dtype: SumDtype = "int8"        # integer width of the SUM all-reduce: int8 holds N ≤ 127 workers
-    # --- what the run accumulates -------------------------------------------------------------------
-    step: int = field(default=0, init=False)            # iterations done; advanced on bucket.is_last()
-    bytes_sent: int = field(default=0, init=False)      # by this worker, ring model (see above)
-    bytes_received: int = field(default=0, init=False)
-    numel_reduced: int = field(default=0, init=False)   # gradient elements averaged, all buckets
-    _param_names: dict[int, str] | None = field(default=None, init=False, repr=False)  # id(param) → name
-    _last_layer: tuple[str, ...] = field(default=(), init=False, repr=False)          # names, from bind()
-    _keep_ids: frozenset[int] = field(default=frozenset(), init=False, repr=False)   # fp params, resolved
-    _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, init=False, repr=False)
-    _logged: set[int] = field(default_factory=set, init=False, repr=False)          # bucket indices logged
-
-    def __post_init__(self) -> None:
-        if isinstance(self.full_precision_params, str):
-            raise ConfigError(
-                f"full_precision_params must be a sequence of names, got the string "
-                f"{self.full_precision_params!r}; write ({self.full_precision_params!r},)"
-            )
-        self.full_precision_params = tuple(self.full_precision_params)
-        _validate_options(self)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, **options: Any) -> "TernGradState":
-        """``TernGradState(**options).bind(model)``: a state that can name ``model``'s parameters.
-
-        Example:
-            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-            >>> TernGradState.for_model(model, full_precision_last=True).full_precision_names()
-            ('2.bias', '2.weight')
-        """
-        return cls(**options).bind(model)
-
-    def bind(self, model: nn.Module) -> "TernGradState":
-        """Resolve ``full_precision_params`` and ``full_precision_last`` on ``model``; returns ``self``.
-
-        ``model`` is the module DDP wraps, or the DDP wrapper (its ``module.`` prefix is dropped).
-        The last layer is the last module, in ``model.modules()`` (registration) order, that owns
-        parameters itself: ``fc2`` in LeNet, the final ``Linear`` of a ``Sequential``. Where the output
-        layer is registered earlier, name it in ``full_precision_params`` instead.
-
-        Raises:
-            ConfigError: a name in ``full_precision_params`` matches no parameter or module
-                (the message suggests close matches).
-        """
-        self._param_names = {id(p): _strip_ddp(name) for name, p in model.named_parameters()}
-        owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
-        last = {id(p) for p in owners[-1].parameters(recurse=False)} if owners else set()
-        self._last_layer = tuple(sorted(self._param_names[i] for i in last))
-        self._resolve()
-        logger.info("TernGrad keeps in full precision: %s", ", ".join(self.full_precision_names()) or "nothing")
-        return self
-
-    def full_precision_names(self) -> tuple[str, ...]:
-        """Sorted names of the parameters kept in full precision by name (not by ``min_numel``)."""
-        names = self._param_names or {}
-        return tuple(sorted(names[i] for i in self._keep_ids))
-
-    def collective_for(self, numel: int, world_size: int) -> Collective:
-        """The collective that carries ``numel`` codes among ``world_size`` workers.
-
-        Rule (ring algorithms, compression_anchors §8): an all-gather of ``P = packed_numel(numel)``
-        bytes moves ``(N-1)·P`` bytes per worker; a SUM all-reduce of ``w``-byte integers moves
-        ``2(N-1)/N · numel · w``. ``reduce="auto"`` picks the all-gather iff ``N·P ≤ 2·numel·w``:
-        with int8 sums up to N = 10 workers for "base3" and N = 8 for "2bit"; with int32 up to 40 and 32.
-        ``reduce="twophase"`` moves ``2(N-1)/N · P``, as few as the all-gather at N = 2 but with a second
-        rounding, so two workers use the all-gather instead.
-
-        Raises:
-            ConfigError: the all-reduce is chosen but ``world_size`` exceeds what ``sum_dtype`` holds
-                (``|Σ_i t_i| ≤ N``: 127 for int8).
-        """
-        if self.reduce == "allgather" or (self.reduce == "twophase" and world_size <= 2):
-            return "allgather"
-        if self.reduce == "twophase":
-            return "twophase"
-        width = _SUM_DTYPES[self.sum_dtype].itemsize
-        if self.reduce == "auto" and world_size * packed_numel(numel, self.scheme) <= 2 * numel * width:
-            return "allgather"
-        limit = _SUM_LIMITS[self.sum_dtype]
-        if world_size > limit:
-            raise ConfigError(
-                f"{world_size} workers overflow {self.sum_dtype} sums of ternary codes (|sum| <= world size, at "
-                f"most {limit} for {self.sum_dtype}); set sum_dtype='int32' or reduce='allgather'"
-            )
-        return "allreduce"
-
-    def state_dict(self) -> dict[str, Any]:
-        """Options and counters, without the process group, for :func:`torchslim.train.checkpoint.save_checkpoint`."""
-        options = {name: getattr(self, name) for name in _OPTIONS}
-        return {"version": _STATE_VERSION, "options": options, **{name: getattr(self, name) for name in _COUNTERS}}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the process group and the model binding stay.
-
-        Raises:
-            CheckpointError: a newer version, or missing entries.
-            ConfigError: saved options this version rejects, or names the bound model lacks.
-        """
-        version = state_dict.get("version")
-        if not isinstance(version, int) or version > _STATE_VERSION:
-            raise CheckpointError(
-                f"TernGradState version {version!r} is newer than {_STATE_VERSION}; upgrade torchslim"
-            )
-        missing = [k for k in ("options", *_COUNTERS) if k not in state_dict]
-        missing += [f"options.{k}" for k in _OPTIONS if k not in state_dict.get("options", {})]
-        if missing:
-            raise CheckpointError(f"TernGradState checkpoint lacks {missing}; it is damaged or from another program")
-        checked = TernGradState(**state_dict["options"])                       # validates before we touch self
-        for name in _OPTIONS:
-            setattr(self, name, getattr(checked, name))
-        for name in _COUNTERS:
-            setattr(self, name, int(state_dict[name]))
-        if self._param_names is not None:
-            self._resolve()
-
-    # --- used by the hook ---------------------------------------------------------------------------
-
-    def _resolve(self) -> None:
-        """``_keep_ids`` from the bound names; ConfigError for a name that matches nothing."""
-        names = self._param_names or {}
-        keep = set(self._last_layer) if self.full_precision_last else set()
-        for wanted in self.full_precision_params:
-            hits = {n for n in names.values() if n == wanted or n.startswith(wanted + ".")}
-            if not hits:
-                raise ConfigError(_unknown_name(wanted, names.values()))
-            keep |= hits
-        self._keep_ids = frozenset(i for i, n in names.items() if n in keep)
-
-    def _in_full_precision(self, param: Tensor) -> bool:
-        if param.numel() < self.min_numel or (param.numel() == 1 and _clip(self) is not None):
-            return True
-        if self._param_names is None:
-            if self.full_precision_last or self.full_precision_params:
-                raise ConfigError(
-                    "full_precision_last/full_precision_params need the model's parameter names: build the "
-                    "state with TernGradState.for_model(model, ...) or call state.bind(model) before training"
-                )
-            return False
-        if id(param) not in self._param_names:
-            raise ConfigError("a DDP bucket holds a parameter of a model this TernGradState was not bound to; "
-                              "bind() the module that DDP wraps")
-        return id(param) in self._keep_ids
-
-    def _generator(self, device: torch.device, rank: int, step: int, bucket_index: int) -> torch.Generator:
-        """This worker's stream for one bucket of one step, independent of torch's global RNG."""
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-        return gen.manual_seed(_stream_seed(self.seed, rank, step, bucket_index))
-
-    def _count(self, nbytes: int) -> None:
-        self.bytes_sent += nbytes
-        self.bytes_received += nbytes
 
 
 @dataclass(frozen=True)
@@ -476,43 +262,6 @@ def _return(tensor: Tensor, fut: torch.futures.Future) -> Tensor:
     return tensor
 
 
-def _validate_options(state: TernGradState) -> None:
-    """ConfigError for an option no run could use, saying why and what to pass instead."""
-    if state.scheme not in SCHEMES:
-        raise ConfigError(f"unknown scheme {state.scheme!r}; use 'base3' (5 codes per byte, 1.6 bits) or "
-                          "'2bit' (4 codes per byte)")
-    if state.reduce not in _REDUCES:
-        raise ConfigError(f"unknown reduce {state.reduce!r}; use 'auto' (fewer bytes), 'allgather', 'allreduce' "
-                          "or 'twophase'")
-    if state.sum_dtype not in _SUM_DTYPES:
-        raise ConfigError(f"unknown sum_dtype {state.sum_dtype!r}; use 'int8' (up to 127 workers) or 'int32'")
-    if state.clip_sigma is not None and not (isinstance(state.clip_sigma, (int, float)) and state.clip_sigma > 0):
-        raise ConfigError(f"clip_sigma must be > 0, got {state.clip_sigma!r}; use None or math.inf to disable clipping")
-    for name in ("seed", "min_numel", "warmup_steps"):
-        value = getattr(state, name)
-        if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 0):
-            raise ConfigError(f"{name} must be an integer{'' if name == 'seed' else ' >= 0'}, got {value!r}")
-    if not all(isinstance(name, str) for name in state.full_precision_params):
-        raise ConfigError(f"full_precision_params must hold parameter or module names (str), "
-                          f"got {state.full_precision_params!r}")
-
-
-def _clip(state: TernGradState) -> float | None:
-    c = state.clip_sigma
-    return None if c is None or math.isinf(c) else float(c)
-
-
-def _strip_ddp(name: str) -> str:
-    return name[len(_DDP_PREFIX):] if name.startswith(_DDP_PREFIX) else name
-
-
-def _unknown_name(wanted: str, names) -> str:
-    prefixes = sorted({n.rsplit(".", 1)[0] for n in names} | set(names))
-    close = difflib.get_close_matches(wanted, prefixes, n=3)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return f"full_precision_params: {wanted!r} names no parameter or module of the bound model{hint}"
-
-
 def _log_once(state: TernGradState, index: int, numel: int, world: int, collective: str) -> None:
     if index not in state._logged:
         state._logged.add(index)
@@ -528,18 +277,3 @@ def _ring_allreduce_bytes(nbytes: int, world: int) -> int:
 def _ring_allgather_bytes(nbytes: int, world: int) -> int:
     """Bytes one worker sends (and receives) in a ring all-gather of ``nbytes`` per worker: ``(N-1)·B``."""
     return (world - 1) * nbytes
-
-
-def _stream_seed(seed: int, rank: int, step: int, bucket_index: int) -> int:
-    """A 63-bit seed mixing ``(seed, rank, step, bucket)`` with splitmix64: distinct streams per worker."""
-    h = 0
-    for value in (seed, rank, step, bucket_index):
-        h = _splitmix64(h ^ (value & _MASK64))
-    return h >> 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)

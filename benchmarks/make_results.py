@@ -31,7 +31,8 @@ from _report import (
     table,
 )
 from terngrad_report import terngrad_sections
-from wen_report import iss_alternatives_section, iss_lm_section, lowrank_sections, rank_table_section, readme_rows
+from wen_report import (iss_alternatives_section, iss_lm_overview, iss_lm_section, lowrank_sections, rank_table_section,
+                        readme_rows)
 from zoo_report import exactness_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
@@ -232,9 +233,10 @@ def main() -> None:
         out += ssl_section(rowlstm, "ISS on a 2-layer LSTM, sequential Fashion-MNIST (hidden units)")
     if (depth := _load("ssl_resnet20_depth")) is not None:
         out += ssl_section(depth, "Depth-wise SSL on ResNet-20, Fashion-MNIST (residual branches)")
-    for name in LM_RECIPES:
-        if (lm := _load_lm(name)) is not None:
-            out += iss_lm_section(lm)
+    lms = [lm for name in LM_RECIPES if (lm := _load_lm(name)) is not None]
+    out += iss_lm_overview(lms)
+    for lm in lms:
+        out += iss_lm_section(lm)
     if (alt := _load("iss_alternatives", ISSAlternatives)) is not None:
         out += iss_alternatives_section(alt)
     out += lowrank_sections(_load("ssl_lenet_lowrank"), _load("ssl_lenet_force_lowrank"), lenet,

@@ -10,7 +10,8 @@ from typing import Any
 
 from _report import machine_line, table
 
-__all__ = ["iss_alternatives_section", "iss_lm_section", "lowrank_sections", "rank_table_section", "readme_rows"]
+__all__ = ["iss_alternatives_section", "iss_lm_overview", "iss_lm_section", "lowrank_sections", "rank_table_section",
+           "readme_rows"]
 
 
 def _ranks(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -256,6 +257,46 @@ def _lm_control(d: dict[str, Any], epochs: int) -> list[str]:
                if gain > 2 else "the baseline is near convergence, and a fair reference for the ISS model")
     return lines + ["", f"The fine-tuning epochs alone take the dense model {gain:.1f}% lower than its "
                         f"{e['baseline']}-epoch baseline: {verdict}."]
+
+
+def _vs(a: float, b: float, what: str) -> str:
+    """Perplexity ``a`` against ``b`` in words (lower is better)."""
+    return f"{abs(a / b - 1) * 100:.1f}% {'below' if a < b else 'above'} {what} ({b:.2f})"
+
+
+def _lm_story(d: dict[str, Any]) -> str:
+    """One run in a sentence: what it tried (from its recipe) and where it landed against its references."""
+    r, p = d["recipe"], d["perplexity"]
+    ref, _, dd = _lm_reference(d)
+    width = r["model"]["kwargs"]["hidden_size"]
+    if _from_scratch(d):
+        how = "learns ISS from scratch (the paper's other protocol) on the controls' schedule"
+    else:
+        how = f"starts ISS from a dense model trained {r['baseline']['epochs']} epochs"
+    how += f", with the size budget `ssl.keep: {r['ssl']['keep']}`" if r["ssl"].get("keep") is not None else ""
+    how += ", and fine-tunes with the dense model as teacher" if _distill(d) else ""
+    found = (f"{', '.join(map(str, d['widths']['compact']))} units at test perplexity {p['finetune']:.2f}, "
+             f"{_vs(p['finetune'], ref, 'the dense model trained as long' if _from_scratch(d) else 'its dense model')}")
+    if dd["perplexity"] == dd["perplexity"]:  # NaN until the direct design is measured
+        found += f" and {_vs(p['finetune'], dd['perplexity'], 'the direct design')}"
+    c = d.get("control")
+    if c and not _from_scratch(d) and c["perplexity"]["finetune"] < 0.98 * ref:
+        found += (f"; but `iss_lm_control.py` shows that {r['baseline']['epochs']}-epoch baseline undertrained: "
+                  f"trained as long without ISS, the dense model reaches {c['perplexity']['finetune']:.2f}")
+        if cd := d.get("control_direct"):
+            found += f" and the direct design {cd['perplexity']['finetune']:.2f}"
+    return f"- `{r['name']}` (2×{width}) {how}: {found}."
+
+
+def iss_lm_overview(runs: list[dict[str, Any]]) -> list[str]:
+    """The word-LM runs in brief, in the order they were made: what each tried and what it found."""
+    if not runs:
+        return []
+    return ["### ISS on a word-level LSTM language model: the runs in brief", "",
+            "ISS (`hidden` groups) on a word LSTM over the King James Bible (`apt-get install bible-kjv`; or "
+            "`data.name: ptb` with `--data-dir` at PTB's three files), `benchmarks/iss_lm.py`; the 2×650 runs take "
+            "hours each on a CPU. The *direct design* trains the ISS model's widths from scratch; each run has its "
+            "own section below.", "", *map(_lm_story, runs), ""]
 
 
 def iss_lm_section(d: dict[str, Any]) -> list[str]:

@@ -30,7 +30,8 @@ from torchslim.regularize.masking import ZeroMask
 from torchslim.structure.groups import Group
 from torchslim.structure.report import SparsityReport, sparsity_report
 from torchslim.structure.tracing import structures
-from torchslim.surgery.compact import VerifyReport, compact, verify
+from torchslim.surgery.compact import compact
+from torchslim.surgery.verify import VerifyReport, verify
 from torchslim.surgery.lowrank import LowRankResult, lowrank
 from torchslim.surgery.magnitude import magnitude_prune
 

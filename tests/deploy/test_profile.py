@@ -117,3 +117,11 @@ def test_machine_info_fields() -> None:
     info = machine_info()
     assert {"cpu", "cores", "torch", "threads"} <= info.keys()
     assert info["torch"] == torch.__version__ and info["threads"] == torch.get_num_threads()
+
+
+def test_the_old_inputs_keyword_warns_and_profiles_the_same() -> None:
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(3, 1, 5, 5)
+    with pytest.warns(DeprecationWarning, match="example_inputs"):
+        old = profile(model, inputs=x, latency=False)
+    assert old == profile(model, example_inputs=x, latency=False) == profile(model, x, latency=False)

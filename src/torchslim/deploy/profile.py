@@ -8,11 +8,12 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from torchslim._deprecate import renamed_kwargs
 from torchslim._inputs import Inputs, as_tuple
 from torchslim.errors import ConfigError, ShapeMismatch
 from torchslim.macs import LayerProfile, MacCounter
@@ -67,9 +68,10 @@ def _check_args(
         raise ConfigError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
 
 
+@renamed_kwargs(inputs="example_inputs")
 def profile(
     model: nn.Module,
-    inputs: Inputs,
+    example_inputs: Inputs,
     *,
     threads: int | None = 1,
     repeats: int = 20,
@@ -77,14 +79,15 @@ def profile(
     latency: bool = True,
     batch_dim: int = 0,
 ) -> Profile:
-    """Count parameters and per-sample MACs of ``model`` on ``inputs`` and time its forward pass.
+    """Count parameters and per-sample MACs of ``model`` on ``example_inputs`` and time its forward pass.
 
     Runs in eval mode under ``torch.inference_mode``; the model's training flags and torch's thread
     count are restored afterwards.
 
     Args:
-        model: any module; called as ``model(*inputs)``.
-        inputs: a tensor ``(B, ...)`` or a sequence of tensors; ``B`` (``batch_dim`` of the first) is the batch.
+        model: any module; called as ``model(*example_inputs)``.
+        example_inputs: a tensor ``(B, ...)`` or a sequence of tensors; ``B`` (``batch_dim`` of the first) is
+            the batch. (``inputs=`` is the deprecated name.)
         threads: intra-op threads during the measurement (``torch.set_num_threads``); ``None`` keeps
             the current setting. One thread gives the most repeatable CPU latencies.
         repeats: timed forward passes; the latency is their median.
@@ -97,7 +100,7 @@ def profile(
         ConfigError: ``threads < 1``, ``repeats < 1`` or ``warmup < 0``.
         ShapeMismatch: no input tensor with a batch dimension.
     """
-    inputs = as_tuple(inputs)
+    inputs = as_tuple(example_inputs)
     _check_args(inputs, threads, repeats, warmup, batch_dim)
     batch_size = int(inputs[0].shape[batch_dim])
     flags = {m: m.training for m in model.modules()}

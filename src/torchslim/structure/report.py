@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from torchslim._inputs import Inputs, as_tuple
 from torchslim.structure.groups import Group, zero_counts
 
 
@@ -123,17 +124,17 @@ def _rnn_layers(name: str, mod: nn.LSTM | nn.GRU, steps: int) -> list[LayerSpars
 
 
 def sparsity_report(
-    model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], groups: Sequence[Group] = ()
+    model: nn.Module, example_inputs: Inputs, groups: Sequence[Group] = ()
 ) -> SparsityReport:
     """Per-layer live filters, channels, shape fibers and multiply-adds of ``model`` (per sample).
 
     Args:
         model: a (sparse) model; every Conv2d and Linear is reported, and every LSTM/GRU layer
             (hidden units with a non-zero gate row as "filters", live input columns as "channels").
-        example_inputs: a batch the model accepts, for output sizes.
+        example_inputs: a tensor or a sequence of tensors the model accepts, for output sizes.
         groups: optional groups to count zero groups per kind.
     """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_tuple(example_inputs)
     positions = _spatial(model, inputs)
     layers = []
     for n, m in model.named_modules():

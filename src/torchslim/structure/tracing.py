@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from torchslim._inputs import Inputs, as_tuple
 from torchslim.errors import ShapeMismatch, UnsupportedOperation
 from torchslim.layers import is_rank_family
 from torchslim.structure.groups import KINDS, SIDES, Family, Group, Stripe, side_families
@@ -156,7 +157,7 @@ class _DependencyGraph:
         self.parent: list[int] = []
         self.count: list[int] = []  # per root: members M of the class; a space of size C has C/M per member
         self.strict = strict
-        # operations whose compact form needs aligned channels: (kind, input channels, sizes); see compaction._tied
+        # ops whose compact form needs aligned channels: (kind, input channels, sizes); see torchslim.surgery.ties
         self.ties: list[tuple[str, _Chan, tuple[int, ...]]] = []
 
     def new(self, size: int, fixed: str | None = None) -> int:
@@ -902,7 +903,7 @@ def layer_families(model: nn.Module, kinds: Sequence[str]) -> list[Family]:
 
 def structures(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Inputs,
     kinds: Sequence[str] = ("channel", "neuron"),
     *,
     strict: bool = False,
@@ -912,7 +913,7 @@ def structures(
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace.
-        example_inputs: a tensor or tuple of tensors the model accepts, e.g. ``(B, 1, 28, 28)``.
+        example_inputs: a tensor or a sequence of tensors the model accepts, e.g. ``(B, 1, 28, 28)``.
         kinds: any of ``"channel"`` (a conv output channel coupled with its bias, BatchNorm entries
             and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
             ``"filter"`` (``W[n]``), ``"in_channel"`` (``W[:, c]``), ``"shape"`` (``W[:, c, i, j]``) and
@@ -934,7 +935,7 @@ def structures(
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
     if {"channel", "neuron", "depth", "hidden", "rank", *SIDES} & set(kinds) or strict:
-        graph, gm = channel_graph(model, example_inputs, strict=strict, leaf_modules=leaf_modules)
+        graph, gm = channel_graph(model, as_tuple(example_inputs), strict=strict, leaf_modules=leaf_modules)
         coupled = coupled_families(model, graph)
         families += [f for f in coupled if f.kind in kinds] + side_families(coupled, kinds)
         if "depth" in kinds:

@@ -5,58 +5,25 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from torchslim._inputs import as_tuple, first_inputs, outputs
-from torchslim.errors import ConfigError, ShapeMismatch, VerificationError
+from torchslim._inputs import Inputs, as_tuple, first_inputs
+from torchslim.errors import ConfigError, VerificationError
 from torchslim.layers import LoweredConv2d
 from torchslim.structure.depth import remove_branches, residual_branches
 from torchslim.structure.groups import Family
-from torchslim.structure.tracing import _Chan, _DependencyGraph, channel_graph, coupled_families
+from torchslim.structure.tracing import _DependencyGraph, channel_graph, coupled_families
+from torchslim.surgery.ties import Plan, keep_for_ties
+from torchslim.surgery.verify import VerifyReport, verify
+
+__all__ = ["Shapes", "VerifyReport", "compact", "verify"]  # verify lives in surgery.verify; re-exported here
 
 log = logging.getLogger(__name__)
 
 Shapes = Literal["off", "crop", "lowered", "auto"]
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """How far two models' outputs are apart on the same inputs (eval mode)."""
-
-    max_abs_diff: float
-    scale: float  # max |output| of the reference model
-    tolerance: float
-    ok: bool
-
-    def __str__(self) -> str:
-        verdict = "equal" if self.ok else "DIFFERENT"
-        return (f"{verdict}: max |a - b| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, "
-                f"tolerance {self.tolerance:.3g})")
-
-
-def verify(a: nn.Module, b: nn.Module, inputs: Tensor | Sequence[Tensor], *, atol: float = 1e-5) -> VerifyReport:
-    """Compare ``a(*inputs)`` with ``b(*inputs)`` in eval mode.
-
-    ``ok`` when ``max |a − b| ≤ atol · max(1, max |a|)``: absolute for outputs within ±1, relative to
-    the output's scale beyond (float sums of fewer terms round differently).
-
-    Raises:
-        ShapeMismatch: the models' outputs differ in number or shape.
-    """
-    inputs = as_tuple(inputs)
-    ya, yb = outputs(a, inputs), outputs(b, inputs)
-    if len(ya) != len(yb) or any(p.shape != q.shape for p, q in zip(ya, yb)):
-        raise ShapeMismatch(
-            f"outputs differ in shape: {[tuple(t.shape) for t in ya]} vs {[tuple(t.shape) for t in yb]}"
-        )
-    diff = max((float((p.float() - q.float()).abs().max()) for p, q in zip(ya, yb) if p.numel()), default=0.0)
-    scale = max((float(p.float().abs().max()) for p in ya if p.numel()), default=0.0)
-    tol = atol * max(1.0, scale)
-    return VerifyReport(diff, scale, tol, diff <= tol)
 
 
 # -- channel removal ---------------------------------------------------------------------------
@@ -113,7 +80,7 @@ def _set(model: nn.Module, name: str, value: Tensor, holders: dict[int, list[tup
             mod._buffers[key] = new
 
 
-def _uniform(plan: list[tuple[Family, Tensor]]) -> list[tuple[Family, Tensor]]:
+def _uniform(plan: Plan) -> Plan:
     """One hidden size per nn.LSTM/GRU: its layers all keep the largest count, padded with the strongest."""
     need: dict[str, int] = {}
     for fam, keep in plan:
@@ -123,132 +90,7 @@ def _uniform(plan: list[tuple[Family, Tensor]]) -> list[tuple[Family, Tensor]]:
             for fam, keep in plan]
 
 
-def _entries(chan: _Chan, size: int, base: Tensor, per: Tensor, always: int) -> Tensor:
-    """For each of ``size`` entries of ``chan``'s dimension, its slot in the flat live vector (see :func:`_tied`)."""
-    slot = torch.full((size,), always, dtype=torch.long)
-    for seg in chan.segs:
-        k = torch.arange(seg.lo, seg.hi)
-        rows = (seg.offset + (k - seg.lo) * seg.stride)[:, None] + torch.arange(seg.width)
-        slot[rows.flatten()] = (base[seg.space] + k // per[seg.space]).repeat_interleave(seg.width)
-    return slot
-
-
-def _wanted(kind: str, alive: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """The entries a tie needs kept, given the ``alive`` ones (a superset of them)."""
-    if kind == "groups":   # view(a, b) with a constant: every group keeps the same entries j
-        a, b = sizes
-        return alive.view(a, b).any(0).repeat(a)
-    if kind == "blocks":   # view(a, b) with b constant: whole groups go
-        a, b = sizes
-        return alive.view(a, b).any(1).repeat_interleave(b)
-    # chunk(n) of C' entries: ceil(C'/n) in each piece, the rest (at least one) in the last
-    pieces = list(alive.split(list(sizes)))
-    counts = [int(p.sum()) for p in pieces]
-    c = max(max(counts), 1)
-    want = []
-    for i, p in enumerate(pieces):
-        need = c if i < len(pieces) - 1 else max(counts[-1], c - len(pieces) + 1, 1)
-        p = p.clone()
-        p[torch.nonzero(~p).flatten()[:max(0, need - int(p.sum()))]] = True
-        want.append(p)
-    return torch.cat(want)
-
-
-def _tied(graph: _DependencyGraph, plan: list[tuple[Family, Tensor]],
-          roots: list[int]) -> tuple[list[tuple[Family, Tensor]], dict[Family, Tensor]]:
-    """Keep more members where a channel shuffle or a ``chunk`` needs them to stay exact.
-
-    The compact model runs the same code on fewer channels: a shuffle's ``view(B, g, C'/g, ...)``
-    interleaves its groups' channels correctly only if every group keeps the same positions, and
-    ``chunk(n)`` cuts ``ceil(C'/n)`` channels per piece. Keeping a removable member as it is changes
-    nothing, so members are added (vectorized over each tie's entries) until every tie holds;
-    entries of fixed spaces are always kept. Before that, a shuffle group that is one family seen in
-    no earlier tie (a branch's fresh output) is *relabeled*: renumbering a family's members in all
-    its stripes changes nothing either, so its kept members are moved onto the positions the other
-    groups keep and only the counts must agree. Returns the plan (in the new labels) and
-    ``{family: perm}``: member ``k`` becomes member ``perm[k]`` (see :func:`_relabel`).
-    """
-    if not graph.ties:
-        return plan, {}
-    classes = graph.classes()
-    starts = torch.tensor([0] + [fam.size for fam, _ in plan]).cumsum(0).tolist()
-    live = torch.zeros(starts[-1] + 1, dtype=torch.bool)
-    live[-1] = True  # the slot of every entry outside a family
-    base = torch.full((len(graph.spaces),), starts[-1], dtype=torch.long)
-    per = torch.full((len(graph.spaces),), 2 ** 62, dtype=torch.long)  # outside a family: every member -> its slot
-    for (fam, keep), root, at in zip(plan, roots, starts):
-        live[at + keep] = True
-        for sid in classes[root]:
-            base[sid], per[sid] = at, graph.spaces[sid].size // graph.count[root]
-    ties = [(kind, _entries(chan, sum(sizes) if kind == "chunk" else sizes[0] * sizes[1], base, per, starts[-1]),
-             sizes) for kind, chan, sizes in graph.ties]
-    owner = torch.bucketize(torch.arange(starts[-1] + 1), torch.tensor(starts[1:]), right=True)  # slot -> family
-    seen = torch.zeros(len(plan) + 1, dtype=torch.bool)
-    perms: dict[Family, Tensor] = {}
-    for kind, slot, sizes in ties:  # in graph order: a family not seen yet can still be relabeled
-        if kind != "groups" or not _align(plan, starts, live, owner, seen, slot, sizes, perms):
-            live[slot[_wanted(kind, live[slot], sizes)]] = True
-        seen[owner[slot]] = True
-    changed = True
-    while changed:
-        changed = False
-        for kind, slot, sizes in ties:
-            alive = live[slot]
-            want = _wanted(kind, alive, sizes)
-            if bool((want & ~alive).any()):
-                live[slot[want]] = True
-                changed = True
-    return [(fam, torch.nonzero(live[at:at + fam.size]).flatten()) for (fam, _), at in zip(plan, starts)], perms
-
-
-def _align(plan: list[tuple[Family, Tensor]], starts: list[int], live: Tensor, owner: Tensor, seen: Tensor,
-           slot: Tensor, sizes: tuple[int, ...], perms: dict[Family, Tensor]) -> bool:
-    """Relabel the shuffle groups that are exactly one unseen family each, so they keep what the others keep.
-
-    Returns False (nothing done) where no group is such a family.
-    """
-    a, b = sizes
-    parts = slot.view(a, b)
-    everywhere = owner[slot]
-    free = [j for j in range(a) if (f := int(owner[parts[j, 0]])) < len(plan) and not seen[f]
-            and plan[f][0].size == b and torch.equal(parts[j], starts[f] + torch.arange(b))
-            and int((everywhere == f).sum()) == b]
-    if not free or a < 2:
-        return False
-    fixed = [j for j in range(a) if j not in free] or [free.pop(0)]  # all fresh: the first is the reference
-    want = live[parts[fixed]].any(0)                  # positions the other groups keep
-    for j in free:
-        fam = plan[int(owner[parts[j, 0]])][0]
-        mine = live[parts[j]].clone()                 # members of fam that must stay, in its old labels
-        strength = fam.row_sq().detach().cpu()
-        cuts = sorted({0, b, *(st.lo for st in fam.stripes), *(st.hi for st in fam.stripes if st.hi is not None)})
-        perm = torch.arange(b)
-        for c0, c1 in zip(cuts, cuts[1:]):            # a stripe's members [lo, hi) must stay in place
-            w, m = want[c0:c1], mine[c0:c1]           # views: filled in place
-            extra = int(m.sum()) - int(w.sum())
-            if extra > 0:                             # the other groups keep more of their positions
-                w[torch.nonzero(~w).flatten()[:extra]] = True
-            elif extra < 0:                           # fam keeps its strongest removable members too
-                m[strength[c0:c1].masked_fill(m, -1.0).topk(-extra).indices] = True
-            perm[c0 + torch.cat([torch.nonzero(m).flatten(), torch.nonzero(~m).flatten()])] = \
-                c0 + torch.cat([torch.nonzero(w).flatten(), torch.nonzero(~w).flatten()])
-        perms[fam] = perm
-        live[parts[j]] = False                        # its live members are now those at `want`
-    live[parts[:, want]] = True                       # every group keeps the same positions
-    return True
-
-
-def _relabel(model: nn.Module, fam: Family, perm: Tensor) -> None:
-    """Renumber ``fam``'s members (member ``k`` becomes ``perm[k]``) in every stripe: the function stays."""
-    with torch.no_grad():
-        for s in fam.stripes:
-            k = torch.arange(s.lo, fam.size if s.hi is None else s.hi)
-            t = _get(model, s.param)
-            src, dst = s.member_rows(k)[0].to(t.device), s.member_rows(perm[k])[0].to(t.device)
-            t.index_copy_(s.dim, dst, t.index_select(s.dim, src))
-
-
-def _cut(model: nn.Module, plan: list[tuple[Family, Tensor]]) -> None:
+def _cut(model: nn.Module, plan: Plan) -> None:
     """Drop the rows of every member not kept, all families at once.
 
     Several families can share a tensor (a BatchNorm after ``cat``, a consumer of two chunks), so rows
@@ -300,9 +142,9 @@ def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int 
         graph, _ = channel_graph(model, inputs)
     roots: list[int] = []
     plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph, roots)])
-    plan, perms = _tied(graph, plan, roots)
-    for fam, perm in perms.items():
-        _relabel(model, fam, perm)
+    plan, renumberings = keep_for_ties(graph, plan, roots)
+    for renumbering in renumberings:
+        renumbering.apply_()
     plan = [(fam, keep) for fam, keep in plan if len(keep) < fam.size]
     grouped = {m: m.out_channels // m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
     _cut(model, plan)
@@ -384,7 +226,7 @@ def shrink_kernels(model: nn.Module, inputs: tuple[Tensor, ...], shapes: Shapes)
 
 def compact(
     model: nn.Module,
-    example_inputs: Tensor | Sequence[Tensor],
+    example_inputs: Inputs,
     *,
     shapes: Shapes = "crop",
     channel_multiple: int = 1,

@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from torchslim._inputs import Inputs, as_tuple
 from torchslim.errors import ConfigError
 from torchslim.macs import count_macs
 from torchslim.structure.groups import Family, Group, families_of
@@ -33,7 +34,7 @@ _EPS = 1e-9  # ⌊amount·n⌋ for amount = j/n must give j despite float roundi
 
 def magnitude_prune(
     model: nn.Module,
-    example_inputs: Tensor | tuple[Tensor, ...],
+    example_inputs: Inputs,
     amount: float | None = None,
     *,
     target_macs: float | None = None,
@@ -54,7 +55,8 @@ def magnitude_prune(
 
     Args:
         model: a trained dense model; it is not changed.
-        example_inputs: a batch the model accepts, e.g. ``(B, 1, 28, 28)``; MACs are per sample.
+        example_inputs: a tensor or a sequence of tensors the model accepts, e.g. ``(B, 1, 28, 28)``;
+            MACs are per sample.
         amount: the fraction of groups to remove, in ``[0, 1)``.
         target_macs: instead of ``amount``: the least pruning (the smallest ``amount``, found by
             bisection over the steps at which one more group goes) whose compact model has at most
@@ -76,7 +78,7 @@ def magnitude_prune(
         7
     """
     _check_args(amount, target_macs, kinds, scope)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_tuple(example_inputs)
     groups = structures(model, inputs, kinds=tuple(kinds))
     if not groups:
         raise ConfigError(

@@ -36,7 +36,7 @@ from torch import nn
 
 from torchslim import compact, structures
 from torchslim.regularize.lasso import L1, GroupLasso
-from torchslim.train.engine import build_model, lr_at
+from torchslim.train.engine import Regularizers, build_model, lr_at
 from torchslim.train.recipes import load_recipe
 from torchslim.train.tasks import load_task
 
@@ -52,7 +52,7 @@ def _train(task: Any, model: nn.Module, spec: Any, seed: int, reg: Any = None) -
     optimizer, steps, accs = _sgd(model, spec), task.steps_per_epoch(), []
     for epoch in range(spec.epochs):
         task.train_epoch(model, optimizer, lr=lambda i, e=epoch: lr_at(spec, e * steps + i, spec.epochs * steps),
-                         seed=seed + epoch, lasso=reg, mask=None, grad_clip=spec.grad_clip, force=None,
+                         seed=seed + epoch, regularizers=Regularizers(lasso=reg, grad_clip=spec.grad_clip),
                          desc=f"epoch {epoch + 1}", progress=False)
         accs.append(task.evaluate(model, "test")[1])
     return accs

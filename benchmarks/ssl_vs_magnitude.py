@@ -29,7 +29,7 @@ from torch import nn
 from torchslim import magnitude_prune
 from torchslim.deploy.profile import profile
 from torchslim.deploy.serialize import load_compact
-from torchslim.train.engine import PHASES, load_phase_model, lr_at
+from torchslim.train.engine import PHASES, Regularizers, load_phase_model, lr_at
 from torchslim.train.recipes import Recipe, apply_overrides, recipe_from_dict
 from torchslim.train.tasks import ImageTask, load_task
 
@@ -82,8 +82,9 @@ def finetune(model: nn.Module, recipe: Recipe, task: ImageTask) -> list[dict[str
         start = time.perf_counter()
         loss, train_acc = task.train_epoch(
             model, optimizer, lr=lambda i, e=epoch: lr_at(spec, e * steps + i, spec.epochs * steps),
-            seed=recipe.seed * 1_000_003 + PHASES.index("finetune") * 10_007 + epoch, lasso=None, mask=None,
-            grad_clip=spec.grad_clip, force=None, desc=f"fine-tune {epoch + 1}/{spec.epochs}", progress=False,
+            seed=recipe.seed * 1_000_003 + PHASES.index("finetune") * 10_007 + epoch,
+            regularizers=Regularizers(grad_clip=spec.grad_clip), desc=f"fine-tune {epoch + 1}/{spec.epochs}",
+            progress=False,
         )
         test_acc, valid_acc = accuracies(model, task)
         history.append({"epoch": epoch + 1, "train_loss": loss, "train_acc": train_acc, "test_acc": test_acc,

@@ -11,8 +11,10 @@ import torch
 from support import needs_fashion_mnist
 
 import torchslim.train.engine as engine
+import torchslim.train.tasks as tasks
 from torchslim.deploy.serialize import load_compact
 from torchslim.errors import CheckpointError, ConfigError
+from torchslim.train import rundir
 from torchslim.train.recipes import PhaseSpec, load_recipe
 from torchslim.train.tasks import load_task
 
@@ -160,7 +162,7 @@ def test_resume_in_the_middle_of_a_phase_restores_the_optimizer(tmp_path, monkey
     recipe = tiny("ssl.epochs=2", *extra)
     straight = engine.run(recipe, run_dir=tmp_path / "straight", progress=False)
 
-    real, calls = engine.train_epoch, []
+    real, calls = tasks.train_epoch, []
 
     def dies_in_second_ssl_epoch(*args, **kwargs):
         calls.append(kwargs["desc"])
@@ -168,10 +170,10 @@ def test_resume_in_the_middle_of_a_phase_restores_the_optimizer(tmp_path, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_epoch", dies_in_second_ssl_epoch)
+    monkeypatch.setattr(tasks, "train_epoch", dies_in_second_ssl_epoch)
     with pytest.raises(KeyboardInterrupt):
         engine.run(recipe, run_dir=tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(engine, "train_epoch", real)
+    monkeypatch.setattr(tasks, "train_epoch", real)
     resumed = engine.run(recipe, run_dir=tmp_path / "resumed", progress=False, resume=True)
     assert resumed.epochs_trained == {"baseline": 0, "ssl": 1, "finetune": 1}
     assert resumed.accuracy == pytest.approx(straight.accuracy)
@@ -270,10 +272,10 @@ def test_a_teacher_can_be_any_model_file_the_library_writes(tmp_path):
     x = first.example
     for name, model in (("compact.pt", first.compact_model), ("baseline.pt", first.dense_model),
                         ("dense_state.pt", first.dense_model)):
-        torch.testing.assert_close(engine._load_model_file(tmp_path / name, tiny()).eval()(x), model.eval()(x))
+        torch.testing.assert_close(rundir.load_model_file(tmp_path / name, tiny()).eval()(x), model.eval()(x))
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="not a model file torchslim reads"):
-        engine._load_model_file(tmp_path / "junk.pt", tiny())
+        rundir.load_model_file(tmp_path / "junk.pt", tiny())
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from torchslim.data import batchify
 from torchslim.errors import ConfigError
 from torchslim.models import create_model
 from torchslim.train.lm import evaluate_lm, train_lm_epoch
+from torchslim.train.loop import Regularizers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +30,8 @@ def test_bptt_training_lowers_perplexity_below_the_unigram_rate():
     before = evaluate_lm(model, data, bptt=10)
     opt = torch.optim.SGD(model.parameters(), lr=10.0)
     for _ in range(4):
-        loss, acc = train_lm_epoch(model, opt, data, bptt=10, lr=lambda i: 10.0, grad_clip=0.5)
+        loss, acc = train_lm_epoch(model, opt, data, bptt=10, lr=lambda i: 10.0,
+                                   regularizers=Regularizers(grad_clip=0.5))
     after = evaluate_lm(model, data, bptt=10)
     assert before > 10 and after < 3 and loss < 1.5 and acc > 0.8                  # 12 words; the cycle is predictable
 

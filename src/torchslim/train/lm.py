@@ -18,13 +18,11 @@ from tqdm.auto import tqdm
 
 from torchslim.data import bptt_batches
 from torchslim.errors import ConfigError
-from torchslim.regularize.force import ForceRegularizer
-from torchslim.regularize.lasso import GroupLasso
-from torchslim.regularize.masking import ZeroMask
-from torchslim.train.distill import Teacher
-from torchslim.train.engine import optimizer_step
+from torchslim.train.loop import Regularizers, bar_disabled, optimizer_step, set_lr
 
-__all__ = ["evaluate_lm", "evaluate_lm_loss", "train_lm_epoch"]
+__all__ = ["LM_DEFAULT", "evaluate_lm", "evaluate_lm_loss", "train_lm_epoch"]
+
+LM_DEFAULT = Regularizers(grad_clip=0.25)  # PyTorch's word_language_model example clips the gradient norm at 0.25
 
 
 def _detach(state):
@@ -41,31 +39,32 @@ def train_lm_epoch(
     *,
     bptt: int = 35,
     lr: Callable[[int], float],
-    grad_clip: float | None = 0.25,
-    lasso: GroupLasso | None = None,
-    mask: ZeroMask | None = None,
-    force: ForceRegularizer | None = None,
+    regularizers: Regularizers = LM_DEFAULT,
     desc: str = "train",
     progress: bool | None = False,
-    teacher: Teacher | None = None,
 ) -> tuple[float, float]:
     """One pass over ``data (T, B)``; returns ``(mean cross-entropy per token in nats, next-word accuracy)``.
 
-    Each chunk is :func:`torchslim.train.engine.optimizer_step` at rate ``lr(i)`` for chunk ``i``, on the
-    cross-entropy or, with a ``teacher`` (its own state carried), on :func:`torchslim.train.distill.distill_loss`.
+    Each chunk is :func:`torchslim.train.loop.optimizer_step` at rate ``lr(i)`` for chunk ``i``, on the
+    cross-entropy or, with ``regularizers.teacher`` (its own state carried), on
+    :func:`torchslim.train.distill.distill_loss`. The default ``regularizers`` only clip the gradient norm at
+    0.25; pass ``Regularizers(grad_clip=0.25, ...)`` to keep that clipping beside others.
     ``progress``: a bar on stderr (``None``: on a terminal only).
+
+    Raises:
+        ConfigError: ``data`` is not ``(T, B)`` with ``T >= 2``.
     """
     if data.dim() != 2 or data.shape[0] < 2:
         raise ConfigError(f"data must be (T, B) token columns with T >= 2, got shape {tuple(data.shape)}")
     model.train()
+    teacher = regularizers.teacher
     state, teacher_state, total, correct, tokens = None, None, 0.0, 0, 0
     chunks = math.ceil((len(data) - 1) / bptt)
     bar = tqdm(bptt_batches(data, bptt), total=chunks, desc=desc, leave=False, unit="chunk",
-               disable=None if progress is None else not progress)
+               disable=bar_disabled(progress))
     for i, (x, y) in enumerate(bar):
         rate = lr(i)
-        for group in optimizer.param_groups:
-            group["lr"] = rate
+        set_lr(optimizer, rate)
         logits, state = model.step(x, state)  # (t, B, V)
         state = _detach(state)
         loss = objective = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -73,8 +72,7 @@ def train_lm_epoch(
             with torch.no_grad():
                 soft, teacher_state = teacher.model.step(x, teacher_state)  # (t, B, V)
             objective = teacher.loss(logits.flatten(0, 1), soft.flatten(0, 1), y.flatten(), hard=loss)
-        optimizer_step(model, optimizer, objective, rate=rate, grad_clip=grad_clip, lasso=lasso, mask=mask,
-                       force=force)
+        optimizer_step(model, optimizer, objective, rate=rate, regularizers=regularizers)
         total += float(loss.detach()) * y.numel()
         correct += int((logits.detach().argmax(-1) == y).sum())
         tokens += y.numel()

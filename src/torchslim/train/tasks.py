@@ -23,10 +23,8 @@ from torch import Tensor, nn
 from torchslim.data import batches, batchify, load_corpus, load_dataset
 from torchslim.data.text import CORPORA
 from torchslim.errors import ConfigError
-from torchslim.regularize.force import ForceRegularizer
-from torchslim.regularize.lasso import GroupLasso
-from torchslim.regularize.masking import ZeroMask
-from torchslim.train.distill import Teacher
+from torchslim.train.lm import evaluate_lm_loss, train_lm_epoch
+from torchslim.train.loop import NO_REGULARIZERS, Regularizers, evaluate, train_epoch
 from torchslim.train.recipes import Recipe
 
 __all__ = ["ImageTask", "Task", "TextTask", "is_text", "load_task", "random_inputs"]
@@ -42,11 +40,10 @@ class Task(Protocol):
         """Optimizer steps in one training epoch."""
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
-                    seed: int, lasso: GroupLasso | None, mask: ZeroMask | None, grad_clip: float | None,
-                    force: ForceRegularizer | None, desc: str, progress: bool | None,
-                    teacher: Teacher | None = None) -> tuple[float, float]:
-        """One epoch of SGD (``lr(i)`` at step ``i``; ``seed`` orders its batches, ``teacher`` adds its soft
-        targets to the loss); ``(mean cross-entropy, accuracy)``."""
+                    seed: int, regularizers: Regularizers = NO_REGULARIZERS, desc: str = "train",
+                    progress: bool | None = None) -> tuple[float, float]:
+        """One epoch of SGD (``lr(i)`` at step ``i``; ``seed`` orders its batches; ``regularizers`` act on every
+        step, :func:`torchslim.train.loop.optimizer_step`); ``(mean cross-entropy, accuracy)``."""
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
         """``(mean cross-entropy, top-1 accuracy)`` on ``split`` ("train", "valid", "test"), eval mode."""
@@ -106,22 +103,16 @@ class ImageTask:
         return math.ceil(len(self.splits["train"][1]) / self.recipe.batch_size)
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
-                    seed: int, lasso: GroupLasso | None, mask: ZeroMask | None, grad_clip: float | None,
-                    force: ForceRegularizer | None, desc: str, progress: bool | None,
-                    teacher: Teacher | None = None) -> tuple[float, float]:
-        from torchslim.train.engine import train_epoch  # the engine's loop; it imports this module
-
+                    seed: int, regularizers: Regularizers = NO_REGULARIZERS, desc: str = "train",
+                    progress: bool | None = None) -> tuple[float, float]:
         images, labels = self.splits["train"]
         gen = torch.Generator().manual_seed(seed)
         return train_epoch(
             model, optimizer, batches(images, labels, self.recipe.batch_size, shuffle=True, generator=gen),
-            lr=lr, steps=self.steps_per_epoch(), lasso=lasso, mask=mask, grad_clip=grad_clip, force=force, desc=desc,
-            progress=progress, teacher=teacher,
+            lr=lr, steps=self.steps_per_epoch(), regularizers=regularizers, desc=desc, progress=progress,
         )
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
-        from torchslim.train.engine import evaluate
-
         return evaluate(model, *self.splits[split], batch_size=self.recipe.eval_batch_size)
 
 
@@ -162,16 +153,10 @@ class TextTask:
         return math.ceil((len(self.columns["train"]) - 1) / self.recipe.data.bptt)
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
-                    seed: int, lasso: GroupLasso | None, mask: ZeroMask | None, grad_clip: float | None,
-                    force: ForceRegularizer | None, desc: str, progress: bool | None,
-                    teacher: Teacher | None = None) -> tuple[float, float]:
-        from torchslim.train.lm import train_lm_epoch  # lm builds on the engine, which imports this module
-
+                    seed: int, regularizers: Regularizers = NO_REGULARIZERS, desc: str = "train",
+                    progress: bool | None = None) -> tuple[float, float]:
         return train_lm_epoch(model, optimizer, self.columns["train"], bptt=self.recipe.data.bptt, lr=lr,
-                              grad_clip=grad_clip, lasso=lasso, mask=mask, force=force, desc=desc, progress=progress,
-                              teacher=teacher)
+                              regularizers=regularizers, desc=desc, progress=progress)
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
-        from torchslim.train.lm import evaluate_lm_loss
-
         return evaluate_lm_loss(model, self.columns[split], bptt=self.recipe.data.bptt)

@@ -1,0 +1,172 @@
+"""The training loop: momentum SGD steps with the regularizers of SSL, ISS, force and distillation.
+
+:class:`Regularizers` carries what acts on a step besides the data loss (a group Lasso, a zero mask, a
+force regularizer, a teacher, gradient clipping); :func:`optimizer_step` applies them in one fixed
+order, and :func:`train_epoch` runs it over an epoch of image batches (:mod:`torchslim.train.lm` over
+BPTT chunks). Nothing here knows about phases or run folders (:mod:`torchslim.train.phases`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from torchslim.data import batches
+from torchslim.errors import ConfigError
+from torchslim.regularize.force import ForceRegularizer
+from torchslim.regularize.lasso import L1, GroupLasso
+from torchslim.regularize.masking import ZeroMask
+from torchslim.train.distill import Teacher
+from torchslim.train.recipes import PhaseSpec
+
+__all__ = [
+    "NO_REGULARIZERS", "Regularizers", "bar_disabled", "evaluate", "lr_at", "optimizer_step", "set_lr", "sgd",
+    "train_epoch",
+]
+
+
+@dataclass(frozen=True)
+class Regularizers:
+    """What a training step applies besides the data loss; every field is optional, and none set is plain SGD.
+
+    Attributes:
+        lasso: the group Lasso (SSL, ISS, the rank Lasso) or element-wise :class:`L1`: its proximal step after
+            ``optimizer.step()``, or its penalty ``λ·Σ_g ||w_g||`` added to the loss in subgradient mode.
+        mask: keeps removed structures at zero (fine-tuning), weights and momentum, after each step.
+        force: the force regularizer's gradient, added after clipping (Wen et al., ICCV 2017).
+        teacher: a frozen model whose soft targets join the loss (:func:`torchslim.train.distill.distill_loss`).
+        grad_clip: the global gradient norm is clipped to this before the update; None: no clipping.
+    """
+
+    lasso: GroupLasso | L1 | None = None
+    mask: ZeroMask | None = None
+    force: ForceRegularizer | None = None
+    teacher: Teacher | None = None
+    grad_clip: float | None = None
+
+
+NO_REGULARIZERS = Regularizers()  # plain SGD: the default of the loops
+
+
+def lr_at(spec: PhaseSpec, step: int, total_steps: int) -> float:
+    """The learning rate at ``step`` (0-based) of ``total_steps`` under ``spec.lr_schedule``."""
+    t = step / max(total_steps, 1)
+    if spec.lr_schedule == "cosine":
+        return spec.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if spec.lr_schedule == "step":
+        return spec.lr * (0.1 if t >= 0.5 else 1.0) * (0.1 if t >= 0.75 else 1.0)
+    return spec.lr
+
+
+def sgd(model: nn.Module, spec: PhaseSpec) -> torch.optim.SGD:
+    """The phase's optimizer: SGD with ``spec``'s momentum and L2 weight decay (its rate is set every step)."""
+    return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for ``progress``: ``None`` shows bars only on a terminal."""
+    return None if progress is None else not progress
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    *,
+    rate: float,
+    regularizers: Regularizers = NO_REGULARIZERS,
+) -> None:
+    """One SSL update: ``loss (+ λ·Σ||w_g|| in subgradient mode) → backward → clip the global gradient
+    norm to grad_clip (if set) → force.apply_() → optimizer.step() → lasso.step_(rate) → mask.apply_(optimizer)``.
+
+    The force goes after clipping, as the authors add it to the data gradient just before the update.
+    ``regularizers.teacher`` is not used here: it is already in ``loss``.
+    """
+    lasso, mask, force, clip = regularizers.lasso, regularizers.mask, regularizers.force, regularizers.grad_clip
+    objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if force is not None:
+        force.apply_()
+    optimizer.step()
+    if lasso is not None:
+        lasso.step_(rate, optimizer)
+    if mask is not None:
+        mask.apply_(optimizer)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, rate: float) -> None:
+    """Set every parameter group's learning rate to ``rate``."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Iterable[tuple[Tensor, Tensor]],
+    *,
+    lr: Callable[[int], float],
+    steps: int,
+    regularizers: Regularizers = NO_REGULARIZERS,
+    desc: str = "train",
+    progress: bool | None = None,
+) -> tuple[float, float]:
+    """One pass of momentum SGD over ``data`` (``x (B, ...)``, ``y (B,)``); returns ``(mean cross-entropy,
+    accuracy)``.
+
+    Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``, on the
+    cross-entropy or, with ``regularizers.teacher``, on :func:`torchslim.train.distill.distill_loss`.
+    ``steps`` sizes the progress bar.
+
+    Raises:
+        ConfigError: ``data`` is empty.
+    """
+    model.train()
+    teacher = regularizers.teacher
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(data, total=steps, desc=desc, leave=False, disable=bar_disabled(progress), unit="batch")
+    for i, (x, y) in enumerate(bar):
+        rate = lr(i)
+        set_lr(optimizer, rate)
+        logits = model(x)  # (B, classes)
+        loss = objective = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher.model(x)  # (B, classes)
+            objective = teacher.loss(logits, soft, y, hard=loss)
+        optimizer_step(model, optimizer, objective, rate=rate, regularizers=regularizers)
+        total_loss += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    if seen == 0:
+        raise ConfigError("the training set is empty; check data.train_limit")
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """``(mean cross-entropy, accuracy)`` of ``model`` on ``images (N, ...)``, ``labels (N,)`` in eval mode;
+    its training flag is restored."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for x, y in batches(images, labels, batch_size, shuffle=False):
+            logits = model(x)
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    n = max(len(labels), 1)
+    return total_loss / n, correct / n

@@ -43,7 +43,7 @@ def _one(name: str, seed: int) -> dict[str, Any]:
     result = run(recipe, run_dir=run_dir, resume=resume, progress=False, stop_after="baseline")
     model = result.dense_model.eval()
     ranks = lowrank(model, result.example, energy=recipe.lowrank.energy, method=recipe.lowrank.method,
-                    skip=list(recipe.lowrank.skip), require_saving=False).layers
+                    exclude=list(recipe.lowrank.skip), require_saving=False).layers
     return {"seed": seed, "valid_acc": result.valid_accuracy.get("baseline"), "test_acc": result.accuracy["baseline"],
             "ranks": {r.name: r.rank for r in ranks if r.rank is not None}}
 

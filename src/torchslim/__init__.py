@@ -24,6 +24,7 @@ from torchslim.errors import (
     VerificationError,
 )
 from torchslim.layers import LoweredConv2d, LowRank
+from torchslim.regularize.budget import SizeBudget
 from torchslim.regularize.force import ForceRegularizer
 from torchslim.regularize.lasso import L1, GroupLasso
 from torchslim.regularize.masking import ZeroMask
@@ -50,6 +51,7 @@ __all__ = [
     "LoweredConv2d",
     "Profile",
     "ShapeMismatch",
+    "SizeBudget",
     "SparsityReport",
     "TernGradState",
     "TorchSlimError",

@@ -132,6 +132,27 @@ def test_multipliers_and_exclude_select_layers():
     torch.testing.assert_close(net[2].weight.grad, expected)
 
 
+def _blocks_net() -> nn.Module:
+    net = nn.Module()
+    for b in ("block1", "block2"):
+        net.add_module(b, nn.Module())
+        net.get_submodule(b).add_module("conv", nn.Conv2d(2, 3, 1))
+        net.get_submodule(b).add_module("fc", nn.Linear(3, 3))
+    return net
+
+
+def test_include_exclude_and_multipliers_take_globs():
+    net = _blocks_net()
+    reg = ForceRegularizer(net, 0.1, include=["*.conv", "block2"], exclude=["block2.fc"],
+                           multipliers={"block*": 0.5, "block1.conv": 3.0})
+    assert reg.layers == {"block1.conv": 3.0, "block2.conv": 0.5}  # the longest matching key wins
+    assert list(ForceRegularizer(net, 0.1, exclude=["*.fc"]).layers) == ["block1.conv", "block2.conv"]
+    with pytest.raises(ConfigError, match="include pattern 'blok1.conv'.*did you mean 'block1.conv'"):
+        ForceRegularizer(net, 0.1, include=["blok1.conv"])
+    with pytest.raises(ConfigError, match="include pattern '\\*.bn'"):
+        ForceRegularizer(net, 0.1, include=["*.bn"])
+
+
 def test_named_modules_none_grad_and_zero_strength():
     a, b = nn.Linear(3, 4), nn.Linear(4, 1)  # b has a single filter: no pairs, no force
     b.weight.grad = torch.randn(1, 4)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from nets import TinyLeNet
+from nets import TinyLeNet, TinyResNet
 from torch import nn
 
 from torchslim import ConfigError, GroupLasso, structures
@@ -93,6 +93,31 @@ def test_a_multiplier_that_selects_nothing_is_an_error():
         GroupLasso(groups, 0.1, multipliers={"convv1": 2.0})
     with pytest.raises(ConfigError, match="selects no group"):
         GroupLasso(groups, 0.1, multipliers={"conv1:shape": 2.0})
+
+
+def test_include_exclude_and_multipliers_take_names_prefixes_and_globs():
+    net = TinyLeNet()
+    groups = structures(net, torch.randn(1, 1, 28, 28), kinds=("filter",))
+    lasso = GroupLasso(groups, 0.1, include=["conv*", "fc2"], exclude=["*2"], multipliers={"c?nv*": 0.5})
+    assert [b.family.label for b in lasso.blocks] == ["conv1"]
+    torch.testing.assert_close(lasso.penalty(), 0.05 * net.conv1.weight.flatten(1).norm(dim=1).sum())
+    with pytest.raises(ConfigError, match="include pattern 'cnv1'.*did you mean 'conv1'"):
+        GroupLasso(groups, 0.1, include=["cnv1"])
+    with pytest.raises(ConfigError, match="exclude pattern '\\*.bn'"):
+        GroupLasso(groups, 0.1, exclude=["*.bn"])
+
+
+def test_a_family_of_several_producers_is_chosen_by_its_first():
+    groups = structures(TinyResNet(), torch.randn(2, 1, 16, 16), kinds=("channel",))
+    labels = sorted({g.family.label for g in groups})
+    assert "stem+2" in labels and "layer2.0.conv2+2" in labels  # the stem and the residual adds it feeds
+    chosen = {b.family.label for b in GroupLasso(groups, 0.1, include=["stem", "layer2.0"], exclude=["*.conv1"]).blocks}
+    assert chosen == {"stem+2", "layer2.0.conv2+2"}
+    rest = {b.family.label for b in GroupLasso(groups, 0.1, exclude=["layer2", "stem+2"]).blocks}
+    assert rest == {"layer1.0.conv1", "layer1.1.conv1"}  # a whole label, as reports print it, selects too
+    lasso = GroupLasso(groups, 0.1, multipliers={"layer*": 0.0, "layer2.0.conv2": 2.0})
+    assert {b.family.label: b.lam[0].item() for b in lasso.blocks} == pytest.approx({"stem+2": 0.1,
+                                                                                     "layer2.0.conv2+2": 0.2})
 
 
 @pytest.mark.parametrize("reset", [False, True])

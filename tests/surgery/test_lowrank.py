@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from nets import MLP
@@ -194,10 +196,31 @@ def test_ranks_with_energy_for_the_other_layers():
 
 
 def test_skip_layers_and_rows_without_inputs():
-    result = lowrank(MLP(), energy=0.5, skip=("net.1",), layers=("net.1", "net.3"))
+    result = lowrank(MLP(), energy=0.5, exclude=("net.1",), include=("net.1", "net.3"))
     assert [r.name for r in result.layers] == ["net.1", "net.3"]
     assert result.layers[0].note == "skipped" and type(result.model.net[1]) is nn.Linear
     assert result.layers[1].error is None and result.layers[1].macs_before is None
+
+
+def test_include_and_exclude_take_globs():
+    result = lowrank(MLP(), energy=0.5, include=["net.[13]"], exclude=["*.3"])
+    assert [(r.name, r.note) for r in result.layers] == [("net.1", ""), ("net.3", "skipped")]
+    assert type(result.model.net[1]) is LowRank and type(result.model.net[3]) is nn.Linear
+
+
+def test_old_keywords_warn_and_do_the_same_as_include_and_exclude():
+    new = lowrank(MLP(), energy=0.5, exclude=("net.1",), include=("net.1", "net.3"))
+    with pytest.warns(DeprecationWarning, match=r"lowrank\(skip=...\) is deprecated.*use exclude="):
+        old = lowrank(MLP(), energy=0.5, skip=("net.1",), include=("net.1", "net.3"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        both = lowrank(MLP(), energy=0.5, skip=("net.1",), layers=("net.1", "net.3"))
+    assert sorted(str(w.message).split("(")[1].split("=")[0] for w in caught) == ["layers", "skip"]
+    assert all(w.category is DeprecationWarning for w in caught)
+    assert [(r.name, r.note, r.rank) for r in old.layers] == [(r.name, r.note, r.rank) for r in new.layers]
+    assert [(r.name, r.note, r.rank) for r in both.layers] == [(r.name, r.note, r.rank) for r in new.layers]
+    with pytest.raises(TypeError, match="both 'skip' and its new name 'exclude'"):
+        lowrank(MLP(), skip=("net.1",), exclude=("net.3",))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -208,8 +231,11 @@ def test_skip_layers_and_rows_without_inputs():
     ({"ranks": {"net.1": 41}}, "exceeds min"),
     ({"ranks": {"net.3": 30}}, "saves no multiply-adds.*require_saving=False"),
     ({"ranks": {"net.7": 3}}, "did you mean 'net.5'"),
-    ({"skip": ("net.2",)}, "skip names 'net.2'"),
-    ({"layers": ("fc",)}, "layers names 'fc'"),
+    ({"exclude": ("net.2",)}, "exclude pattern 'net.2' matches no layer"),
+    ({"include": ("fc",)}, "include pattern 'fc' matches no layer"),
+    ({"include": ("net.*9",)}, "include pattern 'net.\\*9'"),
+    ({"include": "net.1"}, "must be a sequence of names"),
+    ({"ranks": {"net.3": 2}, "exclude": ("net.3",)}, "both in ranks and excluded"),
 ])
 def test_bad_arguments_raise_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=message):

@@ -15,7 +15,6 @@ needs no pair skip (such a pair pulls by ≤ 1e-4) and costs O(N·d); ``"l1"`` c
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from typing import Iterable, Literal, Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from torchslim._select import check_patterns, matches, selected
 from torchslim.errors import ConfigError, UnsupportedOperation
 
 __all__ = ["ForceRegularizer", "force", "force_penalty"]
@@ -125,26 +125,13 @@ def _check_filters(name: str, m: nn.Module) -> None:
         )
 
 
-def _matches(key: str, name: str) -> bool:
-    return name == key or name.startswith(key + ".")
-
-
-def _check_keys(keys: Iterable[str], names: Sequence[str], what: str) -> None:
-    """Every key must select a layer: a typo would otherwise silently change nothing."""
-    for key in keys:
-        if not any(_matches(key, n) for n in names):
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{what} '{key}' matches no layer{hint}; layers are {', '.join(names)}")
-
-
 def _nonnegative(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0
 
 
 def _multiplier(name: str, multipliers: Mapping[str, float]) -> float:
-    """The longest key that is ``name`` or a module-path prefix of it wins; 1 when none matches."""
-    keys = [k for k in multipliers if _matches(k, name)]
+    """The longest key that matches ``name`` (``_select.matches``) wins; 1 when none matches."""
+    keys = [k for k in multipliers if matches(k, name)]
     return float(multipliers[max(keys, key=len)]) if keys else 1.0
 
 
@@ -159,14 +146,16 @@ class ForceRegularizer:
             mapping / iterable of ``(name, module)``.
         strength: ``λ_s`` (the solver's ``force_decay``; the authors' LeNet used 1e-3 with ``"l1"``).
         kind: ``"l2"`` or ``"l1"`` force.
-        multipliers: per-layer factors on ``λ_s`` (Caffe's ``force_mult``), keyed by layer name or a
-            module-path prefix, the longest key winning; 0 disables a layer.
-        exclude: layer names or prefixes to leave alone.
+        multipliers: per-layer factors on ``λ_s`` (Caffe's ``force_mult``), keyed by layer as ``include``,
+            the longest key winning; 0 disables a layer.
+        include: the layers to regularize, as names, prefixes ending at ``.`` or globs (``"layer2"``,
+            ``"*.conv1"``); ``None``, every layer found.
+        exclude: layers to leave alone, by the same rule.
         adaptive: the authors' ``force_decay_type: "adaptive"``: each layer's force is rescaled to
             ``||λ_s·mult·ΔW|| = λ_s·mult·||∂E/∂W||``, so ``λ_s`` is a ratio to the data gradient, the
             same for wide and narrow layers and for any weight scale BatchNorm leaves free.
     Raises:
-        ConfigError: a bad strength, kind or multiplier, or a key that selects no layer.
+        ConfigError: a bad strength, kind or multiplier, or a key or pattern that selects no layer.
         UnsupportedOperation: a given module that is not Linear or a (non-transposed) Conv.
 
     Example:
@@ -186,6 +175,7 @@ class ForceRegularizer:
         kind: Kind = "l2",
         *,
         multipliers: Mapping[str, float] | None = None,
+        include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         adaptive: bool = False,
     ) -> None:
@@ -200,14 +190,15 @@ class ForceRegularizer:
         if not found:
             raise ConfigError("found no Linear or Conv layer to regularize")
         names = list(found)
-        _check_keys(multipliers, names, "multiplier")
-        _check_keys(exclude, names, "exclude")
+        check_patterns(list(multipliers), names, "multiplier")
+        check_patterns(include, names, "include")
+        check_patterns(exclude, names, "exclude")
         self.strength, self.kind, self.adaptive = float(strength), kind, bool(adaptive)
         self.layers: dict[str, float] = {}  # name -> multiplier, for the layers the force acts on
         self._modules: dict[str, nn.Module] = {}
         for name, m in found.items():
             mult = _multiplier(name, multipliers)
-            if mult > 0 and not any(_matches(e, name) for e in exclude):
+            if mult > 0 and selected(name, include, exclude):
                 _check_filters(name, m)
                 self.layers[name], self._modules[name] = mult, m
         logger.info("force regularization (%s%s, λ_s=%g) on %d layers",

@@ -12,7 +12,9 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from torchslim._select import check_patterns, matches
 from torchslim.errors import ConfigError
+from torchslim.regularize.budget import Cut, LayerBudget, SizeBudget
 from torchslim.structure.groups import KINDS, Family, Group, families_of, zero_counts
 
 Mode = Literal["prox", "subgradient"]
@@ -20,52 +22,88 @@ Mode = Literal["prox", "subgradient"]
 
 @dataclass(eq=False)
 class _Block:
-    """The groups of one family in the regularizer: member indices, their λ_g, and the size budget."""
+    """The groups of one family in the regularizer: member indices, their λ_g, and the size budget's state."""
 
     family: Family
     members: Tensor  # (G_f,) long
     lam: Tensor  # (G_f,) λ_g, kind strength × layer multiplier × optional sqrt(|g|)
-    keep: int | None = None  # stop once at most this many groups are nonzero
-    dead: Tensor | None = None  # (G_f,) bool: the groups held at zero once ``keep`` was reached
+    held: LayerBudget | None = None  # what the budget accumulated for this layer; None: no budget
 
 
-def _matches(prefix: str, label: str) -> bool:
-    return label == prefix or label.startswith(prefix + ".") or label.startswith(prefix + "+")
+def _layer(fam: Family) -> str:
+    """The layer a family is named by: its producer, the first of them in ``"layer2.0.conv2+2"`` (2 more)."""
+    return fam.label.split("+")[0]
+
+
+def _selects(pattern: str, fam: Family) -> bool:
+    """``pattern`` selects ``fam`` when it matches the family's layer (exact, a prefix at ``.``, or a glob), or
+    is the whole label (as reports print it)."""
+    return pattern == fam.label or matches(pattern, _layer(fam))
+
+
+def _check_patterns(patterns: Sequence[str] | None, families: Sequence[Family], keyword: str) -> None:
+    """:func:`~torchslim._select.check_patterns` over the families' layers; a whole label passes too."""
+    labels = {f.label for f in families}
+    if patterns is not None and not isinstance(patterns, str):
+        patterns = [p for p in patterns if p not in labels]
+    check_patterns(patterns, sorted({_layer(f) for f in families}), keyword)
 
 
 def _multiplier(fam: Family, multipliers: Mapping[str, float]) -> float:
     """Factor on λ for a family: the longest matching key wins, ``"layer:kind"`` before ``"layer"``."""
     best, factor = (-1, -1), 1.0
     for key, m in multipliers.items():
-        prefix, _, kind = key.partition(":")
-        if _matches(prefix, fam.label) and kind in ("", fam.kind) and (len(prefix), len(kind)) > best:
-            best, factor = (len(prefix), len(kind)), float(m)
+        layer, _, kind = key.partition(":")
+        if _selects(layer, fam) and kind in ("", fam.kind) and (len(layer), len(kind)) > best:
+            best, factor = (len(layer), len(kind)), float(m)
     return factor
 
 
-def _keep_per_kind(keep: float | Mapping[str, float] | None) -> dict[str, float]:
-    """``keep`` as ``{kind: fraction}``: one value for every kind, or a mapping."""
-    if keep is None:
-        return {}
-    out = {k: float(v) for k, v in keep.items()} if isinstance(keep, Mapping) else dict.fromkeys(KINDS, float(keep))
-    bad = {k: v for k, v in out.items() if k not in KINDS or not 0 < v <= 1}
-    if bad:
-        raise ConfigError(f"keep must map kinds in {list(KINDS)} to fractions in (0, 1] (1 keeps every group), got {bad}")
-    return out
+def _check_selection(families: Sequence[Family], multipliers: Mapping[str, float],
+                     include: Sequence[str] | None, exclude: Sequence[str]) -> None:
+    """Every pattern must select some family: a typo would otherwise silently change nothing.
 
-
-def _check_multipliers(families: Sequence[Family], multipliers: Mapping[str, float]) -> None:
-    """Every key must select some family: a typo would otherwise silently change nothing."""
-    labels = sorted({f.label.split("+")[0] for f in families})
+    Raises:
+        ConfigError: naming the pattern and close layer names; a ``"layer:kind"`` key whose layer has no
+            group of that kind.
+    """
+    _check_patterns(include, families, "include")
+    _check_patterns(exclude, families, "exclude")
+    _check_patterns([key.partition(":")[0] for key in multipliers], families, "multipliers")
     for key in multipliers:
-        prefix, _, kind = key.partition(":")
-        if not any(_matches(prefix, f.label) and kind in ("", f.kind) for f in families):
-            close = difflib.get_close_matches(prefix, labels, n=1, cutoff=0.5)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"multiplier '{key}' selects no group{hint}; keys are 'layer' or 'layer:kind' "
-                f"with layers {', '.join(labels)}"
-            )
+        layer, _, kind = key.partition(":")
+        if not any(_selects(layer, f) and kind in ("", f.kind) for f in families):
+            kinds = sorted({f.kind for f in families if _selects(layer, f)})
+            raise ConfigError(f"multiplier '{key}' selects no group: '{layer}' has groups of kinds {kinds}; "
+                              "keys are 'layer' or 'layer:kind'")
+
+
+def _size_budget(budget: SizeBudget | None, keep: float | Mapping[str, float] | None, keep_ramp: int,
+                 keep_cut: Cut, mode: Mode) -> SizeBudget | None:
+    """The budget from ``budget=`` or from the ``keep=``/``keep_ramp=``/``keep_cut=`` keywords; None: no budget."""
+    if budget is not None and (keep is not None or keep_ramp or keep_cut != "end"):
+        raise ConfigError("pass the size budget either as budget=SizeBudget(...) or as keep=, keep_ramp=, keep_cut=, "
+                          "not both")
+    if budget is None:
+        budget = SizeBudget({} if keep is None else keep, keep_ramp, keep_cut)
+    if budget and mode != "prox":
+        raise ConfigError("keep (a size budget) needs mode='prox', which reaches exact zeros; "
+                          "remove keep or use mode='prox'")
+    return budget or None
+
+
+def _strengths(strength: float | Mapping[str, float]) -> dict[str, float]:
+    """λ per kind: one number for every kind, or a mapping (kinds not in it get 0)."""
+    if isinstance(strength, Mapping):
+        bad = [k for k in strength if k not in KINDS]
+        if bad:
+            raise ConfigError(f"strength has unknown kinds {bad}; choose from {list(KINDS)}")
+        lam_of = {k: float(v) for k, v in strength.items()}
+    else:
+        lam_of = {k: float(strength) for k in KINDS}
+    if any(v < 0 for v in lam_of.values()):
+        raise ConfigError(f"group Lasso strengths must be >= 0, got {lam_of}")
+    return lam_of
 
 
 class _Regularizer:
@@ -106,13 +144,6 @@ class _Regularizer:
         raise NotImplementedError
 
 
-def _smallest(norms: Tensor, k: int) -> Tensor:
-    """``(G,)`` bool: every group but the ``k`` of largest norm."""
-    out = torch.ones_like(norms, dtype=torch.bool)
-    out[norms.topk(k).indices] = False
-    return out
-
-
 @torch.no_grad()
 def _reset_momentum(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> None:
     """Zero the momentum buffer (SGD's ``momentum_buffer``) where the weight is exactly zero."""
@@ -137,29 +168,29 @@ class GroupLasso(_Regularizer):
     Args:
         groups: from :func:`torchslim.structures`.
         strength: λ for every kind, or a mapping ``kind -> λ`` (kinds not in it get 0).
-        multipliers: per-layer factors on λ keyed by module name (prefix match), like Caffe's
-            ``*_decay_mult``; ``"conv1:shape"`` scales only that layer's shape groups (Caffe's
-            ``kernel_shape_decay_mult``).
+        multipliers: per-layer factors on λ keyed by layer, like Caffe's ``*_decay_mult``; ``"conv1:shape"``
+            scales only that layer's shape groups (Caffe's ``kernel_shape_decay_mult``). The layer part follows
+            ``include``'s rule; the longest matching key wins.
+        include: the layers the Lasso acts on, as names, prefixes ending at ``.`` or globs (``"layer2"``,
+            ``"*.conv1"``); ``None``, every layer. A family is named by its layer, the first of its producers
+            (label ``"layer2.0.conv2+2"``: two more); one whose layer no pattern matches gets λ = 0.
+        exclude: layers the Lasso leaves alone, by the same rule.
         weight_by_size: multiply λ_g by ``sqrt(|g|)``, the usual group-Lasso weighting.
         mode: ``"prox"`` or ``"subgradient"``.
         threshold: element threshold of the subgradient mode.
         reset_momentum: zero the momentum of weights that reach zero (pass the optimizer to
             :meth:`step_`), so zero groups stay zero; see :meth:`step_`.
-        keep: a size budget (prox mode): once at most ``max(1, floor(keep·G))`` of a layer's ``G`` groups of a
-            kind are nonzero, the Lasso on that layer stops and its zero groups are held at zero, so
+        keep: the size budget's fraction (prox mode): once at most ``max(1, floor(keep·G))`` of a layer's ``G``
+            groups of a kind are nonzero, the Lasso on that layer stops and its zero groups are held at zero, so
             λ decides which groups go and how fast, and ``keep`` where it stops (ISS on PTB: 1500 → 373
             is ``keep=0.25``); :meth:`meet_budget_` cuts layers that λ left above it by magnitude. A
             mapping gives one per kind; kinds not in it, and layers whose λ is 0, have no budget.
-        keep_ramp: reach the budget gradually, over this many :meth:`step_` calls: the groups a layer may keep
-            fall from all ``G`` to ``keep·G`` on Zhu & Gupta's cubic (2017, "To prune, or not to prune"),
-            ``k_t = k + (G − k)(1 − t/keep_ramp)³``. While a layer is at or under ``k_t`` its Lasso pauses
-            (its ``k_t`` largest groups kept, the rest held at zero), so a strong λ cannot thin it faster
-            than the ramp. 0: the budget is ``keep`` from the first step. ``steps`` counts the calls (set it
-            when resuming).
-        keep_cut: where a layer that λ has left above its budget is cut to it by magnitude: ``"end"``, by
-            :meth:`meet_budget_` once the phase is over; ``"step"``, to ``k_t`` after every step, so each
-            layer follows the ramp even where λ is too weak to (from a converged model, say) and λ only
-            shapes which groups are smallest (Zhu & Gupta's gradual pruning with the group Lasso beside it).
+        keep_ramp: reach the budget over this many :meth:`step_` calls, on Zhu & Gupta's cubic
+            ``k_t = k + (G − k)(1 − t/keep_ramp)³`` (:class:`~torchslim.regularize.budget.SizeBudget`'s ``ramp``).
+            0: the budget is ``keep`` from the first step. ``steps`` counts the calls (set it when resuming).
+        keep_cut: ``"end"`` (:meth:`meet_budget_` cuts what λ left above the budget) or ``"step"`` (cut to
+            ``k_t`` by magnitude after every step): the budget's ``cut``.
+        budget: the three above as one :class:`~torchslim.regularize.budget.SizeBudget`; pass it or them.
 
     Example:
         >>> import torch, torchslim
@@ -175,49 +206,34 @@ class GroupLasso(_Regularizer):
         strength: float | Mapping[str, float],
         *,
         multipliers: Mapping[str, float] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
         weight_by_size: bool = False,
         mode: Mode = "prox",
         threshold: float = 1e-4,
         reset_momentum: bool = False,
         keep: float | Mapping[str, float] | None = None,
         keep_ramp: int = 0,
-        keep_cut: Literal["end", "step"] = "end",
+        keep_cut: Cut = "end",
+        budget: SizeBudget | None = None,
     ) -> None:
         self._set_mode(mode, threshold, reset_momentum)
-        keep_of = _keep_per_kind(keep)
-        if keep_of and mode != "prox":
-            raise ConfigError("keep (a size budget) needs mode='prox', which reaches exact zeros; "
-                              "remove keep or use mode='prox'")
-        if keep_ramp < 0 or (keep_ramp and not keep_of):
-            raise ConfigError(f"keep_ramp must be >= 0 steps and needs keep (the budget it falls to), got "
-                              f"keep_ramp={keep_ramp}, keep={keep}")
-        if keep_cut not in ("end", "step") or (keep_cut == "step" and not keep_of):
-            raise ConfigError(f"keep_cut must be 'end' or 'step', and 'step' needs keep (the budget it cuts to), got "
-                              f"keep_cut={keep_cut!r}, keep={keep}")
-        self.keep_ramp, self.keep_cut, self.steps = int(keep_ramp), keep_cut, 0
-        if isinstance(strength, Mapping):
-            bad = [k for k in strength if k not in KINDS]
-            if bad:
-                raise ConfigError(f"strength has unknown kinds {bad}; choose from {list(KINDS)}")
-            lam_of = {k: float(v) for k, v in strength.items()}
-        else:
-            lam_of = {k: float(strength) for k in KINDS}
-        if any(v < 0 for v in lam_of.values()):
-            raise ConfigError(f"group Lasso strengths must be >= 0, got {lam_of}")
-        self.blocks: list[_Block] = []
+        self.budget = _size_budget(budget, keep, keep_ramp, keep_cut, mode)
+        self.steps = 0  # proximal steps taken: the budget's clock t (set it when resuming)
+        lam_of = _strengths(strength)
+        multipliers = dict(multipliers or {})
         buckets = families_of(list(groups))
-        _check_multipliers(list(buckets), multipliers or {})
+        _check_selection(list(buckets), multipliers, include, exclude)
+        self.blocks: list[_Block] = []
         for fam, members in buckets.items():
-            lam = lam_of.get(fam.kind, 0.0) * _multiplier(fam, multipliers or {})
+            lam = lam_of.get(fam.kind, 0.0) * _multiplier(fam, multipliers)
             if weight_by_size:
                 lam *= fam.numel_per_member() ** 0.5
-            if lam > 0:
+            chosen = include is None or any(_selects(p, fam) for p in include)
+            if lam > 0 and chosen and not any(_selects(p, fam) for p in exclude):
                 block = _Block(fam, members, torch.full((len(members),), lam))
-                if fam.kind in keep_of:
-                    block.keep = max(1, int(keep_of[fam.kind] * len(members)))  # a layer keeps a unit
-                    nonzero = self._nonzero(block)  # a run resumed after its budget was met is met again
-                    if int(nonzero.sum()) <= block.keep:
-                        block.dead = ~nonzero
+                if self.budget is not None:  # a run resumed after its budget was met is met again
+                    block.held = self.budget.layer(fam.kind, self._nonzero(block))
                 self.blocks.append(block)
 
     def _tensors(self) -> list[Tensor]:
@@ -247,34 +263,22 @@ class GroupLasso(_Regularizer):
 
     @torch.no_grad()
     def prox_(self, lr: float) -> None:
-        """Group soft-threshold with step ``lr``: the proximal operator of ``lr·λ_g||w_g||``.
+        """Group soft-threshold with step ``lr``: the proximal operator of ``lr·λ_g||w_g||``, then the size budget.
 
-        Overlapping groups (say ``filter`` and ``shape`` on one weight) are shrunk by the product of
-        their factors, all computed from the weights before this step.
+        ``w_g ← w_g·max(0, 1 − lr·λ_g/||w_g||)``, each factor adjusted by :meth:`SizeBudget.adjust
+        <torchslim.regularize.budget.SizeBudget.adjust>` on layers with a budget. Overlapping groups (say
+        ``filter`` and ``shape`` on one weight) are shrunk by the product of their factors, all computed from
+        the weights before this step.
         """
         factors = []
         for b in self.blocks:
             norms = self._norms(b)
             shrink = (1 - lr * b.lam.to(norms.device) / norms).clamp_min(0)  # (G_f,)
-            if b.keep is not None and b.dead is None:
-                k = self._budget(b)
-                if int((shrink > 0).sum()) <= k:
-                    if k == b.keep:
-                        self._hold(b, norms)
-                    else:  # on the ramp: pause until the budget falls below the groups left
-                        shrink = (~_smallest(norms, k)).to(norms.dtype)
-                elif self.keep_cut == "step":  # still above k_t after the shrink: the smallest go now
-                    shrink = shrink * (~_smallest(norms * shrink, k)).to(norms.dtype)
-            factors.append((b, shrink if b.dead is None else (~b.dead).to(norms.dtype)))
+            if b.held is not None:
+                shrink = self.budget.adjust(b.held, norms, shrink, self.steps)
+            factors.append((b, shrink))
         self.steps += 1
         self._scale_(factors)
-
-    def _budget(self, b: _Block) -> int:
-        """``k_t``: the groups block ``b`` may keep at this step (``b.keep`` once the ramp is over)."""
-        if self.steps >= self.keep_ramp:
-            return b.keep
-        left = (1 - self.steps / self.keep_ramp) ** 3
-        return b.keep + int((len(b.members) - b.keep) * left)
 
     @torch.no_grad()
     def meet_budget_(self) -> dict[str, int]:
@@ -285,25 +289,20 @@ class GroupLasso(_Regularizer):
         """
         cut, factors = {}, []
         for b in self.blocks:
-            if b.keep is None or b.dead is not None:
+            if b.held is None or b.held.met:
                 continue
             norms = self._norms(b)
             nonzero = int(self._nonzero(b).sum())
-            self._hold(b, norms)
-            factors.append((b, (~b.dead).to(norms.dtype)))
-            if nonzero > b.keep:
-                cut[b.family.label] = nonzero - b.keep
+            b.held.hold_(norms)
+            factors.append((b, b.held.alive(norms.dtype)))
+            if nonzero > b.held.keep:
+                cut[b.family.label] = nonzero - b.held.keep
         self._scale_(factors)
         return cut
 
     def _nonzero(self, block: _Block) -> Tensor:
         """``(G_f,)`` bool: the block's groups with any nonzero weight."""
         return block.family.row_sq()[block.members.to(self._device(block))] > 0
-
-    @staticmethod
-    def _hold(b: _Block, norms: Tensor) -> None:
-        """The budget is met: keep the ``b.keep`` largest groups, hold the others at zero from now on."""
-        b.dead = _smallest(norms, b.keep)
 
     @staticmethod
     def _scale_(factors: Sequence[tuple[_Block, Tensor]]) -> None:
@@ -343,7 +342,7 @@ class L1(_Regularizer):
     """Element-wise ℓ1, ``λ·Σ_w |w|``: the unstructured baseline the ISS paper compares with (its ``l1.json``).
 
     The same interface as :class:`GroupLasso` (``penalty``, ``prox_``, ``threshold_``, ``step_``,
-    ``uses_penalty``, ``zero_fraction``), so :func:`torchslim.train.engine.train_epoch` takes either as its
+    ``uses_penalty``, ``zero_fraction``), so :class:`torchslim.train.loop.Regularizers` takes either as its
     ``lasso`` (a recipe cannot select it: its kinds are group kinds). Its proximal step
     is the element-wise soft-threshold ``w ← sign(w)·max(|w| − lr·λ, 0)``: many exact zeros, scattered,
     so few whole hidden units or channels end up zero and :func:`torchslim.compact` can cut little.
@@ -355,8 +354,8 @@ class L1(_Regularizer):
             e.g. ``kinds=("hidden",)``: the LSTM's weights and biases and the decoder, as ISS). A tensor
             shared under two names (tied weights) counts once, under its first name.
         strength: λ, a number >= 0.
-        multipliers: per-parameter factors on λ keyed by name prefix (``"lstm"``, ``"fc.bias"``); the
-            longest matching key wins. A key that matches no parameter raises :class:`ConfigError`.
+        multipliers: per-parameter factors on λ keyed by name, prefix ending at ``.`` or glob (``"lstm"``,
+            ``"fc.bias"``, ``"*.bias"``); the longest matching key wins. A key that matches no parameter raises :class:`ConfigError`.
         mode: ``"prox"`` (call :meth:`step_` after each ``optimizer.step()``; do not add :meth:`penalty`)
             or ``"subgradient"`` (add :meth:`penalty` to the loss; :meth:`step_` zeroes ``|w| < threshold``).
         threshold: element threshold of the subgradient mode.
@@ -392,7 +391,7 @@ class L1(_Regularizer):
             raise ConfigError("L1 got no parameters to regularize")
         multipliers = dict(multipliers or {})
         for key in multipliers:
-            if not any(_matches(key, name) for name in named):
+            if not any(matches(key, name) for name in named):
                 close = difflib.get_close_matches(key, list(named), n=1, cutoff=0.5)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"multiplier '{key}' selects no parameter{hint}; parameters: {', '.join(named)}")
@@ -400,7 +399,7 @@ class L1(_Regularizer):
         for name, p in named.items():
             best, factor = -1, 1.0
             for key, m in multipliers.items():
-                if _matches(key, name) and len(key) > best:
+                if matches(key, name) and len(key) > best:
                     best, factor = len(key), float(m)
             if strength * factor > 0:
                 self.params.append((name, p, float(strength) * factor))

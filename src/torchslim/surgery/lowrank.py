@@ -23,7 +23,9 @@ from typing import Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from torchslim._deprecate import renamed_kwargs
 from torchslim._inputs import as_tuple, first_inputs
+from torchslim._select import check_patterns, selected
 from torchslim.errors import ConfigError
 from torchslim.layers import LowRank
 from torchslim.macs import count_macs
@@ -147,34 +149,33 @@ def _decomposed(layer: nn.Conv2d | nn.Linear, splits: Sequence[_Split], r: int) 
 
 # -- choosing layers and ranks -------------------------------------------------------------------
 
-def _matches(prefix: str, name: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _candidates(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Conv2d | nn.Linear]:
-    """Exact ``Conv2d``/``Linear`` layers with more than one output, outside any :class:`LowRank`."""
+def _candidates(model: nn.Module, include: Sequence[str] | None) -> dict[str, nn.Conv2d | nn.Linear]:
+    """Exact ``Conv2d``/``Linear`` layers with more than one output, outside any :class:`LowRank`, in ``include``."""
     inside = {n for n, m in model.named_modules() if isinstance(m, LowRank)}
     found = {n: m for n, m in model.named_modules()
              if type(m) in (nn.Conv2d, nn.Linear) and m.weight.shape[0] > 1
-             and not any(_matches(p, n) for p in inside)}
-    if layers is not None:
-        _check_names(layers, found, "layers", prefix=True)
-        found = {n: m for n, m in found.items() if any(_matches(p, n) for p in layers)}
+             and not any(n.startswith(p + ".") for p in inside)}
+    check_patterns(include, list(found), "include")
+    found = {n: m for n, m in found.items() if selected(n, include)}
     if not found:
         raise ConfigError(
             f"{type(model).__name__} has no layer to decompose: lowrank() factors nn.Conv2d and nn.Linear "
-            "layers with more than one output" + (f" among layers={list(layers)}" if layers is not None else "")
+            "layers with more than one output" + (f" among include={list(include)}" if include is not None else "")
         )
     return found
 
 
-def _check_names(names: Sequence[str], found: Mapping[str, nn.Module], what: str, prefix: bool) -> None:
-    for key in names:
-        if not any(_matches(key, n) if prefix else key == n for n in found):
+def _check_ranks(ranks: Mapping[str, int], found: Mapping[str, nn.Module], exclude: Sequence[str]) -> None:
+    """``ranks`` names candidate layers exactly, none of them excluded."""
+    for key in ranks:
+        if key not in found:
             close = difflib.get_close_matches(key, list(found), n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{what} names '{key}', which is no decomposable layer{hint}; "
+            raise ConfigError(f"ranks names '{key}', which is no decomposable layer{hint}; "
                               f"layers: {', '.join(found)}")
+    clash = [n for n in ranks if not selected(n, None, exclude)]
+    if clash:
+        raise ConfigError(f"layers {clash} are both in ranks and excluded; drop them from one")
 
 
 def _check_args(energy: float | None, ranks: Mapping[str, int], method: str) -> None:
@@ -209,6 +210,7 @@ def _choose(name: str, splits: Sequence[_Split], energy: float | None, ranks: Ma
 
 # -- the transform -------------------------------------------------------------------------------
 
+@renamed_kwargs(layers="include", skip="exclude")
 def lowrank(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
@@ -216,8 +218,8 @@ def lowrank(
     energy: float | None = None,
     ranks: Mapping[str, int] | None = None,
     method: Method = "pca",
-    skip: Sequence[str] = (),
-    layers: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
     require_saving: bool = True,
 ) -> LowRankResult:
     """Replace layers of a copy of ``model`` by :class:`LowRank` pairs (Force Regularization's step 2).
@@ -236,15 +238,17 @@ def lowrank(
             when only ``ranks`` is given.
         method: ``"pca"`` (uncentered, the original tool's default) or ``"svd"``; at the same ``r`` both
             give the same function, they differ in how ``r`` follows from ``energy``.
-        skip: layer names (or prefixes, e.g. ``"layer2.0.shortcut"``) to leave alone.
-        layers: only these layer names (or prefixes); ``None`` is all candidates.
+        include: only these layers, as names, prefixes ending at ``.`` or globs (``"layer2"``,
+            ``"*.conv2"``); ``None`` is all candidates. (Formerly ``layers=``, which still works for one release.)
+        exclude: layers to leave alone, by the same rule, e.g. ``"layer2.0.shortcut"``; their rows say
+            ``"skipped"``. (Formerly ``skip=``.)
         require_saving: ``False`` decomposes even where the rank saves nothing (e.g. full rank, to let
             group Lasso on the ``rank`` groups choose the ranks while fine-tuning).
     Returns:
         :class:`LowRankResult` with the new model (same training mode) and one row per candidate.
     Raises:
         ConfigError: no candidate layer; a bad ``method`` or ``energy``; a rank < 1, > ``min(N/g, d)`` or
-            without saving; a name in ``ranks``, ``skip`` or ``layers`` that matches no candidate.
+            without saving; a name in ``ranks``, or a pattern in ``include`` or ``exclude``, that matches no candidate.
 
     Example:
         >>> import torch
@@ -257,18 +261,15 @@ def lowrank(
     ranks = dict(ranks or {})
     energy = 0.95 if energy is None and not ranks else energy
     _check_args(energy, ranks, method)
-    found = _candidates(model, layers)
-    _check_names(list(ranks), found, "ranks", prefix=False)
-    _check_names(skip, found, "skip", prefix=True)
-    clash = [n for n in ranks if any(_matches(p, n) for p in skip)]
-    if clash:
-        raise ConfigError(f"layers {clash} are both in ranks and skipped; drop them from one")
+    found = _candidates(model, include)
+    check_patterns(exclude, list(found), "exclude")
+    _check_ranks(ranks, found, exclude)
     new = copy.deepcopy(model)
     rows, replacements = [], {}
     for name in found:
         layer = new.get_submodule(name)
         row = _row(name, layer)
-        skipped = any(_matches(p, name) for p in skip)
+        skipped = not selected(name, None, exclude)
         if skipped or (name not in ranks and energy is None):
             rows.append(dataclasses.replace(row, note="skipped" if skipped else "no rank given"))
             continue

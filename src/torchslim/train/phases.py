@@ -21,6 +21,7 @@ from torch import nn
 from torchslim.deploy.serialize import save_compact
 from torchslim.errors import CheckpointError
 from torchslim.regularize.force import ForceRegularizer
+from torchslim.regularize.budget import SizeBudget
 from torchslim.regularize.lasso import GroupLasso
 from torchslim.regularize.masking import ZeroMask
 from torchslim.structure.groups import Group, families_of, zero_counts
@@ -183,10 +184,10 @@ def _regularizers(run: Run, phase: str, model: nn.Module, spec: PhaseSpec) -> tu
 def _ssl_lasso(run: Run, groups: Sequence[Group]) -> GroupLasso:
     """SSL's regularizer over ``groups`` (it checks that every multiplier selects a layer)."""
     spec, steps = run.recipe.ssl, run.task.steps_per_epoch()
+    budget = SizeBudget(spec.keep, round(spec.keep_ramp * spec.epochs * steps), spec.keep_cut) if spec.keep else None
     lasso = GroupLasso(
         groups, spec.strength, multipliers=spec.multipliers, weight_by_size=spec.weight_by_size,
-        mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum, keep=spec.keep,
-        keep_ramp=round(spec.keep_ramp * spec.epochs * steps), keep_cut=spec.keep_cut,
+        mode=spec.mode, threshold=spec.threshold, reset_momentum=spec.reset_momentum, budget=budget,
     )
     lasso.steps = run.done["ssl"] * steps  # resumed: where the budget's ramp stands
     ramp = f" reached over {spec.keep_ramp:.0%} of the phase" if spec.keep_ramp else ""
@@ -238,7 +239,7 @@ def compact_phase(run: Run, model: nn.Module) -> nn.Module:
     spec = run.recipe.lowrank
     if spec.enabled:
         result = lowrank(small, run.task.example, energy=spec.energy, ranks=spec.ranks, method=spec.method,
-                         skip=spec.skip)
+                         exclude=spec.skip)
         small = result.model
         run.lowrank = [dataclasses.asdict(row) for row in result.layers]
         log.info("low rank:\n%s", result.format())

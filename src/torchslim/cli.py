@@ -73,7 +73,7 @@ def _add_compact(sub: argparse._SubParsersAction) -> None:
                        description="Compact an engine checkpoint (checkpoint.pt, sparse.pt, baseline.pt) or a "
                                    "plain state dict (with --recipe) into a smaller dense model file.")
     p.add_argument("checkpoint", help="engine checkpoint, or a state dict saved with torch.save")
-    p.add_argument("--out", required=True, help="the compact model file to write (torchslim.deploy.serialize format)")
+    p.add_argument("--out", required=True, help="the compact model file to write (torchslim.save_compact format)")
     p.add_argument("--shapes", choices=("crop", "lowered", "auto", "off"), default=None,
                    help="zero shape fibers: crop kernels, lowered GEMM, auto (measured), off (default: recipe's)")
     p.add_argument("--channel-multiple", type=int, default=None,
@@ -120,6 +120,9 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+_RUN_LOGS = tuple(f"torchslim.train.{m}" for m in ("engine", "phases", "rundir", "branch"))  # a run's story
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     root = logging.getLogger("torchslim")
     for h in list(root.handlers):
@@ -130,8 +133,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.addHandler(handler)
     root.propagate = False
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("torchslim.train.engine").setLevel(
-        logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    for name in _RUN_LOGS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torchslim.errors import CheckpointError, ConfigError
 from torchslim.train.checkpoint import load_checkpoint, save_checkpoint
 from torchslim.train.rundir import RUN_FILES, Run, with_defaults
 
-log = logging.getLogger("torchslim.train.engine")  # the engine's one log: the CLI shows its INFO lines
+log = logging.getLogger(__name__)
 
 __all__ = ["branch", "seed_branch", "shared_steps"]
 

@@ -41,7 +41,7 @@ from torchslim.train.rundir import (
     save_run_checkpoint,
 )
 
-log = logging.getLogger("torchslim.train.engine")  # the engine's one log: the CLI shows its INFO lines
+log = logging.getLogger(__name__)
 
 __all__ = ["alive_members", "run_phase", "run_phases", "zero_fractions"]
 

@@ -41,7 +41,7 @@ from torchslim.train.checkpoint import (
 from torchslim.train.recipes import Recipe, recipe_from_dict
 from torchslim.train.tasks import Task, is_text
 
-log = logging.getLogger("torchslim.train.engine")  # the engine's one log: the CLI shows its INFO lines
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT", "EpochRecord", "PHASES", "RUN_FILES", "Run", "RunResult", "build_model", "changed_keys",

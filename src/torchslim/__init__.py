@@ -20,6 +20,7 @@ from torchslim.errors import (
     DatasetNotFound,
     ShapeMismatch,
     TorchSlimError,
+    UnknownOpWarning,
     UnsupportedOperation,
     VerificationError,
 )
@@ -30,6 +31,7 @@ from torchslim.regularize.lasso import L1, GroupLasso
 from torchslim.regularize.masking import ZeroMask
 from torchslim.structure.groups import Group
 from torchslim.structure.report import SparsityReport, sparsity_report
+from torchslim.structure.rules import register_op
 from torchslim.structure.tracing import structures
 from torchslim.surgery.compact import compact
 from torchslim.surgery.verify import VerifyReport, verify
@@ -55,6 +57,7 @@ __all__ = [
     "SparsityReport",
     "TernGradState",
     "TorchSlimError",
+    "UnknownOpWarning",
     "UnsupportedOperation",
     "VerificationError",
     "VerifyReport",
@@ -65,6 +68,7 @@ __all__ = [
     "lowrank",
     "magnitude_prune",
     "profile",
+    "register_op",
     "save_compact",
     "sparsity_report",
     "structures",

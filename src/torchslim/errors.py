@@ -1,4 +1,4 @@
-"""The library's exception types: every error a user can cause is one of these."""
+"""The library's exception and warning types: every error a user can cause is one of these."""
 
 from __future__ import annotations
 
@@ -29,3 +29,7 @@ class CheckpointError(TorchSlimError):
 
 class ConfigError(TorchSlimError, ValueError):
     """A recipe or an argument with a bad value."""
+
+
+class UnknownOpWarning(UserWarning):
+    """Operations no rule covers pinned channels: they stay out of every group (``torchslim.register_op``)."""

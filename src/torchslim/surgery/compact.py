@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,8 +14,9 @@ from torchslim._inputs import Inputs, as_tuple, first_inputs
 from torchslim.errors import ConfigError, VerificationError
 from torchslim.layers import LoweredConv2d
 from torchslim.structure.depth import remove_branches, residual_branches
+from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import Family
-from torchslim.structure.tracing import _DependencyGraph, channel_graph, coupled_families
+from torchslim.structure.tracing import channel_graph, coupled_families, warn_pinned
 from torchslim.surgery.ties import Plan, keep_for_ties
 from torchslim.surgery.verify import VerifyReport, verify
 
@@ -133,13 +134,15 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
 
 
 def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1,
-                    graph: _DependencyGraph | None = None) -> dict[str, tuple[int, int]]:
+                    graph: _DependencyGraph | None = None,
+                    leaf_modules: Sequence[type[nn.Module]] = ()) -> dict[str, tuple[int, int]]:
     """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``.
 
-    ``graph``: ``model``'s channel graph if the caller has traced it already (it is traced otherwise).
+    ``graph``: ``model``'s channel graph if the caller has traced it already (it is traced otherwise,
+    with ``leaf_modules``).
     """
     if graph is None:
-        graph, _ = channel_graph(model, inputs)
+        graph, _ = channel_graph(model, inputs, leaf_modules=leaf_modules)
     roots: list[int] = []
     plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph, roots)])
     plan, renumberings = keep_for_ties(graph, plan, roots)
@@ -231,6 +234,8 @@ def compact(
     shapes: Shapes = "crop",
     channel_multiple: int = 1,
     atol: float = 1e-5,
+    strict: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
 ) -> nn.Module:
     """A physically smaller copy of ``model`` without its all-zero removable structures.
 
@@ -249,10 +254,14 @@ def compact(
     on a half-width resnet50 despite the extra multiply-adds (benchmarks/zoo_speed.py); plain PyTorch
     eager gains nothing from it.
 
+    ``strict`` and ``leaf_modules`` trace the model as :func:`~torchslim.structure.tracing.structures`
+    does, so pass the same ones: the groups it found are the channels compaction can cut.
+
     The result is checked with :func:`verify` on ``example_inputs`` and on random inputs of the same
     shape, and is returned in eval mode; ``model`` is not changed.
 
     Raises:
+        UnsupportedOperation: ``strict=True`` and an operation's channels cannot be followed.
         VerificationError: the smaller model's outputs differ (a bug; please report it).
     """
     if shapes not in ("off", "crop", "lowered", "auto"):
@@ -261,11 +270,13 @@ def compact(
         raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     inputs = as_tuple(example_inputs)
     small = copy.deepcopy(model).eval()
-    graph, gm = channel_graph(small, inputs)
+    graph, gm = channel_graph(small, inputs, strict=strict, leaf_modules=leaf_modules)
+    warn_pinned(graph)
     blocks = remove_branches(small, residual_branches(small, gm))
     if blocks:
         log.info("blocks reduced to their shortcut: %s", blocks)
-    cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph)  # re-trace if changed
+    cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph,  # re-trace if changed
+                           leaf_modules=leaf_modules)
     log.info("removed channels: %s", cuts)
     if shapes != "off":
         log.info("kernels: %s", shrink_kernels(small, inputs, shapes))

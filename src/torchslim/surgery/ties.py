@@ -3,7 +3,7 @@
 The compact model runs the same code on fewer channels. A channel shuffle's ``view(B, g, C'/g, ...)``
 interleaves its groups' channels correctly only if every group keeps the same positions, and
 ``chunk(n)`` cuts ``ceil(C'/n)`` channels per piece. The tracer records each such operation as a
-*tie* (:attr:`~torchslim.structure.tracing._DependencyGraph.ties`); :func:`keep_for_ties` grows each
+*tie* (:attr:`~torchslim.structure.graph._DependencyGraph.ties`); :func:`keep_for_ties` grows each
 family's kept members until every tie holds. Keeping a removable member as it is changes nothing, and
 neither does renumbering a family's members consistently in all its stripes (a :class:`Renumbering`),
 so a family that enters a shuffle fresh (a branch's output) is first renumbered onto the positions the
@@ -22,8 +22,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import Family
-from torchslim.structure.tracing import _Chan, _DependencyGraph
+from torchslim.structure.layout import Channels
 
 TieKind = Literal["groups", "blocks", "chunk"]
 Plan = list[tuple[Family, Tensor]]  # each family with the sorted member indices it keeps, a LongTensor (K,)
@@ -77,7 +78,7 @@ class SlotLayout:
             live[at + keep] = True
         return live
 
-    def slots(self, chan: _Chan, size: int) -> Tensor:
+    def slots(self, chan: Channels, size: int) -> Tensor:
         """For each of the ``size`` entries of ``chan``'s dimension, its slot, a LongTensor ``(size,)``.
 
         Segment member ``k`` covers entries ``offset + (k - lo)·stride + [0, width)``; in a space of
@@ -107,7 +108,7 @@ class Tie:
     sizes: tuple[int, ...]    # (a, b) for a view; the pieces' sizes for a chunk
 
     @classmethod
-    def on(cls, layout: SlotLayout, kind: TieKind, chan: _Chan, sizes: tuple[int, ...]) -> Tie:
+    def on(cls, layout: SlotLayout, kind: TieKind, chan: Channels, sizes: tuple[int, ...]) -> Tie:
         """The tie the tracer recorded as ``(kind, chan, sizes)``, placed on ``layout``."""
         n = sum(sizes) if kind == "chunk" else sizes[0] * sizes[1]
         return cls(kind, layout.slots(chan, n), sizes)

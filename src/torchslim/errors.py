@@ -19,6 +19,10 @@ class VerificationError(TorchSlimError):
     """A transformed model whose outputs differ from the original's."""
 
 
+class NondeterministicModel(VerificationError):
+    """A model whose outputs differ between two calls on the same input, so no transformation can be checked."""
+
+
 class DatasetNotFound(TorchSlimError, FileNotFoundError):
     """A dataset that is not where it was looked for."""
 

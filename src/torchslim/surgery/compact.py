@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim._inputs import Inputs, as_tuple, first_inputs
-from torchslim.errors import ConfigError, VerificationError
+from torchslim.errors import ConfigError, NondeterministicModel, VerificationError
 from torchslim.layers import LoweredConv2d
 from torchslim.structure.depth import remove_branches, residual_branches
 from torchslim.structure.graph import _DependencyGraph
@@ -262,6 +262,7 @@ def compact(
 
     Raises:
         UnsupportedOperation: ``strict=True`` and an operation's channels cannot be followed.
+        NondeterministicModel: the model's own outputs differ between two calls on the same input.
         VerificationError: the smaller model's outputs differ (a bug; please report it).
     """
     if shapes not in ("off", "crop", "lowered", "auto"):
@@ -285,6 +286,19 @@ def compact(
     for probe in (inputs, randoms):
         report = verify(model, small, probe, atol=atol)
         if not report.ok:
+            _check_repeatable(model, probe, atol)
             raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
     return small
+
+
+def _check_repeatable(model: nn.Module, inputs: tuple[Tensor, ...], atol: float) -> None:
+    """Raise :class:`NondeterministicModel` if two eval-mode calls of ``model`` on ``inputs`` disagree."""
+    report = verify(model, model, inputs, atol=atol)
+    if not report.ok:
+        raise NondeterministicModel(
+            f"the model's outputs differ between two calls on the same input in eval mode ({report}), so no "
+            "compacted model can be checked against it. Some operation draws random numbers in eval mode "
+            "(e.g. F.dropout(x, training=True), torch.rand in forward, a sampling layer): make forward "
+            "deterministic in eval mode (use self.training), then compact again."
+        )
 

@@ -166,13 +166,19 @@ class ZooExactness(Record):
     rows: list
 
 
+class ZooTimmHF(Record):
+    settings: dict
+    summary: dict
+    rows: list
+
+
 SCRIPTS: dict[type, str] = {
     Record: "the benchmark named in its \"benchmark\" key", SSLRun: "ssl_recipe.py", LMRun: "iss_lm.py",
     LMControl: "iss_lm_control.py", Overhead: "lasso_overhead.py", Modes: "prox_vs_subgradient.py",
     Magnitude: "ssl_vs_magnitude.py", Codec: "codec_throughput.py", ForceSeeds: "force_seeds.py",
     ISSAlternatives: "iss_alternatives.py", TernGradWire: "terngrad_wire.py",
     TernGradConvergence: "terngrad_convergence.py", TernGradSpeed: "terngrad_speed.py", ZooSpeed: "zoo_speed.py",
-    ZooExactness: "zoo_exactness.py"}
+    ZooExactness: "zoo_exactness.py", ZooTimmHF: "zoo_timm_hf.py"}
 
 
 class SchemaError(ValueError):

@@ -26,6 +26,7 @@ from _report import (
     TernGradWire,
     ZooExactness,
     ZooSpeed,
+    ZooTimmHF,
     load,
     machine_line,
     table,
@@ -33,7 +34,7 @@ from _report import (
 from terngrad_report import terngrad_sections
 from wen_report import (iss_alternatives_section, iss_lm_overview, iss_lm_section, lowrank_sections, rank_table_section,
                         readme_rows)
-from zoo_report import exactness_section, zoo_section
+from zoo_report import exactness_section, timm_hf_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -256,6 +257,7 @@ def main() -> None:
     out += terngrad_sections(RESULTS)
     out += zoo_section(zoo) if (zoo := _load("zoo_speed", ZooSpeed)) is not None else []
     out += exactness_section(exact) if (exact := _load("zoo_exactness", ZooExactness)) is not None else []
+    out += timm_hf_section(timm_hf) if (timm_hf := _load("zoo_timm_hf", ZooTimmHF)) is not None else []
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()

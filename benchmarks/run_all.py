@@ -31,6 +31,7 @@ STEPS = [
     ["ssl_recipe.py", "--recipe", "resnet20_force_lowrank"],
     ["zoo_exactness.py"],
     ["zoo_speed.py"],
+    ["zoo_timm_hf.py"],
     ["codec_throughput.py"],
     ["terngrad_wire.py"],
     ["terngrad_convergence.py"],

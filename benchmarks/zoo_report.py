@@ -1,7 +1,10 @@
-"""RESULTS.md section for ``zoo_speed.py``: half-width torchvision models, and the tool's own speed.
+"""RESULTS.md sections for ``zoo_speed.py`` (half-width torchvision models, and the tool's own speed),
+``zoo_exactness.py`` (every torchvision classifier) and ``zoo_timm_hf.py`` (timm and Hugging Face models,
+beside Torch-Pruning).
 
-``make_results.py`` adds ``out += zoo_section(zoo)`` for ``results/zoo_speed.json``; every number here
-comes from that file. A file marked ``"smoke": true`` (a quick check, not a result) is labelled as such.
+``make_results.py`` adds ``out += zoo_section(zoo)`` for ``results/zoo_speed.json`` and likewise for the
+others; every number here comes from those files. A file marked ``"smoke": true`` (a quick check, not a
+result) is labelled as such.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 from _report import machine_line, table
 
-__all__ = ["exactness_section", "zoo_section"]
+__all__ = ["exactness_section", "timm_hf_section", "zoo_section"]
 
 _ENGINES = (("pytorch", "PyTorch"), ("channels_last", "channels_last"), ("onnxruntime", "ORT"))
 
@@ -102,3 +105,63 @@ def exactness_section(d: dict[str, Any]) -> list[str]:
                      f"{r['params'][1] / 1e6:.1f}M | {r['max_abs_diff']:.1e} | {r['structures_s']:.2f} | "
                      f"{r['compact_s']:.2f} | {stop[:70]} |")
     return lines + [""]
+
+
+_TS_STATUS = {"exact": "exact", "inexact": "**not exact**", "clear_error": "clear error", "crash": "**crash**",
+              "timeout": "timeout"}
+
+
+def timm_hf_section(d: dict[str, Any]) -> list[str]:
+    """Markdown lines for ``zoo_timm_hf.py``: the summary beside Torch-Pruning, per family, then per model."""
+    s, sm, rows = d["settings"], d["summary"], [r for r in d["rows"] if "torchslim" in r]
+    ts, tp = sm["torchslim"], sm.get("torch_pruning")
+    n = sm["models"]
+    lines = ["### timm and Hugging Face models: torchslim beside Torch-Pruning", "",
+             (f"{n} models of `benchmarks/zoo_models.py` (timm {s['versions'].get('timm')}, transformers "
+              f"{s['versions'].get('transformers')}; random weights and BatchNorm statistics, eval mode, small "
+              f"inputs). torchslim: `structures(kinds={tuple(s['kinds'])})`, a seeded random "
+              f"{s['fraction_zeroed']:.0%} of each family's groups zeroed, `compact`, outputs compared on a fresh "
+              f"input (atol {s['atol']:g}); *useful*: exact and at most {s['useful_at_most']:.0%} of the parameters "
+              f"kept. Torch-Pruning: {s['torch_pruning']}, ratio {s['fraction_zeroed']:g}; *forward works*: the "
+              f"pruned model runs and gives the dense output's shape. *Coverage*: conv/linear output rows held by "
+              f"some group. {s['timeout_s']} s per model and tool. {machine_line(d, cores='1 thread', sentence=True)}"),
+             "", *table(["", "models", "traced (≥ 1 group)", "exact", "useful (≤ "
+                         f"{s['useful_at_most']:.0%} kept)", "clear library error", "crash", "not exact", "timeout"]),
+             (f"| torchslim | {n} | {ts['traced']} | {ts['exact']} | {ts['useful']} | {ts['clear_error']} | "
+              f"{ts['crash']} | {ts['inexact']} | {ts['timeout']} |")]
+    if tp:
+        lines.append(f"| Torch-Pruning | {n} | {tp['ran']} ran | {tp['forward_ok']} forward works | {tp['useful']} | "
+                     f"| {tp['error']} pruning error, {tp['forward_failed']} forward fails | | {tp['timeout']} |")
+    lines += ["", *table(["family", "models", "torchslim exact", "torchslim useful", "Torch-Pruning forward works"],
+                         [[fam, f["models"], f["exact"], f["useful"], f.get("torch_pruning_ok", "–")]
+                          for fam, f in sm["by_family"].items()])]
+    if sm["failure_causes"]:
+        lines += ["", "Why models are not usefully compacted (torchslim), most common first:", "",
+                  *table(["models", "cause"], [[k, f"`{c}`"] for c, k in sm["failure_causes"]])]
+    if sm.get("strict_stops"):
+        lines += ["", "Where `strict=True` stops the tracer (the operation, in how many models): " +
+                  ", ".join(f"`{op}` {k}" for op, k in sm["strict_stops"]) + "."]
+    lines += ["", *table(["model", "family", "groups (channel / neuron)", "coverage", "parameters kept",
+                          "torchslim", "structures s", "compact s", "strict stops at / error",
+                          "Torch-Pruning", "TP kept", "TP s"])]
+    for r in rows:
+        lines.append(_timm_hf_row(r))
+    return lines + [""]
+
+
+def _timm_hf_row(r: dict[str, Any]) -> str:
+    t, p = r["torchslim"], r.get("torch_pruning") or {}
+    g = t.get("groups")
+    groups = f"{g.get('channel', 0):,} / {g.get('neuron', 0):,}" if g is not None else ""
+    cover = f"{t['coverage']['ratio']:.0%}" if "coverage" in t else ""
+    kept = f"{t['params_ratio']:.2f}" + (" ✓" if t.get("useful") else "") if "params_ratio" in t else ""
+    secs = lambda k: f"{t[k]:.2f}" if k in t else ""  # noqa: E731
+    note = (f"{t['stage']}: {t['error']['type']}: {t['error']['message']}" if t.get("error")
+            else re.sub(r"^cannot follow channels through (.+?)\. Its input.*", r"\1", t.get("strict_stops_at") or ""))
+    note = note.replace("|", "\\|")[:90]
+    tp_status = {"ok": "forward works", "forward_failed": "forward fails", "error": "pruning error",
+                 "timeout": "timeout"}.get(p.get("status", ""), "")
+    tp_kept = f"{p['params_ratio']:.2f}" if "params_ratio" in p else ""
+    tp_s = f"{p['seconds']:.2f}" if "seconds" in p else ""
+    return (f"| {r['model']} | {r['family']} | {groups} | {cover} | {kept} | {_TS_STATUS[t['status']]} | "
+            f"{secs('structures_s')} | {secs('compact_s')} | {note} | {tp_status} | {tp_kept} | {tp_s} |")

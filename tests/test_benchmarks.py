@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
@@ -117,3 +118,27 @@ def test_lm_direct_design_is_reused_only_where_the_engine_would_branch(monkeypat
     for other in ("model.kwargs.hidden_size=[260,250]", "baseline.dropout=0.2"):  # other widths; other dropout
         changed = iss_lm.recipe_from_dict(iss_lm.apply_overrides(direct.to_dict(), [other]))
         assert not iss_lm._shares_baseline("source_direct", changed)
+
+
+def test_zoo_timm_hf_smoke_writes_a_result_the_report_reads(monkeypatch, tmp_path):
+    """Two models of the timm / Hugging Face zoo end to end, whatever the tracer makes of them: every model
+    gets a status, the summary counts them, and the report renders the file."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(importlib.import_module("_common"), "RESULTS", tmp_path)
+    zoo, report = importlib.import_module("zoo_timm_hf"), importlib.import_module("_report")
+    threads = torch.get_num_threads()
+    try:
+        zoo.main(["--models", "mobilenetv3_small_050", "llama", "--smoke", "--no-torch-pruning", "--timeout", "60"])
+    finally:
+        torch.set_num_threads(threads)
+    d = report.load(tmp_path / "zoo_timm_hf_smoke.json", report.ZooTimmHF)
+    assert d["smoke"] and [r["model"] for r in d["rows"]] == ["mobilenetv3_small_050", "llama"]
+    statuses = [r["torchslim"]["status"] for r in d["rows"]]
+    assert set(statuses) <= {"exact", "inexact", "clear_error", "crash", "timeout"}
+    ts = d["summary"]["torchslim"]
+    assert sum(ts[k] for k in ("exact", "inexact", "clear_error", "crash", "timeout")) == 2
+    lines = importlib.import_module("zoo_report").timm_hf_section(d)
+    assert any(line.startswith("| torchslim | 2 |") for line in lines)
+    assert any(line.startswith("| llama | transformer |") for line in lines)

@@ -1,4 +1,7 @@
-"""Built-in rules for layers with weights: convolutions, Linear, Embedding, BatchNorm, LSTM/GRU."""
+"""Built-in rules for layers with weights: Linear, Embedding, BatchNorm (modules and functions), LSTM/GRU.
+
+Convolutions are in :mod:`~torchslim.structure.conv_rules`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from torchslim.errors import UnsupportedOperation
+from torchslim.structure.conv_rules import call_arg, param_name
 from torchslim.structure.groups import Stripe
 from torchslim.structure.layout import Channels, Segment, Stack
 from torchslim.structure.op import Op
@@ -19,61 +23,24 @@ def _outputs(op: Op, bias: bool) -> list[str]:
     return [op.param("weight")] + ([op.param("bias")] if bias else [])
 
 
-def conv2d(op: Op) -> None:
-    """A Conv2d: a new space of output channels; dense, depthwise or grouped."""
-    mod = op.module
-    if mod.padding_mode != "zeros":
-        op.unknown()
-    elif mod.groups == 1:
-        op.consume(op.channels(op.input), op.param("weight"), 1, channel_dim=1)
-        op.produce(mod.out_channels, dim=1, params=_outputs(op, mod.bias is not None))
-    elif mod.groups == mod.in_channels:
-        _depthwise(op, mod)
-    else:
-        _grouped(op, mod)
-
-
-def _depthwise(op: Op, mod: nn.Conv2d) -> None:
-    """A depthwise conv (``groups == in_channels``): output channels ``k·m … k·m + m - 1`` read input ``k``.
-
-    Its filters and bias go with their input channel, and its output carries the input's channels,
-    each ``m = out/in`` entries wide.
-    """
-    chan = op.channels(op.input)
-    if chan is None or chan.dim != 1:
-        op.unknown("a depthwise Conv2d over a non-channel dimension")
-        return
-    m = mod.out_channels // mod.in_channels
-    for param in _outputs(op, mod.bias is not None):
-        op.attach(chan, param, 0, "out", scale=m)
-    op.output(chan.widen(m))
-
-
-def _grouped(op: Op, mod: nn.Conv2d) -> None:
-    """A grouped conv: group ``i``'s input and output channels can only go together, as one member.
-
-    The input's space and the conv's output space are united at the granularity of whole groups
-    (``C_in/groups`` and ``C_out/groups`` channels per member); the per-group input width
-    (``weight.shape[1]``) does not change, the number of groups does.
-    """
-    chan = op.channels(op.input)
-    if chan is None:
-        return
-    seg = chan.segs[0] if len(chan.segs) == 1 else None
-    if chan.dim != 1 or seg is None or (seg.width, seg.stride, seg.offset) != (1, 1, 0) \
-            or (seg.lo, seg.hi) != (0, op.walk.graph.spaces[seg.space].size):
-        op.unknown("a grouped Conv2d over several channel segments")
-        return
-    out = op.produce(mod.out_channels, dim=1, params=_outputs(op, mod.bias is not None))
-    op.walk.graph.union(seg.space, out.segs[0].space, groups=mod.groups)
-
-
 def linear(op: Op) -> None:
     """A Linear over the last dim: its columns read the input's features, its rows open a space of neurons."""
     shape = op.shape(op.input)
     last = len(shape) - 1 if shape else 1
     op.consume(op.channels(op.input), op.param("weight"), 1, channel_dim=last)
     op.produce(op.module.out_features, dim=last, params=_outputs(op, op.module.bias is not None), kind="neuron")
+
+
+def linear_fn(op: Op) -> None:
+    """``F.linear(x, weight, bias)`` on parameters (``get_attr`` nodes): the same op as an ``nn.Linear``."""
+    weight, bias = call_arg(op, 1, "weight"), call_arg(op, 2, "bias")
+    w_name, b_name, shape = param_name(weight), param_name(bias), op.shape(op.input)
+    if w_name is None or (bias is not None and b_name is None) or not shape or len(op.shape(weight)) != 2:
+        op.unknown(f"{op.describe()} on a weight that is not a parameter")
+        return
+    last = len(shape) - 1
+    op.consume(op.channels(op.input), w_name, 1, channel_dim=last)
+    op.produce(op.shape(weight)[0], dim=last, params=[w_name] + ([b_name] if b_name else []), kind="neuron")
 
 
 def embedding(op: Op) -> None:
@@ -96,6 +63,29 @@ def batchnorm(op: Op) -> None:
         op.attach(chan, op.param("running_mean"), 0, "state")
         op.attach(chan, op.param("running_var"), 0, "state")
     op.output(chan, zero_preserving=mod.affine)
+
+
+def batchnorm_fn(op: Op) -> None:
+    """``F.batch_norm(x, mean, var, weight, bias, …)`` on a module's parameters and buffers (``BatchNormAct2d``).
+
+    Each of them that is given goes with its channel, as in :func:`batchnorm`; with γ, a channel with
+    zero γ and β stays zero. Statistics or affine terms that are computed tensors are an unknown case.
+    """
+    chan = op.channels(op.input)
+    if chan is None:
+        return  # e.g. a weight standardized by batch_norm: no channels flow through it
+    if chan.dim != 1:
+        op.unknown("batch_norm over a non-channel dimension")
+        return
+    args = {k: call_arg(op, i, k) for i, k in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))}
+    names = {k: param_name(a) for k, a in args.items()}
+    if any(a is not None and names[k] is None for k, a in args.items()):
+        op.unknown("batch_norm with computed statistics or affine terms")
+        return
+    for key, role in (("weight", "out"), ("bias", "out"), ("running_mean", "state"), ("running_var", "state")):
+        if names[key] is not None:
+            op.attach(chan, names[key], 0, role)
+    op.output(chan, zero_preserving=names["weight"] is not None)
 
 
 def rnn(op: Op) -> None:

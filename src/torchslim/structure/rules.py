@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import ConfigError
+from torchslim.structure import conv_rules as C
 from torchslim.structure import layer_rules as L
 from torchslim.structure import tensor_rules as T
 from torchslim.structure.op import Elementwise, Opaque, OpRule
@@ -39,10 +40,17 @@ _POOL = Elementwise(channel_dim=1)
 
 
 def _builtin() -> dict[Any, OpRule]:
-    table: dict[Any, OpRule] = {nn.Conv2d: L.conv2d, nn.LSTM: L.rnn, nn.GRU: L.rnn, nn.Embedding: L.embedding,
+    table: dict[Any, OpRule] = {nn.LSTM: L.rnn, nn.GRU: L.rnn, nn.Embedding: L.embedding,
                                 nn.Linear: L.linear, nn.BatchNorm1d: L.batchnorm, nn.BatchNorm2d: L.batchnorm,
                                 nn.Flatten: T.reshape, operator.getitem: T.getitem}
     groups: list[tuple[OpRule, list[Any]]] = [
+        (C.conv, [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]),
+        (C.conv_fn, [F.conv1d, F.conv2d, F.conv3d]),
+        (L.linear_fn, [F.linear]),
+        (L.batchnorm, [nn.BatchNorm3d]),
+        (L.batchnorm_fn, [F.batch_norm]),
+        (_POOL, [nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, F.max_pool3d, F.avg_pool3d,
+                 F.adaptive_avg_pool3d, F.adaptive_max_pool3d]),
         (_ELEMENTWISE, [
             nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Tanh, nn.Mish,
             nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
@@ -59,10 +67,18 @@ def _builtin() -> dict[Any, OpRule]:
         (T.add, [operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, torch.sub, "sub"]),
         (T.scale, [operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"]),
         (T.cat, [torch.cat, torch.concat, torch.concatenate]),
-        (T.split, [torch.split, torch.chunk, torch.tensor_split, "split", "chunk"]),
+        (T.split, [torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split"]),
         (T.reshape, list(RESHAPES)),
         (T.permute, [torch.permute, "permute", torch.transpose, "transpose"]),
         (T.mean, [torch.mean, "mean"]),
+        (_POOL, [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample,
+                 F.upsample_nearest, F.upsample_bilinear]),  # resampling the space after the channels
+        (T.pad, [F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+                 nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+                 nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+                 *(getattr(nn, f"CircularPad{d}d") for d in (1, 2, 3) if hasattr(nn, f"CircularPad{d}d"))]),
+        (T.pixel_shuffle, [nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle]),
+        (T.pixel_unshuffle, [nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle]),
     ]
     for rule, targets in groups:
         table.update(dict.fromkeys(targets, rule))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim._inputs import Inputs, as_tuple, first_inputs
-from torchslim.errors import ConfigError, NondeterministicModel, VerificationError
+from torchslim.errors import ConfigError, NondeterministicModel, TorchSlimError, VerificationError
 from torchslim.layers import LoweredConv2d
 from torchslim.structure.depth import remove_branches, residual_branches
 from torchslim.structure.graph import _DependencyGraph
@@ -111,17 +111,22 @@ def _cut(model: nn.Module, plan: Plan) -> None:
         _set(model, name, t.detach().index_select(dim, torch.nonzero(~mask).flatten().to(t.device)).clone(), holders)
 
 
-def _sync_sizes(model: nn.Module, multipliers: dict[nn.Conv2d, int]) -> None:
+def _sync_sizes(model: nn.Module, multipliers: dict[nn.Module, int]) -> None:
     """Make each layer's size attributes agree with its (cut) parameters.
 
     ``multipliers``: each grouped (or depthwise) conv's output channels per group, from before the cut:
     whole groups are cut, so the new number of groups is ``out_channels / multiplier``.
+    A transposed conv's weight is ``(C_in, C_out/groups, k…)``, a conv's ``(C_out, C_in/groups, k…)``.
     """
     for mod in model.modules():
-        if isinstance(mod, nn.Conv2d) and not isinstance(mod, LoweredConv2d):
+        if isinstance(mod, nn.modules.conv._ConvNd):
             if mod in multipliers:
                 mod.groups = mod.weight.shape[0] // multipliers[mod]
-            mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1] * mod.groups
+            rows, cols = mod.weight.shape[:2]
+            if mod.transposed:
+                mod.in_channels, mod.out_channels = rows, cols * mod.groups
+            else:
+                mod.out_channels, mod.in_channels = rows, cols * mod.groups
         elif isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, nn.Embedding):
@@ -149,7 +154,8 @@ def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int 
     for renumbering in renumberings:
         renumbering.apply_()
     plan = [(fam, keep) for fam, keep in plan if len(keep) < fam.size]
-    grouped = {m: m.out_channels // m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    grouped = {m: m.out_channels // m.groups for m in model.modules()
+               if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups > 1}
     _cut(model, plan)
     _sync_sizes(model, grouped)
     return {fam.label: (fam.size, len(keep)) for fam, keep in plan}
@@ -227,6 +233,36 @@ def shrink_kernels(model: nn.Module, inputs: tuple[Tensor, ...], shapes: Shapes)
     return changes
 
 
+def _raise_if_broken(small: nn.Module, inputs: tuple[Tensor, ...], error: Exception) -> None:
+    """Raise :class:`VerificationError` naming the innermost module where ``small`` fails to run on ``inputs``.
+
+    ``error`` was raised while comparing it with the original; nothing happens where ``small`` runs.
+    """
+    running: list[str] = []
+
+    def enter(name: str) -> None:
+        running.append(name)
+
+    def leave() -> None:
+        running.pop()
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: enter(name)) for name, m in small.named_modules()]
+    hooks += [m.register_forward_hook(lambda mod, args, out: leave()) for m in small.modules()]
+    try:
+        with torch.no_grad():
+            small(*inputs)
+    except Exception:  # noqa: BLE001 - whatever the user's forward raises on the narrower tensors
+        where = f"module '{running[-1]}' ({type(small.get_submodule(running[-1])).__name__})" \
+            if running and running[-1] else "the model's own forward"
+        raise VerificationError(
+            f"the compacted model fails in {where}: {error}. An operation there needs the channel counts it "
+            "had; please report this model (register_op(target, 'opaque') on that op keeps its channels)"
+        ) from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def compact(
     model: nn.Module,
     example_inputs: Inputs,
@@ -263,7 +299,8 @@ def compact(
     Raises:
         UnsupportedOperation: ``strict=True`` and an operation's channels cannot be followed.
         NondeterministicModel: the model's own outputs differ between two calls on the same input.
-        VerificationError: the smaller model's outputs differ (a bug; please report it).
+        VerificationError: the smaller model's outputs differ, or it fails to run (the message names
+            the module where), e.g. an operation that needs the channel counts it had (a bug; please report it).
     """
     if shapes not in ("off", "crop", "lowered", "auto"):
         raise ConfigError(f"shapes must be one of 'off', 'crop', 'lowered', 'auto', got {shapes!r}")
@@ -284,7 +321,13 @@ def compact(
     gen = torch.Generator().manual_seed(0)
     randoms = tuple(torch.randn(t.shape, generator=gen).to(t) if t.is_floating_point() else t for t in inputs)
     for probe in (inputs, randoms):
-        report = verify(model, small, probe, atol=atol)
+        try:
+            report = verify(model, small, probe, atol=atol)
+        except TorchSlimError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a forward that cannot run on the narrower tensors
+            _raise_if_broken(small, probe, e)
+            raise
         if not report.ok:
             _check_repeatable(model, probe, atol)
             raise VerificationError(f"compacted model differs from the original ({report}); please report this model")

@@ -1,0 +1,237 @@
+"""Tensor ops between layers: split by sizes, interpolate/upsample, pad, pixel (un)shuffle.
+
+For each op a toy model: the groups found where expected, some zeroed, compaction exact and smaller;
+and the cases the compact model cannot repeat on fewer channels (a split of constant sizes, a pad on
+the channel dim) pin those channels instead of crashing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim import VerificationError, compact, register_op, structures, verify
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def labels(groups) -> dict[str, int]:
+    """Members per family label: ``{"conv1": 8}``."""
+    out: dict[str, int] = {}
+    for g in groups:
+        out[g.family.label] = out.get(g.family.label, 0) + 1
+    return out
+
+
+def zero_compact(net: nn.Module, x: torch.Tensor, which: list[int]) -> nn.Module:
+    """Zero groups ``which`` of ``net``'s channel groups, compact, check it is exact and smaller."""
+    groups = structures(net, x, strict=True)
+    for i in which:
+        groups[i].zero_()
+    small = compact(net, x, strict=True)
+    assert verify(net, small, x).ok
+    assert n_params(small) < n_params(net)
+    return small
+
+
+# -- split ----------------------------------------------------------------------------------------
+
+class SplitNet(nn.Module):
+    """``split`` by constant sizes: the compact model splits by the same sizes."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.sizes = sizes
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.heads = nn.ModuleList(nn.Conv2d(4, 5, 1) for _ in range(3))
+        self.out = nn.Conv2d(15, 4, 1)
+
+    def forward(self, x):
+        pieces = torch.split(torch.relu(self.stem(x)), self.sizes, 1)
+        return self.out(torch.cat([h(pieces[i]) for i, h in enumerate(self.heads)], 1))
+
+
+@pytest.mark.parametrize("sizes", [4, [4, 4, 4]])
+def test_a_split_of_constant_sizes_pins_its_input_and_compacts_the_rest(sizes):
+    net = SplitNet(sizes).eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = structures(net, x, strict=True)
+    assert "stem" not in labels(groups)           # its channels are split by constant sizes
+    assert labels(groups)["heads.0"] == 5          # the pieces' readers still give groups
+    stem = net.stem.weight.detach().clone()
+    with torch.no_grad():
+        net.stem.weight[1] = 0                     # a zero stem channel cannot go: the pieces keep 4
+        net.stem.bias[1] = 0
+    small = zero_compact(net, x, [0, 7])
+    assert small.stem.out_channels == 12 and torch.equal(small.stem.weight[0], stem[0])
+    assert [h.out_channels for h in small.heads] == [4, 4, 5]
+
+
+def test_res2net_split_compacts_exactly():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("res2net50_14w_8s", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    groups = structures(net, x, strict=True)
+    for g in groups[::3]:
+        g.zero_()
+    small = compact(net, x, strict=True)
+    assert verify(net, small, x).ok
+    assert n_params(small) < 0.8 * n_params(net)
+    assert small.layer1[1].conv1.out_channels == net.layer1[1].conv1.out_channels  # split by self.width
+
+
+def test_a_chunk_still_ties_its_pieces():
+    class Chunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            a, b = self.stem(x).chunk(2, 1)
+            return self.out(torch.cat([torch.relu(b), a], 1))
+
+    net = Chunk().eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert labels(structures(net, x, strict=True)) == {"stem": 8}
+    zero_compact(net, x, [0, 4])                   # channel 0 of both pieces
+
+
+class WrongLeaf(nn.Module):
+    """Keeps its first 4 channels: taught to the tracer, wrongly, as element-wise."""
+
+    def forward(self, x):
+        return torch.cat([x[:, :4], x[:, :4]], 1)
+
+
+def test_a_compact_model_that_cannot_run_is_a_library_error():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), WrongLeaf(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with register_op(WrongLeaf, "elementwise"):
+        structures(net, x, leaf_modules=(WrongLeaf,))[0].zero_()
+        with pytest.raises(VerificationError, match=r"module '2' \(Conv2d\)"):
+            compact(net, x, leaf_modules=(WrongLeaf,))
+
+
+# -- interpolate / upsample -----------------------------------------------------------------------
+
+class Up(nn.Module):
+    def __init__(self, up: nn.Module | None):
+        super().__init__()
+        self.conv, self.up, self.out = nn.Conv2d(3, 8, 3, padding=1), up, nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = self.up(y) if self.up is not None else F.interpolate(y, scale_factor=2, mode="bilinear")
+        return self.out(y)
+
+
+@pytest.mark.parametrize("up", [None, nn.Upsample(scale_factor=2), nn.UpsamplingNearest2d(scale_factor=2),
+                                nn.UpsamplingBilinear2d(scale_factor=2)])
+def test_upsampling_passes_channels(up):
+    net = Up(up).eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert labels(structures(net, x, strict=True)) == {"conv": 8}
+    small = zero_compact(net, x, [1, 5])
+    assert small.conv.out_channels == 6
+
+
+# -- pad ------------------------------------------------------------------------------------------
+
+class Pad(nn.Module):
+    def __init__(self, pad: nn.Module | None, channels: bool = False, value: float = 0.0):
+        super().__init__()
+        self.conv, self.pad, self.out = nn.Conv2d(3, 8, 3), pad, nn.Conv2d(8 + 2 * channels, 4, 3)
+        self.channels, self.value = channels, value
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if self.pad is not None:
+            return self.out(self.pad(y))
+        return self.out(F.pad(y, (1, 1, 1, 1, int(self.channels), int(self.channels)), value=self.value))
+
+
+@pytest.mark.parametrize("pad", [None, nn.ZeroPad2d(1), nn.ConstantPad2d((1, 0, 2, 1), 0.0), nn.ReflectionPad2d(1),
+                                 nn.ReplicationPad2d((0, 1, 1, 0))])
+def test_a_pad_of_the_space_passes_channels(pad):
+    net = Pad(pad).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert labels(structures(net, x, strict=True)) == {"conv": 8}
+    small = zero_compact(net, x, [2, 3])
+    assert small.conv.out_channels == 6
+
+
+def test_a_nonzero_constant_pad_removes_a_channel_only_when_unread():
+    net = Pad(None, value=1.0).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        net.conv.weight[2] = 0                     # channel 2 is 0 inside and 1 on the border: it stays
+        net.conv.bias[2] = 0
+        net.out.weight[:, 5] = 0                   # nobody reads channel 5: it goes
+    small = compact(net, x, strict=True)
+    assert small.conv.out_channels == 7 and verify(net, small, x).ok
+
+
+def test_a_pad_on_the_channel_dim_pins_channels():
+    net = Pad(None, channels=True).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert "conv" not in labels(structures(net, x, strict=True))
+    with torch.no_grad():
+        net.conv.weight[2] = 0
+        net.conv.bias[2] = 0
+    small = compact(net, x, strict=True)
+    assert small.conv.out_channels == 8 and verify(net, small, x).ok
+
+
+# -- pixel shuffle --------------------------------------------------------------------------------
+
+class SubPixel(nn.Module):
+    """ESPCN's upsampler: a conv to ``C·r²`` channels, ``pixel_shuffle(r)``, a conv."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.conv, self.shuffle, self.out = nn.Conv2d(3, 16, 3, padding=1), nn.PixelShuffle(2), nn.Conv2d(4, 3, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = F.pixel_shuffle(y, 2) if self.functional else self.shuffle(y)
+        return self.out(torch.relu(y))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_pixel_shuffle_removes_blocks_of_r_squared_channels(functional):
+    net = SubPixel(functional).eval()
+    x = torch.randn(2, 3, 6, 6)
+    groups = structures(net, x, strict=True)
+    assert labels(groups) == {"conv": 4}           # output channel c is conv channels 4c .. 4c + 3
+    with torch.no_grad():
+        member = net.conv.weight[4:8].pow(2).sum() + net.conv.bias[4:8].pow(2).sum() + net.out.weight[:, 1].pow(2).sum()
+        assert float(groups[1].norm()) ** 2 == pytest.approx(float(member), rel=1e-5)
+    small = zero_compact(net, x, [1])
+    assert (small.conv.out_channels, small.out.in_channels) == (12, 3)
+
+
+class Unshuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.down, self.out = nn.Conv2d(3, 4, 3, padding=1), nn.PixelUnshuffle(2), nn.Conv2d(16, 8, 1)
+        self.up = nn.PixelShuffle(2)
+        self.last = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        y = self.out(self.down(torch.relu(self.conv(x))))
+        return self.last(self.up(y))
+
+
+def test_pixel_unshuffle_widens_each_channel_into_r_squared():
+    net = Unshuffle().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert labels(structures(net, x, strict=True)) == {"conv": 4, "out": 2}
+    small = zero_compact(net, x, [2, 4])           # conv channel 2 (out's columns 8..11), out's block 0
+    assert (small.conv.out_channels, small.out.in_channels, small.out.out_channels) == (3, 12, 4)
+    assert small.last.in_channels == 1

@@ -247,14 +247,23 @@ def _padding(op: Op) -> tuple[Any, str, Any]:
     return pads, mode, 0 if value is None else value
 
 
-def pixel_unshuffle(op: Op) -> None:
-    """``pixel_unshuffle(x, r)``: input channel ``c`` becomes output channels ``c·r² + [0, r²)``."""
+def _pixel_channels(op: Op) -> tuple[Channels, int] | None:
+    """The input's channels and the factor ``r`` of a pixel (un)shuffle; None when it has no channels or
+    they are not the dimension the op folds (then the op is handled as unknown)."""
     chan, r = op.channels(op.input), _factor(op)
     if chan is None:
-        return
+        return None
     if r is None or chan.dim != len(op.shape(op.input)) - 3:
         op.unknown(f"{op.describe()} over a non-channel dimension" if r else None)
+        return None
+    return chan, r
+
+
+def pixel_unshuffle(op: Op) -> None:
+    """``pixel_unshuffle(x, r)``: input channel ``c`` becomes output channels ``c·r² + [0, r²)``."""
+    if (found := _pixel_channels(op)) is None:
         return
+    chan, r = found
     op.output(chan.widen(r * r))
 
 
@@ -265,12 +274,9 @@ def pixel_shuffle(op: Op) -> None:
     entry per channel gets a new space of ``C/r²`` channels, united with it at the granularity of
     blocks of ``r²`` (as a grouped conv's groups), so a member is ``r²`` input channels and one output channel.
     """
-    chan, r = op.channels(op.input), _factor(op)
-    if chan is None:
+    if (found := _pixel_channels(op)) is None:
         return
-    if r is None or chan.dim != len(op.shape(op.input)) - 3:
-        op.unknown(f"{op.describe()} over a non-channel dimension" if r else None)
-        return
+    chan, r = found
     r2, graph, segs = r * r, op.walk.graph, []
     for seg in chan.segs:
         if seg.offset % r2 == 0 and seg.width % r2 == 0 and seg.stride % r2 == 0:

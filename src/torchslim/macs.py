@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from torchslim._inputs import Inputs, as_tuple
+from torchslim._inputs import Inputs, as_tuple, eval_mode
 from torchslim.layers import LoweredConv2d
 
 
@@ -134,14 +134,10 @@ def count_macs(model: nn.Module, inputs: Inputs, batch_dim: int = 0) -> int:
     The model's training flags are restored afterwards; ``batch_dim`` of the first input is the batch.
     """
     inputs = as_tuple(inputs)
-    flags = {m: m.training for m in model.modules()}
     counter = MacCounter(model)
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(*inputs)
     finally:
         counter.remove()
-        for module, flag in flags.items():
-            module.training = flag
     return sum(layer.macs for layer in counter.layers(int(inputs[0].shape[batch_dim])))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from torchslim._deprecate import renamed_kwargs
-from torchslim._inputs import Inputs, as_tuple
+from torchslim._inputs import Inputs, as_tuple, eval_mode
 from torchslim.errors import ConfigError, ShapeMismatch
 from torchslim.macs import LayerProfile, MacCounter
 
@@ -103,23 +103,19 @@ def profile(
     inputs = as_tuple(example_inputs)
     _check_args(inputs, threads, repeats, warmup, batch_dim)
     batch_size = int(inputs[0].shape[batch_dim])
-    flags = {m: m.training for m in model.modules()}
     previous_threads = torch.get_num_threads()
     counter = MacCounter(model)
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(*inputs)
             counter.remove()
             times = _time_forward(model, inputs, repeats, warmup) if latency else []
     finally:
         counter.remove()
         torch.set_num_threads(previous_threads)
-        for module, flag in flags.items():
-            module.training = flag
     layers = counter.layers(batch_size)
     p10, median, p90 = _percentiles(times)
     result = Profile(

@@ -16,19 +16,18 @@ own classes (containers such as a ResNet block) come from the skeleton and are n
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from torchslim._files import atomic_write
-from torchslim._inputs import Inputs, as_tuple
+from torchslim._inputs import Inputs, as_tuple, eval_mode
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
 from torchslim.layers import LoweredConv2d, LowRank
 
@@ -369,18 +368,6 @@ def _tensors(out: Any) -> list[Tensor]:
     return []
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the duration, then every module's own training flag back."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-
-
 def _verify(ref: list[Tensor], got: Sequence[Any], what: str) -> float:
     """``max |ref - got|`` over all outputs; VerificationError above ``_TOLERANCE * max(1, max |ref|)``."""
     if len(ref) != len(got):
@@ -413,7 +400,7 @@ def export_torchscript(model: nn.Module, example_inputs: Inputs, path: str | os.
         VerificationError: the difference exceeds ``1e-4 * max(1, max |output|)``.
     """
     inputs = as_tuple(example_inputs)
-    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
         traced = torch.jit.trace(model, inputs)
         traced.save(os.fspath(path))
@@ -468,7 +455,7 @@ def export_onnx(
     names = [f"input{i}" for i in range(len(inputs))]
     dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic_batch else None
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             torch.onnx.export(
                 model, inputs, os.fspath(path), dynamo=True, verbose=False, input_names=names,

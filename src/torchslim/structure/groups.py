@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 Kind = Literal["channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "hidden_row", "hidden_col",
-               "rank"]
+               "rank", "head", "embed"]
 KINDS: tuple[str, ...] = ("channel", "filter", "in_channel", "shape", "neuron", "depth", "hidden", "hidden_row",
-                          "hidden_col", "rank")
+                          "hidden_col", "rank", "head", "embed")
 # ISS's row-only and column-only alternatives: one side of each ``hidden`` member
 SIDES: dict[str, str] = {"hidden_row": "out", "hidden_col": "in"}
 Role = Literal["out", "in", "state"]

@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import ConfigError
+from torchslim.structure import aten_rules as A
+from torchslim.structure import attention_rules as H
 from torchslim.structure import conv_rules as C
 from torchslim.structure import layer_rules as L
+from torchslim.structure import norm_rules as N
 from torchslim.structure import tensor_rules as T
 from torchslim.structure.op import Elementwise, Opaque, OpRule
 from torchslim.structure.shuffle import RESHAPES
@@ -82,6 +85,8 @@ def _builtin() -> dict[Any, OpRule]:
     ]
     for rule, targets in groups:
         table.update(dict.fromkeys(targets, rule))
+    table.update(N.RULES)  # LayerNorm, RMSNorm, GroupNorm: the model width through normalization
+    table.update(H.RULES)  # attention: heads
     return table
 
 
@@ -114,6 +119,8 @@ def rule_for(node: fx.Node, module: nn.Module | None = None) -> OpRule | None:
         return None
     if node.op == "call_method":
         return _get(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):  # a graph captured by torch.export
+        return A.aten_rule(node.target, _get)
     return _get(node.target) or _get(_qualname(node.target))
 
 

@@ -44,6 +44,9 @@ __all__ = ["UnknownOpWarning", "channel_graph", "coupled_families", "layer_famil
 
 
 _LISTED = 10  # unknown operations a warning names
+# a class of united spaces takes the first kind any of its spaces was given (``op.produce(kind=)`` or
+# ``space.producer_kind``): attention heads and the model width win over the layers' own kinds
+_KIND_ORDER = ("head", "embed", "channel", "hidden", "neuron")
 
 
 def channel_graph(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], *, strict: bool = False,
@@ -84,7 +87,7 @@ def coupled_families(model: nn.Module, graph: _DependencyGraph, roots: list[int]
         if not producers or any(s.fixed for s in spaces):
             continue
         kinds = set().union(*(s.producer_kind for s in spaces))
-        kind = "channel" if "channel" in kinds else "hidden" if "hidden" in kinds else "neuron"
+        kind = next((k for k in _KIND_ORDER if k in kinds), "neuron")
         if is_rank_family(model, producers):  # the r channels between a LowRank's two layers
             kind = "rank"
         count = graph.count[root]
@@ -173,7 +176,7 @@ def structures(
     if unknown:
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
-    if {"channel", "neuron", "depth", "hidden", "rank", *SIDES} & set(kinds) or strict:
+    if {"channel", "neuron", "depth", "hidden", "rank", "head", "embed", *SIDES} & set(kinds) or strict:
         graph, gm = channel_graph(model, as_tuple(example_inputs), strict=strict, leaf_modules=leaf_modules)
         warn_pinned(graph)
         coupled = coupled_families(model, graph)

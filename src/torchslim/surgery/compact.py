@@ -17,6 +17,8 @@ from torchslim.structure.depth import remove_branches, residual_branches
 from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import Family
 from torchslim.structure.tracing import channel_graph, coupled_families, warn_pinned
+from torchslim.surgery.heads import sync_attention
+from torchslim.surgery.norms import sync_norms
 from torchslim.surgery.ties import Plan, keep_for_ties
 from torchslim.surgery.verify import VerifyReport, verify
 
@@ -156,8 +158,11 @@ def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int 
     plan = [(fam, keep) for fam, keep in plan if len(keep) < fam.size]
     grouped = {m: m.out_channels // m.groups for m in model.modules()
                if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups > 1}
+    before = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
     _cut(model, plan)
     _sync_sizes(model, grouped)
+    sync_norms(model, before)
+    sync_attention(model, before)
     return {fam.label: (fam.size, len(keep)) for fam, keep in plan}
 
 

@@ -21,7 +21,7 @@ def _n_conv3x3(model: nn.Module) -> int:
     return sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules())
 
 
-IMAGE_CLASSIFIERS = [name for name in list_models() if name != "wordlm"]  # wordlm: tests/test_lm.py
+IMAGE_CLASSIFIERS = [name for name in list_models() if name not in ("wordlm", "gpt")]  # LMs: tests/models/test_gpt.py
 
 
 def test_registry_holds_the_papers_models() -> None:

@@ -71,3 +71,22 @@ def wordlm(vocab_size: int = 10_002, hidden_size: int | list[int] = 200, num_lay
     from torchslim.models.wordlm import WordLM
 
     return WordLM(vocab_size, hidden_size, num_layers, dropout, tie_weights, per_layer)
+
+
+@register_model("gpt")
+def gpt(vocab_size: int = 10_002, width: int = 256, n_layer: int = 6, n_head: int | list[int] = 8, head_dim: int = 32,
+        d_ff: int | list[int] = 1024, block_size: int = 64, dropout: float = 0.1) -> nn.Module:
+    """A small GPT-2-style decoder (pre-norm, learned positions, tied head), for SSL on heads, neurons and width."""
+    from torchslim.models.gpt import GPT
+
+    return GPT(vocab_size, width, n_layer, n_head, head_dim, d_ff, block_size, dropout)
+
+
+@register_model("vit")
+def vit(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, patch: int = 4, width: int = 128,
+        n_layer: int = 4, n_head: int | list[int] = 4, head_dim: int = 32, d_ff: int | list[int] = 256,
+        dropout: float = 0.0) -> nn.Module:
+    """A small ViT (patch 4, class token), for SSL on heads, neurons and width on Fashion-MNIST."""
+    from torchslim.models.vit import ViT
+
+    return ViT(num_classes, in_channels, input_size, patch, width, n_layer, n_head, head_dim, d_ff, dropout)

@@ -146,11 +146,13 @@ class _Regularizer:
 
 @torch.no_grad()
 def _reset_momentum(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> None:
-    """Zero the momentum buffer (SGD's ``momentum_buffer``) where the weight is exactly zero."""
+    """Zero the optimizer's running moments (SGD's ``momentum_buffer``, Adam's ``exp_avg``, ``exp_avg_sq``)
+    where the weight is exactly zero."""
     for p in tensors:
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            buf.masked_fill_(p == 0, 0.0)
+        state = optimizer.state.get(p, {})
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if state.get(key) is not None:
+                state[key].masked_fill_(p == 0, 0.0)
 
 
 class GroupLasso(_Regularizer):

@@ -64,8 +64,14 @@ def lr_at(spec: PhaseSpec, step: int, total_steps: int) -> float:
     return spec.lr
 
 
-def sgd(model: nn.Module, spec: PhaseSpec) -> torch.optim.SGD:
-    """The phase's optimizer: SGD with ``spec``'s momentum and L2 weight decay (its rate is set every step)."""
+def sgd(model: nn.Module, spec: PhaseSpec) -> torch.optim.Optimizer:
+    """The phase's optimizer (its rate is set every step): SGD with ``spec``'s momentum and L2 weight decay, or
+    AdamW (betas 0.9, 0.95 as GPT-2-style training uses; decoupled decay, none on 1-d tensors: biases, norms)."""
+    if spec.optimizer == "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
 
 

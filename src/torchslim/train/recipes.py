@@ -30,7 +30,7 @@ __all__ = ["CompactSpec", "DataSpec", "DistillSpec", "ForceSpec", "LowRankSpec",
 
 Schedule = Literal["cosine", "constant", "step"]
 GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "hidden_row",
-                    "hidden_col", "rank"]
+                    "hidden_col", "rank", "head", "embed"]
 
 
 @dataclass
@@ -97,11 +97,12 @@ class DistillSpec:
 
 @dataclass
 class PhaseSpec:
-    """One training phase: momentum SGD with L2 weight decay, a learning-rate schedule, optionally a force."""
+    """One training phase: momentum SGD (or AdamW) with weight decay, a learning-rate schedule, optionally a force."""
 
     epochs: int = 1
     lr: float = 0.01
-    momentum: float = 0.9  # the paper's Caffe solvers all use 0.9
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: transformers (betas 0.9, 0.95; decoupled weight decay)
+    momentum: float = 0.9  # the paper's Caffe solvers all use 0.9 (SGD only)
     weight_decay: float = 5.0e-4  # Caffe LeNet's L2 decay; SSL keeps it beside the group Lasso
     lr_schedule: Schedule = "cosine"  # per-step cosine to 0; "step" divides by 10 at 50% and 75%
     grad_clip: float | None = None  # clip the gradients' global L2 norm (LSTMs; PTB's word LM uses 0.25)

@@ -12,6 +12,7 @@ import warnings
 from typing import Any
 
 from torchslim.comm import TernGradState, terngrad_hook
+from torchslim.deploy.hf import pretrained_config, save_pretrained
 from torchslim.deploy.profile import Profile, profile
 from torchslim.deploy.serialize import export_onnx, load_compact, save_compact
 from torchslim.errors import (
@@ -69,9 +70,11 @@ __all__ = [
     "load_compact",
     "lowrank",
     "magnitude_prune",
+    "pretrained_config",
     "profile",
     "register_op",
     "save_compact",
+    "save_pretrained",
     "sparsity_report",
     "structures",
     "terngrad_hook",

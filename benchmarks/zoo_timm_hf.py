@@ -4,7 +4,7 @@
 
 The models are the public list of ``zoo_models.py`` (random weights, eval mode, small inputs). For each:
 
-- torchslim: ``structures(kinds=("channel", "neuron"))`` (groups per kind, and the share of the conv/linear
+- torchslim: ``structures(kinds=("channel", "neuron", "head", "embed"))`` (groups per kind, and the share of the conv/linear
   output rows some group holds), a seeded random ``--fraction`` of each family's groups zeroed (never a
   whole family), ``compact``, ``verify`` on a fresh input (``atol=1e-4``). *Exact*: the outputs match;
   *useful*: exact and the compact model keeps ≤ 85% of the parameters. A failure is a *clear error*
@@ -48,7 +48,7 @@ from torchslim import compact, structures, verify
 from torchslim.errors import TorchSlimError
 
 USEFUL = 0.85  # a compact model keeping at most this share of the parameters is a useful compaction
-KINDS = ("channel", "neuron")
+KINDS = ("channel", "neuron", "head", "embed")
 
 
 class Timeout(BaseException):

@@ -21,7 +21,7 @@ MORE = ["mobilenet_v3_small", "efficientnet_b0", "googlenet", "squeezenet1_0", "
         "shufflenet_v2_x0_5", "regnet_x_400mf", "resnext50_32x4d", "convnext_tiny"]
 # models whose channels are only partly removable, and the operation that stops the tracer
 PARTIAL = {
-    "convnext_tiny": "layer_norm",              # LayerNorm statistics couple every channel of the trunk
+    "convnext_tiny": "mul of two tensors",      # CNBlock's layer scale, a parameter times the trunk's channels
 }
 
 

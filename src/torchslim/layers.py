@@ -1,5 +1,6 @@
 """The layers torchslim emits besides torch.nn's: a convolution lowered to a column-gathered GEMM
-(:class:`LoweredConv2d`, from shape sparsity) and a layer split in two (:class:`LowRank`, from :func:`lowrank`).
+(:class:`LoweredConv2d`, from shape sparsity), a layer split in two (:class:`LowRank`, from :func:`lowrank`)
+and a LayerNorm whose zero channels were cut (:class:`PaddedLayerNorm`, from channel compaction).
 
 
 SSL's shape-wise sparsity zeroes columns of the lowered weight matrix ``W: (N, C*kh*kw)`` (the
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -119,3 +121,66 @@ def _in_first_of_lowrank(model: nn.Module, path: str) -> bool:
             except AttributeError:  # an RNN producer "lstm.l0" is no module path
                 return False
     return False
+
+
+def padded_layer_norm(x: Tensor, full: int, weight: Tensor, bias: Tensor | None, eps: float, dim: int = -1) -> Tensor:
+    """LayerNorm over ``dim`` of ``x`` as if it had ``full`` entries there, the missing ones exactly zero.
+
+    With ``C = full`` and ``C'`` kept entries ``x_k`` (the cut ones were 0)::
+
+        μ  = Σ_k x_k / C
+        σ² = (Σ_k (x_k − μ)² + (C − C')·μ²) / C      each cut entry adds (0 − μ)²
+        y_k = γ_k·(x_k − μ)/sqrt(σ² + ε) + β_k
+
+    which is ``F.layer_norm`` over the ``C`` entries at the kept ones (two passes, as stable as it).
+
+    Args:
+        x: ``(*, C', *)`` with the normalized dim at ``dim``.
+        full: ``C``, the entries the statistics are over.
+        weight, bias: γ, β ``(C',)`` (``bias`` may be None).
+        eps: ε of the original LayerNorm.
+        dim: the normalized dimension (``-1``: features last; ``1``: channels of ``(B, C, H, W)``).
+    Returns:
+        ``y``, the shape of ``x``.
+    """
+    kept = x.shape[dim]
+    mean = x.sum(dim, keepdim=True) / full
+    centered = x - mean
+    var = (centered.square().sum(dim, keepdim=True) + (full - kept) * mean.square()) / full
+    y = centered * torch.rsqrt(var + eps)
+    trailing = (1,) * (x.dim() - dim % x.dim() - 1)  # γ (C',) lined up with dim: (C', 1, 1) for channels first
+    y = y * weight.reshape(kept, *trailing)
+    return y if bias is None else y + bias.reshape(kept, *trailing)
+
+
+torch.fx.wrap("padded_layer_norm")  # one call in a traced graph, which the norm rules know
+
+
+class PaddedLayerNorm(nn.Module):
+    """A LayerNorm over ``kept`` entries whose statistics count ``full``: the ``full − kept`` cut ones were zero.
+
+    What compaction puts in place of an ``nn.LayerNorm`` (or timm's ``LayerNorm``/``LayerNorm2d``) after
+    cutting zero channels: a standard LayerNorm over the kept ones would change μ and σ. See
+    :func:`padded_layer_norm` for the maths; standard ops only, so it exports to ONNX.
+
+    Args:
+        kept: ``C'``, the entries left; ``weight`` and ``bias`` are ``(C',)``.
+        full: ``C``, the entries the original LayerNorm normalized.
+        eps: its ε.
+        bias: whether it has β.
+        dim: the normalized dimension of the input (``-1``: ``(*, C')``; ``1``: ``(B, C', H, W)``).
+    """
+
+    def __init__(self, kept: int, full: int, eps: float = 1e-5, bias: bool = True, dim: int = -1) -> None:
+        super().__init__()
+        if not 0 < kept <= full:
+            raise ValueError(f"PaddedLayerNorm needs 0 < kept <= full, got kept={kept}, full={full}")
+        self.full, self.eps, self.dim = full, eps, dim
+        self.weight = nn.Parameter(torch.ones(kept))
+        self.bias = nn.Parameter(torch.zeros(kept)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return padded_layer_norm(x, self.full, self.weight, self.bias, self.eps, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]} of {self.full}, eps={self.eps}, dim={self.dim}, bias={self.bias is not None}"

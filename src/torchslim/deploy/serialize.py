@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchslim._files import atomic_write
 from torchslim._inputs import Inputs, as_tuple, eval_mode
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
-from torchslim.layers import LoweredConv2d, LowRank
+from torchslim.layers import LoweredConv2d, LowRank, PaddedLayerNorm
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,15 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
     "Embedding": (nn.Embedding, lambda m: {"num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim,
                                            "padding_idx": m.padding_idx},
                   lambda a: nn.Embedding(a["num_embeddings"], a["embedding_dim"], a["padding_idx"])),
+    # norms whose channels compaction cut: a LayerNorm keeps the cut channels' share of its statistics
+    "PaddedLayerNorm": (PaddedLayerNorm, lambda m: {"kept": m.weight.shape[0], "full": m.full, "eps": m.eps,
+                                                    "bias": m.bias is not None, "dim": m.dim},
+                        lambda a: PaddedLayerNorm(a["kept"], a["full"], a["eps"], a["bias"], a["dim"])),
+    "RMSNorm": (nn.RMSNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+                                       "elementwise_affine": m.elementwise_affine},
+                lambda a: nn.RMSNorm(_tup(a["normalized_shape"]), a["eps"], a["elementwise_affine"])),
+    "GroupNorm": (nn.GroupNorm, lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps,
+                                           "affine": m.affine}, lambda a: nn.GroupNorm(**a)),
 }
 _NAME_OF = {cls: name for name, (cls, _, _) in _KINDS.items()}
 _CONTAINERS: dict[str, type[nn.Sequential]] = {"Sequential": nn.Sequential, "LowRank": LowRank}

@@ -21,6 +21,27 @@ class _Space:
     fixed: str | None = None  # why its channels cannot be removed
     zero_preserving: bool = True
     rnn: str | None = None  # the nn.LSTM/GRU whose hidden units these are: all its layers keep one size
+    read_by_norm: bool = False  # a LayerNorm/RMSNorm's statistics read every channel: only silent ones may go
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A norm whose compact form compaction must fix when its channels are cut (:mod:`torchslim.surgery.norms`).
+
+    ``kind``: ``"layer"`` (the module becomes a :class:`torchslim.layers.PaddedLayerNorm` over ``dim`` of its
+    input, its statistics still over the ``C`` channels it had), ``"rms"`` (γ·sqrt(C/C'), ε·C/C' in the module's
+    ``eps_attr``, or a standard ``nn.RMSNorm`` where ``eps_attr`` is None and the module is one ``rms_norm``
+    call) or ``"group"`` (``num_groups`` shrinks with the whole groups cut). ``weight``: γ's qualified name; its
+    shape before and after the cut gives ``C`` and ``C'``.
+    """
+
+    module: str
+    kind: str
+    weight: str
+    bias: str | None = None
+    eps: float | None = None
+    dim: int = -1
+    eps_attr: str | None = None
 
 
 class _DependencyGraph:
@@ -35,6 +56,8 @@ class _DependencyGraph:
         self.ties: list[tuple[str, Channels, tuple[int, ...]]] = []
         # operations no rule covers that pinned channels: "what at 'node' (module 'path')" -> channels pinned
         self.pinned: dict[str, int] = {}
+        # norms over channels, by module path: what compaction must fix when it cuts them (norm_rules)
+        self.norms: dict[str, NormSite] = {}
 
     def new(self, size: int, fixed: str | None = None) -> int:
         self.spaces.append(_Space(size, fixed=fixed))

@@ -21,7 +21,7 @@ KINDS: tuple[str, ...] = ("channel", "filter", "in_channel", "shape", "neuron", 
                           "hidden_col", "rank", "head", "embed")
 # ISS's row-only and column-only alternatives: one side of each ``hidden`` member
 SIDES: dict[str, str] = {"hidden_row": "out", "hidden_col": "in"}
-Role = Literal["out", "in", "state"]
+Role = Literal["out", "in", "state", "score"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,9 @@ class Stripe:
     ``role`` tells compaction which side of the channel the slice is on: ``"out"`` slices produce the
     channel (filter rows, bias, BatchNorm entries), ``"in"`` slices consume it (input columns), and
     ``"state"`` slices are buffers (BatchNorm running statistics) that are cut with the channel but
-    are not weights: they count in no norm and are never zeroed.
+    are not weights: they count in no norm and are never zeroed. ``"score"`` slices (an attention head's
+    query and key rows) are weights cut and regularized with the channel that neither produce nor read it:
+    zero, they leave uniform attention over v, so they do not make a head silent.
     """
 
     param: str
@@ -86,7 +88,9 @@ class Family:
     ``zero_preserving`` is False when a channel whose producers are zero may still carry a non-zero
     value (through a sigmoid, say); such a channel is removable only when its consumers are zero.
     ``uniform`` names the RNN module whose layers this family's members belong to: one module holds
-    one hidden size, so compaction keeps as many members in each of its families.
+    one hidden size, so compaction keeps as many members in each of its families. ``read_by_norm``: a
+    LayerNorm/RMSNorm's statistics read every member, so a member whose consumers are zero is still read
+    and only a silent one (producers zero) is removable.
     """
 
     kind: str
@@ -96,6 +100,7 @@ class Family:
     params: Mapping[str, Tensor] = field(repr=False)
     zero_preserving: bool = True
     uniform: str | None = None  # an nn.LSTM/GRU: every family of it must keep the same number of members
+    read_by_norm: bool = False  # a norm's statistics read it: removable only where silent
 
     def row_sq(self, role: Role | None = None) -> Tensor:
         """Squared L2 norm of every member, shape ``(size,)``; ``role`` restricts to one side."""

@@ -44,7 +44,12 @@ def linear_fn(op: Op) -> None:
 
 
 def embedding(op: Op) -> None:
-    """Token ids in, a new feature space out: column ``k`` of the table."""
+    """Token ids in, a new feature space out: column ``k`` of the table.
+
+    Its kind stays ``"neuron"`` (an LSTM LM's embedding width); a LayerNorm/RMSNorm over the features
+    of ``(B, T, C)`` tokens marks the class it joins ``"embed"``, the model width
+    (:mod:`~torchslim.structure.norm_rules`).
+    """
     op.produce(op.module.embedding_dim, dim=len(op.shape()) - 1, params=[(op.param("weight"), 1)], kind="neuron")
 
 

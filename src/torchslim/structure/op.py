@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -187,6 +188,8 @@ class Op:
         """The operation in words: the module's class, the function's or the method's name."""
         if self.module is not None:
             return type(self.module).__name__
+        if isinstance(self.node.target, torch._ops.OpOverload):
+            return str(self.node.target)  # "aten.roll.default"
         return getattr(self.node.target, "__name__", str(self.node.target))
 
     def target_hint(self) -> str:
@@ -196,6 +199,8 @@ class Op:
             return type(self.module).__name__
         if isinstance(target, str):
             return repr(target)
+        if isinstance(target, torch._ops.OpOverload):
+            return f"torch.ops.{target}"  # torch.ops.aten.roll.default
         module = getattr(target, "__module__", None) or ""
         module = "operator" if module == "_operator" else module
         return f"{module}.{getattr(target, '__name__', target)}".lstrip(".")
@@ -205,7 +210,7 @@ class Op:
         hint = "'elementwise' | 'opaque' | a handler"
         if not self.has_rule:
             return f"Teach torchslim this op with torchslim.register_op({self.target_hint()}, {hint})"
-        if self.module is not None:
+        if self.module is not None or isinstance(self.node.target, torch._ops.OpOverload):  # export: no leaf modules
             return f"Its rule does not cover this case; torchslim.register_op({self.target_hint()}, a handler) replaces it"
         owner = self._owner()
         if owner is None:
@@ -223,9 +228,13 @@ class Op:
         return f"'{self.node.name}' in module '{self.path}'" + (f" ({owner})" if owner else "")
 
     def _owner(self) -> str | None:
-        """The class name of the module the operation sits in, from fx's ``nn_module_stack``."""
+        """The class name of the module the operation sits in, from ``nn_module_stack``.
+
+        fx records the class, torch.export its qualified name (``"transformers...LlamaMLP"``).
+        """
         stack = self.node.meta.get("nn_module_stack")
-        return getattr(next(reversed(stack.values()))[1], "__name__", None) if stack else None
+        cls = next(reversed(stack.values()))[1] if stack else None
+        return cls.rpartition(".")[2] if isinstance(cls, str) else getattr(cls, "__name__", None)
 
 
 class OpRule(Protocol):

@@ -4,6 +4,7 @@ pixel (un)shuffle."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -11,8 +12,17 @@ import torch.fx as fx
 from torch import nn
 
 from torchslim.structure.capture import tensor_shapes
+from torchslim.structure.heads_layout import (
+    heads,
+    is_head,
+    merge_reason,
+    rewritten_split,
+    set_stacked,
+    split_heads,
+)
 from torchslim.structure.layout import Channels, Segment, Stack
 from torchslim.structure.op import Op
+from torchslim.structure.param_operands import parameter_dim
 from torchslim.structure.shuffle import shuffle
 
 
@@ -21,7 +31,13 @@ def _name(op: Op) -> str:
 
 
 def add(op: Op) -> None:
-    """``a + b`` of same-shape tensors unites their channels (a residual trunk); ``x + scalar`` passes them."""
+    """``a + b`` of same-shape tensors unites their channels (a residual trunk); ``x + scalar`` passes them.
+
+    Broadcast operands whose channel dims line up from the right (token ``(B, T, C)`` plus position
+    ``(T, C)`` embeddings) unite too. A parameter added to the channels (``x + self.pos_embed``, timm's
+    ViT) writes them: its entries along the channel dim are ``"out"`` stripes (0 where the channel is
+    silent); one broadcast over the channels (size 1 there) maps a zero channel to non-zero.
+    """
     operands = op.node.args[:2]
     chans = [op.channels(a) for a in operands if isinstance(a, fx.Node)]
     tensors = [a for a in operands if isinstance(a, fx.Node) and op.shape(a) is not None]
@@ -31,6 +47,8 @@ def add(op: Op) -> None:
         return
     if len(tensors) == 1 and chans and chans[0] is not None:  # x + scalar
         op.output(op.channels(tensors[0]), zero_preserving=False)
+        return
+    if len(tensors) == 2 and (_add_broadcast(op, *tensors) or _add_parameter(op, *tensors)):
         return
     if len(tensors) == 2 and all(c is not None for c in chans) and op.shape(tensors[0]) == op.shape(tensors[1]) \
             and chans[0].dim == chans[1].dim and any(_pinned(op, c) for c in chans):
@@ -42,6 +60,34 @@ def add(op: Op) -> None:
     op.unknown(f"{_name(op)} of these operands")
 
 
+def _add_broadcast(op: Op, a: fx.Node, b: fx.Node) -> bool:
+    """Two channel operands of different shapes whose channel dims line up from the right: unite them."""
+    ca, cb, sa, sb = op.channels(a), op.channels(b), op.shape(a), op.shape(b)
+    if ca is None or cb is None or len(sa) - ca.dim != len(sb) - cb.dim or sa[ca.dim] != sb[cb.dim]:
+        return False
+    if not op.unite(ca, cb.moved_to(ca.dim)):
+        return False
+    op.output(ca.moved_to(len(op.shape()) - (len(sa) - ca.dim)))
+    return True
+
+
+def _add_parameter(op: Op, a: fx.Node, b: fx.Node) -> bool:
+    """One operand carries channels, the other is a parameter: it writes them (or is broadcast over them)."""
+    if (op.channels(a) is None) == (op.channels(b) is None):
+        return False
+    x, other = (a, b) if op.channels(a) is not None else (b, a)
+    chans, rank = op.channels(x), len(op.shape())
+    out = chans.moved_to(chans.dim + rank - len(op.shape(x)))
+    found = parameter_dim(op, out, other)
+    if found is None:
+        return False
+    param, dim = found
+    if dim is not None:
+        op.attach(out, str(param.target), dim, "out")
+    op.output(out, zero_preserving=dim is not None)
+    return True
+
+
 def _pinned(op: Op, chans: Channels) -> bool:
     """Whether every channel of ``chans`` is pinned (each space is united with a fixed one)."""
     graph = op.walk.graph
@@ -50,7 +96,12 @@ def _pinned(op: Op, chans: Channels) -> bool:
 
 
 def scale(op: Op) -> None:
-    """``x * scalar`` keeps channels apart; ``x * gate`` with a per-channel gate unites them."""
+    """``x * scalar`` keeps channels apart; ``x * gate`` with a per-channel gate unites them.
+
+    A factor without channels that is broadcast over them (size 1 at the channel dim, aligned from the
+    right: rotary ``cos``/``sin`` of shape ``(1, 1, T, D)`` on heads ``(B, H, T, D)``) keeps them too, as
+    does ``x / t``; ``t / x`` does not map 0 to 0.
+    """
     tensors = [a for a in op.node.args[:2] if isinstance(a, fx.Node) and op.shape(a) is not None]
     chans = [op.channels(t) for t in tensors]
     if len(tensors) == 1 and chans[0] is not None:
@@ -61,7 +112,21 @@ def scale(op: Op) -> None:
         if len(sa) == len(sb) and a.dim == b.dim and sa[a.dim] == sb[b.dim] and op.unite(a, b):
             op.output(a)  # a zero channel of either factor is zero in the product
             return
+    if len(tensors) == 2 and (chans[0] is None) != (chans[1] is None):
+        x, other = (tensors[0], tensors[1]) if chans[0] is not None else (tensors[1], tensors[0])
+        divisor = op.node.target in (operator.truediv, torch.div, "div") and x is not op.node.args[0]
+        if not divisor and broadcast_over(op, op.channels(x), x, other):
+            op.output(op.channels(x).moved_to(op.channels(x).dim + len(op.shape()) - len(op.shape(x))))
+            return
     op.unknown(f"{_name(op)} of two tensors")
+
+
+def broadcast_over(op: Op, chans: Channels, x: fx.Node, other: fx.Node) -> bool:
+    """Whether ``other`` (no channels) has size 1 at ``x``'s channel dim, or no such dim, aligned from the right."""
+    if op.shape(other) is None:
+        return False
+    at = len(op.shape(other)) - (len(op.shape(x)) - chans.dim)
+    return at < 0 or op.shape(other)[at] == 1
 
 
 def cat(op: Op) -> None:
@@ -80,8 +145,24 @@ def cat(op: Op) -> None:
         op.output(Channels(dim, tuple(seg.moved(at) for c, at in zip(chans, starts) for seg in c.segs)))
     elif all(c is not None and c == chans[0] for c in chans):
         op.output(chans[0])  # along another dim (batch, space): the channels stay as they are
-    else:
+    elif not _cat_parameters(op, tensors, chans, dim):
         op.unknown("cat of these operands")
+
+
+def _cat_parameters(op: Op, tensors: list[fx.Node], chans: list[Channels | None], dim: int) -> bool:
+    """``cat([cls_token.expand(B, -1, -1), x], dim=1)``: along another dim than the channels, parameters join
+    them, their entries along the channel dim written as ``"out"`` stripes (a class token, timm's ViT)."""
+    carried = [c for c in chans if c is not None]
+    if not carried or any(c != carried[0] for c in carried) or carried[0].dim == dim:
+        return False
+    found = [parameter_dim(op, carried[0], t) for t, c in zip(tensors, chans) if c is None]
+    if any(f is None for f in found):
+        return False
+    for param, dim in found:
+        if dim is not None:
+            op.attach(carried[0], str(param.target), dim, "out")
+    op.output(carried[0], zero_preserving=all(dim is not None for _, dim in found))
+    return True
 
 
 def split(op: Op) -> None:
@@ -91,7 +172,9 @@ def split(op: Op) -> None:
     from the channels it gets, so it records a tie (each piece keeps ``ceil(C'/n)``, see
     :mod:`torchslim.surgery.ties`). Split sizes are constants in the user's forward (``split(x, w)``,
     ``split(x, [a, b])``; res2net's ``torch.split(x, self.width, 1)``), so every piece must keep
-    exactly its size: the split input's channels are pinned.
+    exactly its size: the split input's channels are pinned. Except where compaction rewrites the size:
+    GPT-2's fused ``c_attn(x).split(self.split_size, dim=2)`` into q, k, v (``sync_attention``) records a
+    ``"split"`` tie instead (every piece keeps as many).
     """
     chan, shapes = op.channels(op.input), tensor_shapes(op.node)
     if chan is None or shapes is None:
@@ -111,6 +194,8 @@ def split(op: Op) -> None:
         op.unknown("a split inside a channel's entries")
     elif op.node.target in (torch.chunk, "chunk") and len(shapes) == chunks:
         op.walk.graph.ties.append(("chunk", chan, sizes))  # the pieces' sizes must still come out right
+    elif len(set(sizes)) == 1 and len(sizes) > 1 and rewritten_split(op, sizes[0]):
+        op.walk.graph.ties.append(("split", chan, sizes))
     else:
         op.fix(chan, f"{_name(op)} into pieces of fixed sizes {list(sizes)} at {op.where()}: "
                      "the compact model cuts the same sizes")
@@ -118,9 +203,16 @@ def split(op: Op) -> None:
 
 
 def getitem(op: Op) -> None:
-    """``t[i]`` of a split or an RNN's outputs, ``h_n[layer]`` of an RNN state, ``x[..]`` keeping the channels."""
+    """``t[i]`` of a split or an RNN's outputs, ``h_n[layer]`` of an RNN state, ``x[..]`` keeping the channels,
+    ``qkv[i]`` of a fused projection's parts (``(3, B, H, T, D)``, see :mod:`~torchslim.structure.heads_layout`)."""
     x, index, walk = op.input, op.node.args[1], op.walk
-    if x in walk.pieces:
+    stacked = heads(walk).stacked.get(x)
+    if stacked is not None:
+        if isinstance(index, int) and stacked.dim == 0:
+            op.output(stacked.take(index))
+        else:
+            op.unknown("indexing a fused projection other than by its part")
+    elif x in walk.pieces:
         piece = walk.pieces[x][index] if isinstance(index, int) else None
         if isinstance(piece, Channels):
             op.output(piece)
@@ -142,30 +234,49 @@ def getitem(op: Op) -> None:
 
 
 def _index(op: Op, chan: Channels, index: Any) -> None:
-    """``x[..]`` that keeps every channel: ints and slices on other dims (``out[:, -1]``)."""
-    items = index if isinstance(index, tuple) else (index,)
-    if any(i is None or i is Ellipsis or not isinstance(i, (int, slice)) for i in items) \
-            or (len(items) > chan.dim and items[chan.dim] != slice(None)):
+    """``x[..]`` that keeps every channel: ints and slices on other dims (``out[:, -1]``, ``x[..., :half]``),
+    ``None`` for a new dim (``k[:, :, None]``)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items) \
+            or sum(i is Ellipsis for i in items) > 1:
+        op.unknown("indexing with tensors")
+        return
+    if any(i is Ellipsis for i in items):
+        at = next(j for j, i in enumerate(items) if i is Ellipsis)
+        explicit = sum(i is not None and i is not Ellipsis for i in items)
+        items[at:at + 1] = [slice(None)] * (len(op.shape(op.input)) - explicit)
+    read = [i for i in items if i is not None]  # one per input dim, in order
+    if len(read) > chan.dim and read[chan.dim] != slice(None):
         op.unknown("indexing into the channels")
         return
-    dropped = sum(isinstance(i, int) for i in items[:chan.dim])
-    op.output(chan.moved_to(chan.dim - dropped))
+    dim_in = out = 0
+    for i in items:  # the output dim of the channels: new dims before them count, dropped ones do not
+        if dim_in == chan.dim:
+            break
+        out += i is None or not isinstance(i, int)
+        dim_in += i is not None
+    op.output(chan.moved_to(out + chan.dim - dim_in))
 
 
 def permute(op: Op) -> None:
-    """``permute``/``transpose``: the channels move to another dimension."""
-    chan, shape = op.channels(op.input), op.shape()
-    if chan is None:
+    """``permute``/``transpose``: the channels (or a fused projection's parts and heads) move to other dims."""
+    chan, shape, stacked = op.channels(op.input), op.shape(), heads(op.walk).stacked.get(op.input)
+    if (chan is None and stacked is None) or shape is None:
         return
     rank = len(shape)
-    if op.node.target in ("permute", torch.permute):
-        order = op.node.args[1:] if op.node.op == "call_method" else op.node.args[1]
-        order = tuple(order[0]) if len(order) == 1 and isinstance(order[0], (list, tuple)) else tuple(order)
-        new = [d % rank for d in order].index(chan.dim)
-    else:  # transpose(a, b)
+    if op.node.target in ("transpose", torch.transpose) or op.node.op == "call_function" and len(op.node.args) == 3 \
+            and all(isinstance(d, int) for d in op.node.args[1:3]):  # transpose(a, b), also aten.transpose.int
+        order = list(range(rank))
         a, b = (d % rank for d in op.node.args[1:3])
-        new = {a: b, b: a}.get(chan.dim, chan.dim)
-    op.output(chan.moved_to(new))
+        order[a], order[b] = b, a
+    else:
+        given = op.node.args[1:] if op.node.op == "call_method" else op.node.args[1]
+        given = tuple(given[0]) if len(given) == 1 and isinstance(given[0], (list, tuple)) else tuple(given)
+        order = [d % rank for d in given]
+    if stacked is not None:
+        set_stacked(op, stacked.permuted(order))
+    else:
+        op.output(chan.moved_to(order.index(chan.dim)))
 
 
 def mean(op: Op) -> None:
@@ -184,10 +295,12 @@ def mean(op: Op) -> None:
 
 
 def reshape(op: Op) -> None:
-    """Flatten of the trailing dims from the channel dim on: channel ``k`` becomes a run of features.
+    """A merge of the dims after the channel dim into it (a flatten): channel ``k`` becomes a run of features.
 
-    Also the first view of a channel shuffle (see :func:`torchslim.structure.shuffle.shuffle`), whose
-    last reshape gets the shuffled channels.
+    A reshape of other dims only keeps the channels; the first view of a channel shuffle (see
+    :func:`torchslim.structure.shuffle.shuffle`) gives its last reshape the shuffled channels; a split
+    of the features into attention heads (``(B, T, H·D) → (B, T, H, D)``) opens a head space (see
+    :mod:`~torchslim.structure.heads_layout`), and merging heads back is a flatten.
     """
     if op.node in op.walk.shuffled:
         op.output(op.walk.shuffled.pop(op.node))
@@ -198,14 +311,34 @@ def reshape(op: Op) -> None:
     if src == dst:
         op.output(chan)
         return
+    if src is None or dst is None:
+        op.unknown("a reshape of unknown shape")
+        return
     d = chan.dim
-    if src is not None and dst is not None and len(dst) == d + 1 and dst[:d] == src[:d] \
-            and dst[d] == math.prod(src[d:]):
-        op.output(chan.widen(math.prod(src[d + 1:])))
+    k = len(src) - len(dst)  # dims merged into the channel dim (a flatten, heads merged back, repeat_kv)
+    if k > 0 and dst[:d] == src[:d] and dst[d + 1:] == src[d + k + 1:] and dst[d] == math.prod(src[d:d + k + 1]):
+        why = merge_reason(op, d) if is_head(op.walk, chan) else None
+        if why is not None:
+            op.unknown(why)
+        else:
+            op.output(chan.widen(math.prod(src[d + 1:d + k + 1])))
         return
-    if src is not None and dst is not None and shuffle(op, chan, src, dst):
+    if shuffle(op, chan, src, dst) or split_heads(op, chan, src, dst):
         return
-    op.unknown(f"a reshape from {list(src or ())} to {list(dst or ())}")
+    kept = _kept_channel_dim(src, dst, d)
+    if kept is not None:  # only other dims change (ViT's (B, C, H, W) -> (B, C, H·W)): the channels stay
+        op.output(chan.moved_to(kept))
+        return
+    op.unknown(f"a reshape from {list(src)} to {list(dst)}")
+
+
+def _kept_channel_dim(src: tuple[int, ...], dst: tuple[int, ...], d: int) -> int | None:
+    """The dim of ``dst`` that is ``src``'s dim ``d`` unchanged (as many entries before and after it), or None."""
+    before = math.prod(src[:d])
+    for e in range(len(dst)):
+        if dst[e] == src[d] and math.prod(dst[:e]) == before and math.prod(dst[e + 1:]) == math.prod(src[d + 1:]):
+            return e
+    return None
 
 
 _PAD_MODES = {"reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d),

@@ -1,8 +1,9 @@
 """Model → channel-dependency graph → groups.
 
 We trace with ``torch.fx.symbolic_trace`` (module calls stay visible as ``call_module`` nodes named
-like the model's attributes, which is what group names and compaction need) and propagate shapes
-with the example inputs (:mod:`~torchslim.structure.capture`). Every tensor that carries channels is
+like the model's attributes, which is what group names and compaction need), or with ``torch.export``
+where fx cannot (aten ops that name their module and parameters), and know every node's shape for the
+example inputs (:mod:`~torchslim.structure.capture`). Every tensor that carries channels is
 tagged with its *segments* (:mod:`~torchslim.structure.layout`): runs of channels, each a range of a
 *space* (the channel dimension some Conv2d/Linear produced). Each operation's rule, from one table
 (:mod:`~torchslim.structure.rules`, which ``torchslim.register_op`` extends), says what happens to
@@ -25,7 +26,8 @@ from torch import Tensor, nn
 from torchslim._inputs import Inputs, as_tuple
 from torchslim.errors import UnknownOpWarning, UnsupportedOperation
 from torchslim.layers import is_rank_family
-from torchslim.structure.capture import capture
+from torchslim.structure.capture import Capture
+from torchslim.structure.capture import capture as _capture
 from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import (
     KINDS,
@@ -37,6 +39,7 @@ from torchslim.structure.groups import (
 )
 from torchslim.structure.layout import Channels as _Chan  # noqa: F401  (tests/surgery/test_ties.py)
 from torchslim.structure.layout import Segment as _Seg  # noqa: F401
+from torchslim.structure.norm_rules import functional_norms
 from torchslim.structure.rules import rule_for
 from torchslim.structure.walker import walk
 
@@ -50,10 +53,17 @@ _KIND_ORDER = ("head", "embed", "channel", "hidden", "neuron")
 
 
 def channel_graph(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...], *, strict: bool = False,
-                  leaf_modules: Sequence[type[nn.Module]] = ()) -> tuple[_DependencyGraph, fx.GraphModule]:
-    """Trace ``model`` on ``example_inputs`` and walk it: its channel-dependency graph and the GraphModule."""
+                  leaf_modules: Sequence[type[nn.Module]] = (),
+                  capture: Capture = "auto") -> tuple[_DependencyGraph, fx.GraphModule]:
+    """Trace ``model`` on ``example_inputs`` and walk it: its channel-dependency graph and the GraphModule.
+
+    ``capture``: ``"fx"``, ``"export"`` or ``"auto"`` (fx, and torch.export where fx cannot trace); see
+    :func:`torchslim.structure.capture.capture`.
+    """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    gm = capture(model, inputs, leaf_modules)
+    with functional_norms(model):  # norms written out in Python are captured as one op
+        gm = _capture(model, inputs, leaf_modules, capture)
+    gm.meta["torchslim_model"] = model  # rules read the user's modules' attributes (a head count: heads_layout)
     return walk(gm, strict, rule_for), gm
 
 
@@ -102,6 +112,7 @@ def coupled_families(model: nn.Module, graph: _DependencyGraph, roots: list[int]
             params=params,
             zero_preserving=all(s.zero_preserving for s in spaces),
             uniform=next((s.rnn for s in spaces if s.rnn), None),
+            read_by_norm=any(s.read_by_norm for s in spaces),
         ))
         if roots is not None:
             roots.append(root)
@@ -146,11 +157,12 @@ def structures(
     *,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    capture: Capture = "auto",
 ) -> list[Group]:
     """The groups of ``model`` that SSL regularizes and compaction removes.
 
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        model: any ``nn.Module`` that ``torch.fx`` can trace or ``torch.export`` can capture.
         example_inputs: a tensor or a sequence of tensors the model accepts, e.g. ``(B, 1, 28, 28)``.
         kinds: any of ``"channel"`` (a conv output channel coupled with its bias, BatchNorm entries
             and every consumer's input columns), ``"neuron"`` (the same for Linear outputs),
@@ -167,7 +179,11 @@ def structures(
             :func:`~torchslim.structure.rules.register_op` teaches the tracer an op.
         leaf_modules: module types not to trace into: each call is one op, followed by its rule
             (matched by ``isinstance``: a ``BatchNorm2d`` subclass is a BatchNorm) or, without one,
-            handled as unknown as above.
+            handled as unknown as above. They apply to a torch.fx trace only.
+        capture: how the graph is captured: ``"fx"`` (``torch.fx`` symbolic tracing: module calls stay
+            ops, so module rules and ``leaf_modules`` apply), ``"export"`` (``torch.export``: aten ops,
+            for Hugging Face transformers and forwards that branch on shapes) or ``"auto"``, fx and
+            export where fx cannot trace.
 
     Returns:
         Groups in model order; each knows its parameters, so ``g.norm()`` and ``g.zero_()`` work.
@@ -177,7 +193,8 @@ def structures(
         raise UnsupportedOperation(f"unknown group kind(s) {unknown}; choose from {list(KINDS)}")
     families: list[Family] = []
     if {"channel", "neuron", "depth", "hidden", "rank", "head", "embed", *SIDES} & set(kinds) or strict:
-        graph, gm = channel_graph(model, as_tuple(example_inputs), strict=strict, leaf_modules=leaf_modules)
+        graph, gm = channel_graph(model, as_tuple(example_inputs), strict=strict, leaf_modules=leaf_modules,
+                                  capture=capture)
         warn_pinned(graph)
         coupled = coupled_families(model, graph)
         families += [f for f in coupled if f.kind in kinds] + side_families(coupled, kinds)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchslim._inputs import Inputs, as_tuple, first_inputs
 from torchslim.errors import ConfigError, NondeterministicModel, TorchSlimError, VerificationError
 from torchslim.layers import LoweredConv2d
+from torchslim.structure.capture import Capture
 from torchslim.structure.depth import remove_branches, residual_branches
 from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import Family
@@ -34,11 +35,16 @@ Shapes = Literal["off", "crop", "lowered", "auto"]
 def _live_members(fam: Family, multiple: int = 1) -> Tensor:
     """Members that must stay: not unread (consumers zero) and not silent (producers zero).
 
+    A member a norm reads (``fam.read_by_norm``) is read by the norm's statistics even where every
+    consumer's columns are zero, so only silence removes it.
+
     With ``multiple > 1`` the count is rounded up to a multiple (capped at ``fam.size``) by also keeping
     the largest of the removable members: kept as they are, they change nothing.
     """
     has_in = any(s.role == "in" for s in fam.stripes)
     unread = fam.row_sq("in") == 0 if has_in else torch.ones(fam.size, dtype=torch.bool)
+    if fam.read_by_norm:
+        unread = torch.zeros(fam.size, dtype=torch.bool)
     silent = (fam.row_sq("out") == 0) & fam.zero_preserving
     live = torch.nonzero(~(unread.cpu() | silent.cpu())).flatten()
     want = min(fam.size, max(1, -(-len(live) // multiple) * multiple))  # keep one: no 0-width layers
@@ -133,6 +139,8 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Module, int]) -> None:
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # transformers' GPT-2 layer: weight (nx, nf)
+            mod.nx, mod.nf = mod.weight.shape
         elif isinstance(mod, (nn.LSTM, nn.GRU)):
             mod.hidden_size, mod.input_size = mod.weight_hh_l0.shape[1], mod.weight_ih_l0.shape[1]
         elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -142,14 +150,15 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Module, int]) -> None:
 
 def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1,
                     graph: _DependencyGraph | None = None,
-                    leaf_modules: Sequence[type[nn.Module]] = ()) -> dict[str, tuple[int, int]]:
+                    leaf_modules: Sequence[type[nn.Module]] = (),
+                    capture: Capture = "auto") -> dict[str, tuple[int, int]]:
     """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``.
 
     ``graph``: ``model``'s channel graph if the caller has traced it already (it is traced otherwise,
-    with ``leaf_modules``).
+    with ``leaf_modules`` and ``capture``).
     """
     if graph is None:
-        graph, _ = channel_graph(model, inputs, leaf_modules=leaf_modules)
+        graph, _ = channel_graph(model, inputs, leaf_modules=leaf_modules, capture=capture)
     roots: list[int] = []
     plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph, roots)])
     plan, renumberings = keep_for_ties(graph, plan, roots)
@@ -161,7 +170,7 @@ def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int 
     before = {name: tuple(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
     _cut(model, plan)
     _sync_sizes(model, grouped)
-    sync_norms(model, before)
+    sync_norms(model, before, graph.norms)
     sync_attention(model, before)
     return {fam.label: (fam.size, len(keep)) for fam, keep in plan}
 
@@ -277,6 +286,7 @@ def compact(
     atol: float = 1e-5,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    capture: Capture = "auto",
 ) -> nn.Module:
     """A physically smaller copy of ``model`` without its all-zero removable structures.
 
@@ -295,8 +305,9 @@ def compact(
     on a half-width resnet50 despite the extra multiply-adds (benchmarks/zoo_speed.py); plain PyTorch
     eager gains nothing from it.
 
-    ``strict`` and ``leaf_modules`` trace the model as :func:`~torchslim.structure.tracing.structures`
-    does, so pass the same ones: the groups it found are the channels compaction can cut.
+    ``strict``, ``leaf_modules`` and ``capture`` trace the model as
+    :func:`~torchslim.structure.tracing.structures` does, so pass the same ones: the groups it found are
+    the channels compaction can cut.
 
     The result is checked with :func:`verify` on ``example_inputs`` and on random inputs of the same
     shape, and is returned in eval mode; ``model`` is not changed.
@@ -313,18 +324,17 @@ def compact(
         raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     inputs = as_tuple(example_inputs)
     small = copy.deepcopy(model).eval()
-    graph, gm = channel_graph(small, inputs, strict=strict, leaf_modules=leaf_modules)
+    graph, gm = channel_graph(small, inputs, strict=strict, leaf_modules=leaf_modules, capture=capture)
     warn_pinned(graph)
     blocks = remove_branches(small, residual_branches(small, gm))
     if blocks:
         log.info("blocks reduced to their shortcut: %s", blocks)
     cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph,  # re-trace if changed
-                           leaf_modules=leaf_modules)
+                           leaf_modules=leaf_modules, capture=capture)
     log.info("removed channels: %s", cuts)
     if shapes != "off":
         log.info("kernels: %s", shrink_kernels(small, inputs, shapes))
-    gen = torch.Generator().manual_seed(0)
-    randoms = tuple(torch.randn(t.shape, generator=gen).to(t) if t.is_floating_point() else t for t in inputs)
+    randoms = _fresh(inputs)
     for probe in (inputs, randoms):
         try:
             report = verify(model, small, probe, atol=atol)
@@ -337,6 +347,22 @@ def compact(
             _check_repeatable(model, probe, atol)
             raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
     return small
+
+
+def _fresh(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Seeded random inputs like ``inputs``: normal floats; integers (token ids, masks) drawn from the range
+    the example spans, so they stay valid ids; booleans kept."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for t in inputs:
+        if t.is_floating_point():
+            out.append(torch.randn(t.shape, generator=gen).to(t))
+        elif t.dtype != torch.bool and not t.is_complex() and t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            out.append(torch.randint(lo, hi + 1, t.shape, generator=gen).to(t))
+        else:
+            out.append(t)
+    return tuple(out)
 
 
 def _check_repeatable(model: nn.Module, inputs: tuple[Tensor, ...], atol: float) -> None:

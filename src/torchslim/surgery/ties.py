@@ -26,7 +26,7 @@ from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import Family
 from torchslim.structure.layout import Channels
 
-TieKind = Literal["groups", "blocks", "chunk"]
+TieKind = Literal["groups", "blocks", "chunk", "split"]
 Plan = list[tuple[Family, Tensor]]  # each family with the sorted member indices it keeps, a LongTensor (K,)
 
 _EVERY_MEMBER = 2 ** 62  # entries per member outside a family: every entry falls on member 0, the always slot
@@ -100,7 +100,9 @@ class Tie:
       every group keeps the same entries ``j``;
     * ``"blocks"``: ``view(a, b)`` with ``b`` constant: whole groups go;
     * ``"chunk"``: ``chunk(n)`` of ``C'`` entries: ``ceil(C'/n)`` in each piece, the rest (at least
-      one) in the last.
+      one) in the last;
+    * ``"split"``: ``split(s)`` into equal pieces whose size compaction rewrites (GPT-2's fused q, k, v):
+      every piece keeps as many.
     """
 
     kind: TieKind
@@ -110,14 +112,14 @@ class Tie:
     @classmethod
     def on(cls, layout: SlotLayout, kind: TieKind, chan: Channels, sizes: tuple[int, ...]) -> Tie:
         """The tie the tracer recorded as ``(kind, chan, sizes)``, placed on ``layout``."""
-        n = sum(sizes) if kind == "chunk" else sizes[0] * sizes[1]
+        n = sum(sizes) if kind in ("chunk", "split") else sizes[0] * sizes[1]
         return cls(kind, layout.slots(chan, n), sizes)
 
     def wanted(self, live: Tensor) -> Tensor:
         """The entries ``(n,)`` this tie needs kept, given the live vector: a superset of the live ones."""
         alive = live[self.slots]
-        if self.kind == "chunk":
-            return _chunk_wanted(alive, self.sizes)
+        if self.kind in ("chunk", "split"):
+            return _chunk_wanted(alive, self.sizes, equal=self.kind == "split")
         a, b = self.sizes
         if self.kind == "groups":
             return alive.view(a, b).any(0).repeat(a)
@@ -131,14 +133,15 @@ class Tie:
         return added
 
 
-def _chunk_wanted(alive: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """``chunk(n)``: every piece but the last keeps ``c`` (the largest count), the last at least ``c - n + 1``."""
+def _chunk_wanted(alive: Tensor, sizes: tuple[int, ...], equal: bool = False) -> Tensor:
+    """``chunk(n)``: every piece but the last keeps ``c`` (the largest count), the last at least ``c - n + 1``;
+    ``equal``: the last keeps ``c`` too."""
     pieces = list(alive.split(list(sizes)))
     counts = [int(p.sum()) for p in pieces]
     c = max(max(counts), 1)
     want = []
     for i, p in enumerate(pieces):
-        need = c if i < len(pieces) - 1 else max(counts[-1], c - len(pieces) + 1, 1)
+        need = c if i < len(pieces) - 1 or equal else max(counts[-1], c - len(pieces) + 1, 1)
         p = p.clone()
         p[torch.nonzero(~p).flatten()[:max(0, need - int(p.sum()))]] = True
         want.append(p)

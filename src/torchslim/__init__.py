@@ -36,9 +36,9 @@ from torchslim.structure.report import SparsityReport, sparsity_report
 from torchslim.structure.rules import register_op
 from torchslim.structure.tracing import structures
 from torchslim.surgery.compact import compact
-from torchslim.surgery.verify import VerifyReport, verify
 from torchslim.surgery.lowrank import LowRankResult, lowrank
 from torchslim.surgery.magnitude import magnitude_prune
+from torchslim.surgery.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from torchslim.deploy.serialize import save_compact
 from torchslim.errors import CheckpointError
-from torchslim.regularize.force import ForceRegularizer
 from torchslim.regularize.budget import SizeBudget
+from torchslim.regularize.force import ForceRegularizer
 from torchslim.regularize.lasso import GroupLasso
 from torchslim.regularize.masking import ZeroMask
 from torchslim.structure.groups import Group, families_of, zero_counts

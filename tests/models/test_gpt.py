@@ -45,3 +45,14 @@ def test_generate_is_greedy_and_cuts_the_context() -> None:
     out = model.generate(torch.tensor([1, 2, 3]), 15)  # longer than block_size
     assert out.shape == (18,) and out[:3].tolist() == [1, 2, 3]
     assert out[3] == model(out[:3, None])[-1, 0].argmax()
+
+
+def test_trains_in_the_word_lm_loop_without_a_state() -> None:
+    from torchslim.train.lm import evaluate_lm, train_lm_epoch
+
+    model, data = _tiny(), torch.randint(0, 50, (40, 4))
+    before = evaluate_lm(model, data, bptt=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        train_lm_epoch(model, optimizer, data, bptt=10, lr=lambda i: 1e-2)
+    assert evaluate_lm(model, data, bptt=10) < before

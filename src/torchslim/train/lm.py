@@ -26,7 +26,10 @@ LM_DEFAULT = Regularizers(grad_clip=0.25)  # PyTorch's word_language_model examp
 
 
 def _detach(state):
-    """The state with its history cut: a tensor, an ``(h, c)`` tuple, or a list of them (one per layer)."""
+    """The state with its history cut: a tensor, an ``(h, c)`` tuple, a list of them (one per layer), or None
+    (a model without state, e.g. a transformer whose context is the chunk)."""
+    if state is None:
+        return None
     if isinstance(state, (tuple, list)):
         return type(state)(_detach(s) for s in state)
     return state.detach()

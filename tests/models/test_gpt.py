@@ -56,3 +56,21 @@ def test_trains_in_the_word_lm_loop_without_a_state() -> None:
     for _ in range(3):
         train_lm_epoch(model, optimizer, data, bptt=10, lr=lambda i: 1e-2)
     assert evaluate_lm(model, data, bptt=10) < before
+
+
+def test_heads_neurons_and_width_compact_exactly_into_a_smaller_gpt() -> None:
+    from torchslim import compact, structures
+
+    model, tokens = _tiny(n_head=3), torch.randint(0, 50, (8, 2))
+    groups = structures(model, tokens, kinds=("head", "neuron", "embed"), strict=True)
+    by_kind = {k: [g for g in groups if g.kind == k] for k in ("head", "neuron", "embed")}
+    assert [len(by_kind[k]) for k in ("head", "neuron", "embed")] == [6, 64, 16]
+    for g in (by_kind["head"][0], by_kind["neuron"][5], by_kind["embed"][3], by_kind["embed"][9]):
+        g.zero_()
+    small = compact(model, tokens, strict=True)
+    assert small.wte.embedding_dim == 14 and small.head.weight is small.wte.weight
+    assert [b.attn.q.out_features // 4 for b in small.blocks] == [2, 3]
+    assert [b.fc.out_features for b in small.blocks] == [31, 32]
+    fresh = torch.randint(0, 50, (8, 2))
+    torch.testing.assert_close(small(fresh), model(fresh), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small.generate(fresh[:3, 0], 4), model.generate(fresh[:3, 0], 4))

@@ -172,13 +172,32 @@ class ZooTimmHF(Record):
     rows: list
 
 
+class GPTRun(Record):
+    recipe: dict
+    perplexity: dict
+    valid_perplexity: dict
+    direct_design: dict
+    shape: dict
+    block_params: dict
+    params: dict
+    block_reduction: float
+    speed: dict
+    train_seconds: float
+
+
+class CaptureSpeed(Record):
+    resnet50: dict
+    llama_2layer_7b_widths: dict
+
+
 SCRIPTS: dict[type, str] = {
     Record: "the benchmark named in its \"benchmark\" key", SSLRun: "ssl_recipe.py", LMRun: "iss_lm.py",
     LMControl: "iss_lm_control.py", Overhead: "lasso_overhead.py", Modes: "prox_vs_subgradient.py",
     Magnitude: "ssl_vs_magnitude.py", Codec: "codec_throughput.py", ForceSeeds: "force_seeds.py",
     ISSAlternatives: "iss_alternatives.py", TernGradWire: "terngrad_wire.py",
     TernGradConvergence: "terngrad_convergence.py", TernGradSpeed: "terngrad_speed.py", ZooSpeed: "zoo_speed.py",
-    ZooExactness: "zoo_exactness.py", ZooTimmHF: "zoo_timm_hf.py"}
+    ZooExactness: "zoo_exactness.py", ZooTimmHF: "zoo_timm_hf.py", GPTRun: "gpt_kjv.py",
+    CaptureSpeed: "capture_speed.py"}
 
 
 class SchemaError(ValueError):

@@ -26,12 +26,15 @@ from _report import (
     TernGradWire,
     ZooExactness,
     ZooSpeed,
+    CaptureSpeed,
+    GPTRun,
     ZooTimmHF,
     load,
     machine_line,
     table,
 )
 from terngrad_report import terngrad_sections
+from transformer_report import capture_speed_section, gpt_section
 from wen_report import (iss_alternatives_section, iss_lm_overview, iss_lm_section, lowrank_sections, rank_table_section,
                         readme_rows)
 from zoo_report import exactness_section, timm_hf_section, zoo_section
@@ -258,6 +261,9 @@ def main() -> None:
     out += zoo_section(zoo) if (zoo := _load("zoo_speed", ZooSpeed)) is not None else []
     out += exactness_section(exact) if (exact := _load("zoo_exactness", ZooExactness)) is not None else []
     out += timm_hf_section(timm_hf) if (timm_hf := _load("zoo_timm_hf", ZooTimmHF)) is not None else []
+    out += capture_speed_section(speed) if (speed := _load("capture_speed", CaptureSpeed)) is not None else []
+    for path in sorted(RESULTS.glob("gpt_*.json")):
+        out += gpt_section(load(path, GPTRun))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()

@@ -132,16 +132,17 @@ def timm_hf_section(d: dict[str, Any]) -> list[str]:
     if tp:
         lines.append(f"| Torch-Pruning | {n} | {tp['ran']} ran | {tp['forward_ok']} forward works | {tp['useful']} | "
                      f"| {tp['error']} pruning error, {tp['forward_failed']} forward fails | | {tp['timeout']} |")
-    lines += ["", *table(["family", "models", "torchslim exact", "torchslim useful", "Torch-Pruning forward works"],
-                         [[fam, f["models"], f["exact"], f["useful"], f.get("torch_pruning_ok", "–")]
-                          for fam, f in sm["by_family"].items()])]
+    lines += ["", *table(["family", "models", "torchslim exact", "torchslim useful", "with head groups",
+                          "with width groups", "Torch-Pruning forward works"],
+                         [[fam, f["models"], f["exact"], f["useful"], f.get("with_heads", "–"), f.get("with_width", "–"),
+                           f.get("torch_pruning_ok", "–")] for fam, f in sm["by_family"].items()])]
     if sm["failure_causes"]:
         lines += ["", "Why models are not usefully compacted (torchslim), most common first:", "",
                   *table(["models", "cause"], [[k, f"`{c}`"] for c, k in sm["failure_causes"]])]
     if sm.get("strict_stops"):
         lines += ["", "Where `strict=True` stops the tracer (the operation, in how many models): " +
                   ", ".join(f"`{op}` {k}" for op, k in sm["strict_stops"]) + "."]
-    lines += ["", *table(["model", "family", "groups (channel / neuron)", "coverage", "parameters kept",
+    lines += ["", *table(["model", "family", "groups (channel / neuron / head / width)", "coverage", "parameters kept",
                           "torchslim", "structures s", "compact s", "strict stops at / error",
                           "Torch-Pruning", "TP kept", "TP s"])]
     for r in rows:
@@ -152,7 +153,7 @@ def timm_hf_section(d: dict[str, Any]) -> list[str]:
 def _timm_hf_row(r: dict[str, Any]) -> str:
     t, p = r["torchslim"], r.get("torch_pruning") or {}
     g = t.get("groups")
-    groups = f"{g.get('channel', 0):,} / {g.get('neuron', 0):,}" if g is not None else ""
+    groups = " / ".join(f"{g.get(k, 0):,}" for k in ("channel", "neuron", "head", "embed")) if g is not None else ""
     cover = f"{t['coverage']['ratio']:.0%}" if "coverage" in t else ""
     kept = f"{t['params_ratio']:.2f}" + (" ✓" if t.get("useful") else "") if "params_ratio" in t else ""
     secs = lambda k: f"{t[k]:.2f}" if k in t else ""  # noqa: E731

@@ -252,7 +252,9 @@ def summarize(rows: list[dict[str, Any]], with_tp: bool) -> dict[str, Any]:
     for fam in sorted({r["family"] for r in measured}):
         sub = [r["torchslim"] for r in measured if r["family"] == fam]
         out["by_family"][fam] = {"models": len(sub), "exact": sum(1 for t in sub if t["status"] == "exact"),
-                                 "useful": sum(1 for t in sub if t.get("useful"))}
+                                 "useful": sum(1 for t in sub if t.get("useful")),
+                                 "with_heads": sum(1 for t in sub if t.get("groups", {}).get("head")),
+                                 "with_width": sum(1 for t in sub if t.get("groups", {}).get("embed"))}
     if with_tp:
         tps = [r["torch_pruning"] for r in measured]
         c = collections.Counter(t["status"] for t in tps)

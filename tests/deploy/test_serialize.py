@@ -118,6 +118,8 @@ def test_file_is_plain_data_with_top_most_spec(compact: SmallCNN, tmp_path: Path
     assert ckpt["format"] == "torchslim.compact" and ckpt["version"] == 1
     assert json.loads(ckpt["arch"]) == {"name": "smallcnn", "kwargs": {"classes": 10}}
     spec = json.loads(ckpt["spec"])
+    attrs = spec.pop("__attrs__", {})  # plain settings of the undescribed modules (the user's own classes)
+    assert attrs["features.3"]["kernel_size"] == 2 and not set(attrs) & set(spec), attrs  # e.g. the MaxPool2d
     assert set(spec) == {"features.0", "features.1", "features.2", "block.conv", "block.act", "block.drop", "fc"}
     assert [c["type"] for c in spec["features.0"]["children"]] == ["ZeroPad2d", "Conv2d"]
     assert spec["block.conv"] == {

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from torchslim._files import atomic_write
 from torchslim._inputs import Inputs, as_tuple, eval_mode
+from torchslim.deploy._attrs import plain_attrs, resize_tensors, restore_attrs
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
 from torchslim.layers import LoweredConv2d, LowRank, PaddedLayerNorm
 
@@ -192,14 +193,16 @@ def save_compact(model: nn.Module, path: str | os.PathLike, *, arch: Mapping[str
         arch_json = None if arch is None else json.dumps(dict(arch))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"arch must be JSON-serializable (str, numbers, lists, dicts), got {arch!r}: {e}") from e
-    spec = _spec_of(model)
-    spec_ties = _ties(model)
+    spec = described = _spec_of(model)
+    spec_ties, attrs = _ties(model), plain_attrs(model, set(described))
     if spec_ties:
         spec = {**spec, _TIES: spec_ties}
+    if attrs:
+        spec = {**spec, _ATTRS: attrs}
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # no shared storage
     payload = {"format": FORMAT, "version": VERSION, "spec": json.dumps(spec), "arch": arch_json, "state_dict": state}
     atomic_write(path, lambda f: torch.save(payload, f))
-    logger.info("saved %s to %s: %d described modules, %d tensors", type(model).__name__, path, len(spec),
+    logger.info("saved %s to %s: %d described modules, %d tensors", type(model).__name__, path, len(described),
                 len(state))
 
 
@@ -331,7 +334,7 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
     arch = _parse_json(ckpt.get("arch"), "arch", path)
     if not isinstance(spec, dict):
         raise CheckpointError(f"the module spec in '{path}' is not a JSON object; the file is damaged")
-    ties = spec.pop(_TIES, [])
+    ties, attrs = spec.pop(_TIES, []), spec.pop(_ATTRS, {})
     skeleton = _skeleton(model, arch, spec)
     for name, desc in spec.items():
         new = _build(desc, name or "<root>")
@@ -340,11 +343,14 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
         else:
             skeleton = new
     _retie(skeleton, ties, path)
+    restore_attrs(skeleton, attrs, path)
+    resize_tensors(skeleton, ckpt["state_dict"], set(spec))
     _load_state(skeleton, ckpt["state_dict"], path)
     return skeleton.eval()
 
 
 _TIES = "__tied__"  # spec entry: lists of parameter names that are one tensor (a decoder tied to an embedding)
+_ATTRS = "__attrs__"  # spec entry: plain settings of undescribed modules (head counts, epsilons), see deploy._attrs
 
 
 def _ties(model: nn.Module) -> list[list[str]]:

@@ -20,7 +20,7 @@ import torchslim
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
-METHODS = ("SSL", "ISS", "Force regularization and low rank", "TernGrad")
+METHODS = ("SSL", "ISS", "Transformers", "Force regularization and low rank", "TernGrad")
 
 
 def _block(heading: str) -> str:
@@ -83,6 +83,15 @@ def test_readme_iss_block_narrows_the_lstm_where_units_are_zero(quick_start):
     block = _block("ISS").replace("# train as in the quick start", "for g in units[::2]: g.zero_()  #")
     ns = _run(block, quick_start)
     assert [layer.hidden_size for layer in ns["narrow"].layers] == [32, 32]
+
+
+def test_readme_transformer_block_runs(quick_start, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    ns = _run(_block("Transformers"), quick_start)
+    kept = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert kept(ns["small"]) < kept(ns["llama"])
+    assert (tmp_path / "llama_small.pt").is_file()
 
 
 def test_readme_force_and_lowrank_block_runs(quick_start):

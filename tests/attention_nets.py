@@ -48,6 +48,18 @@ class Explicit(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
+class Masked(Explicit):
+    """HF's eager attention: a causal mask computed from the input's length, ``(1, 1, T, T)``, added to the scores."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)[None, None]  # (1, 1, T, T)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim) + mask            # (B, H, T, T)
+        y = torch.softmax(att, dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
 class Fused(nn.Module):
     """timm's layout: one qkv Linear, ``reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)``, ``unbind(0)``."""
 
@@ -181,7 +193,7 @@ class Torch(nn.Module):
 
 BUILDERS = {
     "separate": Separate, "explicit": Explicit, "fused": Fused, "fused_explicit": lambda: Fused(explicit=True),
-    "chunked": Chunked, "split_size": SplitSize, "repeat_kv": Grouped, "enable_gqa": lambda: Grouped(enable_gqa=True),
+    "masked": Masked, "chunked": Chunked, "split_size": SplitSize, "repeat_kv": Grouped, "enable_gqa": lambda: Grouped(enable_gqa=True),
     "rotary": lambda: Grouped(kv_heads=H),
 }
 

@@ -19,13 +19,10 @@ def as_tuple(inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 @torch.no_grad()
 def outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """The tensors of ``model(*inputs)`` in eval mode, in pytree order; the training flag is restored."""
-    was_training = model.training
-    model.eval()
-    try:
+    """The tensors of ``model(*inputs)`` in eval mode, in pytree order; every module's training flag is restored
+    (a submodule kept in eval inside a training model stays so)."""
+    with eval_mode(model):
         return [t for t in tree_leaves(model(*inputs)) if isinstance(t, Tensor)]
-    finally:
-        model.train(was_training)
 
 
 def first_inputs(model: nn.Module, inputs: tuple[Tensor, ...], names: list[str]) -> dict[str, Tensor]:

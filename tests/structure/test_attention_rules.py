@@ -24,7 +24,7 @@ from attention_nets import (
     parts,
 )
 
-from torchslim import UnknownOpWarning, structures
+from torchslim import UnknownOpWarning, compact, structures
 from torchslim.errors import UnsupportedOperation
 
 X = torch.randn(2, T, E)
@@ -101,3 +101,23 @@ def test_multihead_attention_is_pinned_with_the_reason():
         structures(Torch().eval(), X, strict=True)
     with pytest.warns(UnknownOpWarning, match="MultiheadAttention"):
         assert structures(Torch().eval(), X, kinds=("head", "neuron")) == []  # inp pinned, out is the output
+
+
+def test_hf_eager_attention_adds_a_computed_mask_and_keeps_its_heads(one_thread):
+    """LLaMA with ``attn_implementation="eager"``: ``softmax(q·kᵀ·s + causal_mask) · v``, the mask ``(B, 1, T, T)``."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=48, vocab_size=64, max_position_embeddings=16, use_cache=False,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 64, (1, 8))
+    assert model.config._attn_implementation == "eager"
+    groups = structures(model, ids, kinds=("head",), strict=True)
+    assert len(groups) == 2                          # key/value heads, each with its 2 query heads
+    groups[1].zero_()
+    small = compact(model, ids, strict=True)
+    attn = small.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (16, 8, 16)
+    fresh = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(small(fresh).logits, model(fresh).logits, rtol=1e-5, atol=1e-5)

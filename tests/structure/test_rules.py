@@ -183,7 +183,21 @@ def test_one_warning_per_call_counts_the_channels_each_unknown_op_pinned():
         assert "LayerNorm at module 'norm': 5 channels" in message
 
 
+class ExpScale(ChannelScale):
+    """``x · exp(s)``: a factor computed from the parameter, which the built-in product rule cannot follow."""
+
+    def forward(self, x):
+        return x * self.scale.exp()
+
+
 def test_a_case_a_builtin_rule_cannot_follow_points_at_the_module_around_it():
-    with pytest.raises(UnsupportedOperation, match=r"mul of two tensors at 'mul' in module '1' \(ChannelScale\)"
-                                                   r".*leaf_modules=\(ChannelScale,\).*register_op\(ChannelScale"):
-        structures(_net(ChannelScale(8)), X, strict=True)
+    with pytest.raises(UnsupportedOperation, match=r"mul of two tensors at 'mul' in module '1' \(ExpScale\)"
+                                                   r".*leaf_modules=\(ExpScale,\).*register_op\(ExpScale"):
+        structures(_net(ExpScale(8)), X, strict=True)
+
+
+def test_a_layer_scale_needs_no_handler():
+    """``x * self.scale`` with one entry per channel is built in: the same groups as the handler gives."""
+    net = _net(ChannelScale(8)).eval()
+    groups = structures(net, X, strict=True)
+    assert ("1.scale", 0, [2]) in [(p, d, i.tolist()) for p, d, i in groups[2].slices]

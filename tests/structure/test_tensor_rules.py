@@ -235,3 +235,78 @@ def test_pixel_unshuffle_widens_each_channel_into_r_squared():
     small = zero_compact(net, x, [2, 4])           # conv channel 2 (out's columns 8..11), out's block 0
     assert (small.conv.out_channels, small.out.in_channels, small.out.out_channels) == (3, 12, 4)
     assert small.last.in_channels == 1
+
+
+# -- layer scale ----------------------------------------------------------------------------------
+
+class LayerScale(nn.Module):
+    """A residual block whose branch is scaled per channel by a parameter γ, in the forms the zoo writes it."""
+
+    SHAPES = {"c11": (8, 1, 1), "view": (8,), "last": (8,), "tokens": (1, 1, 8)}
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.stem, self.body, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(self.SHAPES[form]) + 0.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.body(torch.relu(x))
+        if self.form == "c11":                     # torchvision's CNBlock: self.layer_scale * block(x)
+            y = self.gamma * y
+        elif self.form == "view":                  # timm's LayerScale2d, in place
+            y = y.mul_(self.gamma.view(1, -1, 1, 1))
+        else:                                      # channels last, (B, H, W, C) or tokens (B, H·W, C)
+            t = y.permute(0, 2, 3, 1) if self.form == "last" else y.flatten(2).transpose(1, 2)
+            t = t * self.gamma
+            y = t.permute(0, 3, 1, 2) if self.form == "last" else t.transpose(1, 2).reshape(y.shape)
+        return self.head(torch.relu(x + y))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("form", list(LayerScale.SHAPES))
+def test_a_layer_scale_writes_the_channels_it_scales(form, capture):
+    torch.manual_seed(0)
+    net, x = LayerScale(form).eval(), torch.randn(2, 3, 6, 6)
+    groups = structures(net, x, strict=True, capture=capture)
+    assert labels(groups) == {"stem+1": 8}         # the trunk: stem, body and γ in one family
+    dim = LayerScale.SHAPES[form].index(8)
+    assert ("gamma", dim, (5,)) in [(p, d, tuple(i.tolist())) for p, d, i in groups[5].slices]
+    for g in (groups[1], groups[5]):
+        g.zero_()                                  # γ_k among them: 0 · γ_k on a silent channel
+    small = compact(net, x, strict=True, capture=capture)
+    assert small.gamma.shape[dim] == 6 and small.stem.out_channels == small.body.out_channels == 6
+    fresh = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(small(fresh), net(fresh), rtol=1e-5, atol=1e-5)
+
+
+# -- a fused gated MLP --------------------------------------------------------------------------
+
+class GatedMLP(nn.Module):
+    """timm's packed SwiGLU: ``gate, up = fc(x).chunk(2, -1)``; ``down(silu(gate) * up)``."""
+
+    def __init__(self, width: int = 8, hidden: int = 6):
+        super().__init__()
+        self.fc, self.down = nn.Linear(width, 2 * hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_gated_product_of_two_chunks_ties_gate_and_up_rows(capture):
+    torch.manual_seed(0)
+    net, x = GatedMLP().eval(), torch.randn(2, 5, 8)
+    groups = structures(net, x, strict=True, capture=capture)
+    assert labels(groups) == {"fc+1": 6}           # a neuron: gate row k, up row 6 + k, down column k
+    rows = sorted((p, d, i) for p, d, ix in groups[2].slices for i in ix.tolist())
+    assert rows == [("down.weight", 1, 2), ("fc.bias", 0, 2), ("fc.bias", 0, 8), ("fc.weight", 0, 2),
+                    ("fc.weight", 0, 8)]
+    groups[2].zero_()
+    groups[4].zero_()
+    small = compact(net, x, strict=True, capture=capture)
+    assert (small.fc.out_features, small.down.in_features) == (8, 4)
+    fresh = torch.randn(3, 5, 8)
+    torch.testing.assert_close(small(fresh), net(fresh), rtol=1e-5, atol=1e-5)

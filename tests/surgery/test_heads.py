@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_nets import BUILDERS, E, Explicit, Fused, Grouped, H, QueryReadTwice, SplitSize, T, zero_head
+from attention_nets import BUILDERS, D, E, Explicit, Fused, Grouped, H, QueryReadTwice, SplitSize, T, zero_head
 from torch import nn
 
 from torchslim import compact, structures, verify
@@ -91,3 +91,13 @@ def test_the_default_finds_a_head_count_and_a_query_projection():
     spec = attrs_of(Explicit())
     assert (spec.heads, spec.head_dim) == ("n_head", "head_dim") and ("q", 1) in spec.query
     assert attrs_of(nn.Linear(2, 2)) is None
+
+
+def test_channel_multiple_rounds_channels_not_heads():
+    """Two of four heads go: rounding their count to a multiple of 4 would keep them all."""
+    model = Explicit().eval()
+    for head in (1, 2):
+        zero_head(model, head, "v")
+    small = compact(model, X, strict=True, capture="fx", channel_multiple=4)
+    assert (small.n_head, small.q.out_features, small.o.in_features) == (2, 2 * D, 2 * D)
+    assert verify(model, small, torch.randn(5, T, E)).ok

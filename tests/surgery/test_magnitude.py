@@ -148,3 +148,15 @@ def test_bad_arguments_raise_config_errors(kwargs, match):
 def test_a_model_without_groups_is_an_error():
     with pytest.raises(ConfigError, match="no removable"):
         magnitude_prune(nn.Linear(4, 2), torch.randn(2, 4), amount=0.5)
+
+
+def test_a_transformer_prunes_heads_neurons_and_width_to_a_target():
+    torch.manual_seed(0)
+    model, x = create_model("vit", n_layer=2, width=32, n_head=4, head_dim=8, d_ff=32).eval(), torch.randn(2, 1, 28, 28)
+    target = 0.4 * _macs(model, x)
+    small = magnitude_prune(model, x, target_macs=target, kinds=("head", "neuron", "embed"))
+    assert _macs(small, x) <= target
+    assert small.patch_embed.out_channels < 32                           # the width (embed)
+    assert all(b.attn.q.out_features < 4 * 8 and b.fc.out_features < 32 for b in small.blocks)  # heads, neurons
+    one_head = magnitude_prune(model, x, 0.99, kinds=("head",))
+    assert [b.attn.q.out_features for b in one_head.blocks] == [8, 8]   # every attention keeps a head

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim import ShapeMismatch, VerifyReport, verify
+from torchslim import ShapeMismatch, VerifyReport, compact, verify
 from torchslim.surgery.compact import verify as verify_from_compact
 
 
@@ -43,3 +43,15 @@ def test_the_old_inputs_keyword_warns_and_gives_the_same_report():
 
 def test_compact_module_still_exports_verify():
     assert verify_from_compact is verify
+
+
+def test_each_module_keeps_its_own_training_flag():
+    """A training model around a frozen BatchNorm: verify and compact run it in eval, then restore each flag."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).train()
+    model[1].eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert verify(model, model, x).ok
+    assert model.training and not model[1].training
+    compact(model, x)
+    assert [m.training for m in model] == [True, False, True, True]

@@ -68,7 +68,7 @@ def _builtin() -> dict[Any, OpRule]:
                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
                  F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d]),
         (T.add, [operator.add, operator.iadd, torch.add, "add", "add_", operator.sub, torch.sub, "sub"]),
-        (T.scale, [operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"]),
+        (T.scale, [operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, torch.div, "div"]),
         (T.cat, [torch.cat, torch.concat, torch.concatenate]),
         (T.split, [torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split"]),
         (T.reshape, list(RESHAPES)),

@@ -13,6 +13,7 @@ from torch import nn
 
 from torchslim.structure.capture import tensor_shapes
 from torchslim.structure.heads_layout import (
+    fold,
     heads,
     is_head,
     merge_reason,
@@ -48,7 +49,8 @@ def add(op: Op) -> None:
     if len(tensors) == 1 and chans and chans[0] is not None:  # x + scalar
         op.output(op.channels(tensors[0]), zero_preserving=False)
         return
-    if len(tensors) == 2 and (_add_broadcast(op, *tensors) or _add_parameter(op, *tensors)):
+    if len(tensors) == 2 and (_add_broadcast(op, *tensors) or _add_parameter(op, *tensors)
+                              or _add_computed(op, *tensors)):
         return
     if len(tensors) == 2 and all(c is not None for c in chans) and op.shape(tensors[0]) == op.shape(tensors[1]) \
             and chans[0].dim == chans[1].dim and any(_pinned(op, c) for c in chans):
@@ -88,6 +90,22 @@ def _add_parameter(op: Op, a: fx.Node, b: fx.Node) -> bool:
     return True
 
 
+def _add_computed(op: Op, a: fx.Node, b: fx.Node) -> bool:
+    """One operand carries channels, the other is computed without them and broadcast over them (size 1 at the
+    channel dim: an eager attention's causal or padding mask ``(B, 1, T, T)`` on the scores ``(B, H, T, T)``):
+    the channels pass, and a zero channel becomes the mask's values. One as wide as the channels without
+    carrying them (a bias per head computed from constants) is not followed: the compact model would add it whole.
+    """
+    if (op.channels(a) is None) == (op.channels(b) is None):
+        return False
+    x, other = (a, b) if op.channels(a) is not None else (b, a)
+    chans = op.channels(x)
+    if not broadcast_over(op, chans, x, other):
+        return False
+    op.output(chans.moved_to(chans.dim + len(op.shape()) - len(op.shape(x))), zero_preserving=False)
+    return True
+
+
 def _pinned(op: Op, chans: Channels) -> bool:
     """Whether every channel of ``chans`` is pinned (each space is united with a fixed one)."""
     graph = op.walk.graph
@@ -100,7 +118,9 @@ def scale(op: Op) -> None:
 
     A factor without channels that is broadcast over them (size 1 at the channel dim, aligned from the
     right: rotary ``cos``/``sin`` of shape ``(1, 1, T, D)`` on heads ``(B, H, T, D)``) keeps them too, as
-    does ``x / t``; ``t / x`` does not map 0 to 0.
+    does ``x / t``; ``t / x`` does not map 0 to 0. A parameter with one entry per channel (a layer scale:
+    ``x * self.gamma``, γ of shape ``(C,)`` or ``(C, 1, 1)``, or ``gamma.view(1, -1, 1, 1)``) writes them:
+    ``γ_k = 0`` zeroes channel ``k``, so its entries are ``"out"`` stripes, cut with the channel.
     """
     tensors = [a for a in op.node.args[:2] if isinstance(a, fx.Node) and op.shape(a) is not None]
     chans = [op.channels(t) for t in tensors]
@@ -109,8 +129,9 @@ def scale(op: Op) -> None:
         return
     if len(tensors) == 2 and all(c is not None for c in chans):
         (a, b), (sa, sb) = chans, (op.shape(t) for t in tensors)
-        if len(sa) == len(sb) and a.dim == b.dim and sa[a.dim] == sb[b.dim] and op.unite(a, b):
-            op.output(a)  # a zero channel of either factor is zero in the product
+        if len(sa) == len(sb) and a.dim == b.dim and sa[a.dim] == sb[b.dim] \
+                and (op.unite(a, b) or _unite_pieces(op, *tensors)):
+            op.output(op.channels(tensors[0]))  # a zero channel of either factor is zero in the product
             return
     if len(tensors) == 2 and (chans[0] is None) != (chans[1] is None):
         x, other = (tensors[0], tensors[1]) if chans[0] is not None else (tensors[1], tensors[0])
@@ -118,7 +139,45 @@ def scale(op: Op) -> None:
         if not divisor and broadcast_over(op, op.channels(x), x, other):
             op.output(op.channels(x).moved_to(op.channels(x).dim + len(op.shape()) - len(op.shape(x))))
             return
+        if not divisor and _scale_parameter(op, x, other):
+            return
     op.unknown(f"{_name(op)} of two tensors")
+
+
+def _scale_parameter(op: Op, x: fx.Node, other: fx.Node) -> bool:
+    """``x * γ`` with γ a parameter of one entry per channel (a layer scale): γ's entries write the channels.
+
+    A parameter of one entry expanded over the channels scales them all alike: they pass.
+    """
+    chans = op.channels(x)
+    out = chans.moved_to(chans.dim + len(op.shape()) - len(op.shape(x)))
+    found = parameter_dim(op, out, other)
+    if found is None:
+        return False
+    if found[1] is not None:
+        op.attach(out, str(found[0].target), found[1], "out")
+    op.output(out)  # 0 · γ_k = 0
+    return True
+
+
+def _unite_pieces(op: Op, x: fx.Node, y: fx.Node) -> bool:
+    """``act(gate) * up`` with ``gate, up = fc(x).chunk(2, -1)`` (a fused gated MLP): two pieces of one space.
+
+    The space is folded at the pieces' size (:func:`~torchslim.structure.heads_layout.fold`) and the two parts
+    are united, so a member is row ``k`` of the gate, row ``n + k`` of the up projection and the reader's
+    column ``k``; the chunk's tie then keeps both halves as wide.
+    """
+    a, b, graph = op.channels(x), op.channels(y), op.walk.graph
+    if len(a.segs) != 1 or len(b.segs) != 1:
+        return False
+    p, q = a.segs[0], b.segs[0]
+    n, size = p.hi - p.lo, graph.spaces[p.space].size
+    if p.space != q.space or p.lo == q.lo or q.hi - q.lo != n or size % n or p.lo % n or q.lo % n \
+            or any((s.width, s.stride) != (1, 1) for s in (p, q)):
+        return False
+    if fold(op, p.space, size // n) is None:
+        return False
+    return op.unite(op.channels(x), op.channels(y))
 
 
 def broadcast_over(op: Op, chans: Channels, x: fx.Node, other: fx.Node) -> bool:

@@ -39,8 +39,11 @@ def _live_members(fam: Family, multiple: int = 1) -> Tensor:
     consumer's columns are zero, so only silence removes it.
 
     With ``multiple > 1`` the count is rounded up to a multiple (capped at ``fam.size``) by also keeping
-    the largest of the removable members: kept as they are, they change nothing.
+    the largest of the removable members: kept as they are, they change nothing. Not for ``"head"``
+    families: a member is a head of ``D`` channels, whose widths are multiples of ``D`` already.
     """
+    if fam.kind == "head":
+        multiple = 1
     has_in = any(s.role == "in" for s in fam.stripes)
     unread = fam.row_sq("in") == 0 if has_in else torch.ones(fam.size, dtype=torch.bool)
     if fam.read_by_norm:

@@ -28,7 +28,8 @@ from torchslim.surgery.compact import compact
 log = logging.getLogger(__name__)
 
 Scope = Literal["layer", "global"]
-_PRUNABLE_KINDS = ("channel", "neuron")  # the kinds compact() cuts out when zero
+_DEFAULT_KINDS = ("channel", "neuron")
+_PRUNABLE_KINDS = ("channel", "neuron", "head", "embed")  # the kinds compact() cuts out when zero
 _EPS = 1e-9  # ⌊amount·n⌋ for amount = j/n must give j despite float rounding
 
 
@@ -38,10 +39,10 @@ def magnitude_prune(
     amount: float | None = None,
     *,
     target_macs: float | None = None,
-    kinds: Sequence[str] = _PRUNABLE_KINDS,
+    kinds: Sequence[str] = _DEFAULT_KINDS,
     scope: Scope = "layer",
 ) -> nn.Module:
-    """A compact copy of ``model`` without its lowest-norm channel/neuron groups.
+    """A compact copy of ``model`` without its lowest-norm channel/neuron (or head, width) groups.
 
     1. ``groups = structures(model, example_inputs, kinds)``; a family is one layer's channels (in a
        ResNet, the channels that residual additions couple across a stage).
@@ -61,7 +62,9 @@ def magnitude_prune(
         target_macs: instead of ``amount``: the least pruning (the smallest ``amount``, found by
             bisection over the steps at which one more group goes) whose compact model has at most
             this many multiply-adds per sample, as ``torchslim.profile(model, x, latency=False).macs`` counts.
-        kinds: group kinds to prune, a non-empty subset of ``("channel", "neuron")``.
+        kinds: group kinds to prune, a non-empty subset of ``("channel", "neuron", "head", "embed")``: a
+            transformer's attention heads (q, k, v rows and output columns) and its width (the residual
+            stream) rank by the same group norm.
         scope: ``"layer"`` (the same fraction of every layer) or ``"global"`` (one ranking).
     Returns:
         the compact model, in eval mode: standard layers, narrower where groups went.

@@ -332,6 +332,17 @@ def _resummarize(path: Path) -> dict[str, Any]:
     return data
 
 
+def _earlier_tp(path: Path, fraction: float) -> dict[str, Any]:
+    """The Torch-Pruning rows of an earlier run of this script, by model, with where they come from."""
+    data = json.loads(path.read_text())
+    if data["settings"]["fraction_zeroed"] != fraction:
+        raise SystemExit(f"{path} pruned {data['settings']['fraction_zeroed']}, not --fraction {fraction}")
+    return {"rows": {r["model"]: r["torch_pruning"] for r in data["rows"] if "torch_pruning" in r},
+            "version": data["settings"]["versions"].get("torch-pruning"),
+            "source": {"file": path.name, "date": data["date"], "machine": data["machine"].get("cpu"),
+                       "torchslim_commit": data["settings"].get("torchslim_commit")}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=None,
@@ -340,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--timeout", type=int, default=120, help="seconds per model and tool")
     ap.add_argument("--no-strict", action="store_true", help="skip the strict=True trace (one trace fewer)")
     ap.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
+    ap.add_argument("--torch-pruning-from", type=Path, metavar="JSON",
+                    help="take the Torch-Pruning column from an earlier results file instead of re-running it (it does "
+                         "not depend on torchslim: same models, seeds and fraction); the file is named in the settings")
     ap.add_argument("--smoke", action="store_true", help="a quick check: written as zoo_timm_hf_smoke.json")
     ap.add_argument("--resummarize", action="store_true",
                     help="measure nothing: recompute the summary of results/zoo_timm_hf.json from its rows")
@@ -356,14 +370,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             ap.error(f"not in zoo_models.py: {', '.join(unknown)}")
         specs = [by_name[n] for n in args.models]
-    with_tp = not args.no_torch_pruning and _version("torch-pruning") is not None
+    earlier = _earlier_tp(args.torch_pruning_from, args.fraction) if args.torch_pruning_from else None
+    with_tp = not args.no_torch_pruning and earlier is None and _version("torch-pruning") is not None
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     rows = []
     for spec in specs:
         rows.append(measure(spec, args.fraction, args.timeout, not args.no_strict, with_tp))
+        if earlier is not None and spec.name in earlier["rows"]:
+            rows[-1]["torch_pruning"] = earlier["rows"][spec.name]
         print(_line(rows[-1]), flush=True)
+    with_tp = with_tp or (earlier is not None and all("torch_pruning" in r for r in rows if "torchslim" in r))
     summary = summarize(rows, with_tp)
     settings = {"fraction_zeroed": args.fraction, "kinds": list(KINDS), "useful_at_most": USEFUL,
                 "timeout_s": args.timeout, "threads": 1, "atol": 1e-4,
@@ -371,6 +389,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "torchslim_from": str(Path(torchslim.__file__).parent), "torchslim_commit": _commit(),
                 "torch_pruning": ("MagnitudePruner, GroupMagnitudeImportance(p=2), classifier ignored, one step"
                                   if with_tp else "not installed (skipped)")}
+    if earlier is not None:
+        settings["torch_pruning_from"] = earlier["source"]
+        settings["versions"]["torch-pruning"] = earlier["version"]
     data = {"settings": settings, "summary": summary, "rows": rows, **({"smoke": True} if args.smoke else {})}
     print({k: v for k, v in summary.items() if k != "failure_causes"})
     write("zoo_timm_hf_smoke" if args.smoke else "zoo_timm_hf", data)

@@ -208,3 +208,15 @@ def test_an_unknown_aten_op_is_named_as_register_op_takes_it():
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnknownOpWarning)
             assert structures(net, x, capture="export") == []
+
+
+def test_a_kv_cache_is_left_out_of_the_capture_and_the_config_restored():
+    config_cls, model_cls, config = HF["llama"][:3]
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**config, "use_cache": True})).eval()
+    ids = torch.randint(0, VOCAB, IDS)
+    groups = structures(model, ids, kinds=("head",), strict=True)  # the cache's torch.cat would pin every head
+    assert len(groups) == 4 and model.config.use_cache is True  # 2 layers of 2 key/value heads
+    groups[1].zero_()
+    small = compact(model, ids, strict=True)
+    assert small.config.use_cache is True
+    torch.testing.assert_close(_logits(small, ids), _logits(model, ids))

@@ -10,8 +10,9 @@ output (``meta["val"]``, a fake tensor), so no real forward runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.fx as fx
@@ -58,6 +59,24 @@ def capture(model: nn.Module, example_inputs: tuple[Tensor, ...], leaf_modules: 
                  _first_line(fx_error))
         return _export(model, example_inputs, fx_error)
     return _propagate(model, fx.GraphModule(model, graph), example_inputs)
+
+
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """While capturing: Hugging Face configs with ``use_cache=False``, restored afterwards.
+
+    A key/value cache is state the forward appends to (``torch.cat`` into a cache object), not part of the
+    function from inputs to outputs; captured, it would pin every head. The compact model runs with the
+    cache as before: its cache simply holds fewer heads.
+    """
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", False)}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True
 
 
 def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> fx.Graph:

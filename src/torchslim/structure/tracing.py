@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchslim._inputs import Inputs, as_tuple
 from torchslim.errors import UnknownOpWarning, UnsupportedOperation
 from torchslim.layers import is_rank_family
-from torchslim.structure.capture import Capture
+from torchslim.structure.capture import Capture, without_kv_cache
 from torchslim.structure.capture import capture as _capture
 from torchslim.structure.graph import _DependencyGraph
 from torchslim.structure.groups import (
@@ -61,7 +61,7 @@ def channel_graph(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...],
     :func:`torchslim.structure.capture.capture`.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    with functional_norms(model):  # norms written out in Python are captured as one op
+    with functional_norms(model), without_kv_cache(model):  # norms written out in Python are captured as one op
         gm = _capture(model, inputs, leaf_modules, capture)
     gm.meta["torchslim_model"] = model  # rules read the user's modules' attributes (a head count: heads_layout)
     return walk(gm, strict, rule_for), gm

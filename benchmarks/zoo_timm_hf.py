@@ -332,6 +332,16 @@ def _resummarize(path: Path) -> dict[str, Any]:
     return data
 
 
+def _updated(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """The results file at ``path`` with ``rows`` in place of its rows for the same models, summary recomputed."""
+    data = json.loads(path.read_text())
+    new = {r["model"]: r for r in rows}
+    data["rows"] = [new.get(r["model"], r) for r in data["rows"]]
+    data["settings"].setdefault("updated", []).append({"models": sorted(new), "commit": settings["torchslim_commit"]})
+    data["summary"] = summarize(data["rows"], data["settings"]["torch_pruning"] != "not installed (skipped)")
+    return {k: v for k, v in data.items() if k not in ("benchmark", "machine", "date")}
+
+
 def _earlier_tp(path: Path, fraction: float) -> dict[str, Any]:
     """The Torch-Pruning rows of an earlier run of this script, by model, with where they come from."""
     data = json.loads(path.read_text())
@@ -355,6 +365,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="take the Torch-Pruning column from an earlier results file instead of re-running it (it does "
                          "not depend on torchslim: same models, seeds and fraction); the file is named in the settings")
     ap.add_argument("--smoke", action="store_true", help="a quick check: written as zoo_timm_hf_smoke.json")
+    ap.add_argument("--update", action="store_true",
+                    help="measure only --models and replace their rows in results/zoo_timm_hf.json (the commit is noted)")
     ap.add_argument("--resummarize", action="store_true",
                     help="measure nothing: recompute the summary of results/zoo_timm_hf.json from its rows")
     args = ap.parse_args(argv)
@@ -393,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings["torch_pruning_from"] = earlier["source"]
         settings["versions"]["torch-pruning"] = earlier["version"]
     data = {"settings": settings, "summary": summary, "rows": rows, **({"smoke": True} if args.smoke else {})}
+    if args.update:
+        data = _updated(RESULTS / "zoo_timm_hf.json", rows, settings)
     print({k: v for k, v in summary.items() if k != "failure_causes"})
     write("zoo_timm_hf_smoke" if args.smoke else "zoo_timm_hf", data)
     return data

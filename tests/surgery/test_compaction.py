@@ -7,7 +7,7 @@ from torch import nn
 
 import torchslim.surgery.compact as compaction
 from torchslim import LoweredConv2d, VerificationError, compact, structures, verify
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, UnknownOpWarning
 
 
 def _n_params(m):
@@ -252,3 +252,27 @@ def test_grouped_conv_loses_whole_groups_exactly():
     small = compact(net, x)
     assert (small.g.in_channels, small.g.out_channels, small.g.groups) == (9, 6, 3)
     assert verify(net, small, torch.randn(3, 3, 8, 8)).ok
+
+
+class _Fixed(nn.Module):
+    """A Linear whose output is reshaped to a literal width: cutting its neurons breaks this module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.a(x).reshape(x.shape[0], 6)
+
+
+def test_families_that_break_a_module_when_cut_are_kept_whole_with_a_warning():
+    torch.manual_seed(0)
+    net, x = nn.Sequential(_Fixed(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval(), torch.randn(2, 8)
+    for g in structures(net, x, kinds=("neuron",)):
+        if g.index == 0:
+            g.zero_()  # neuron 0 of the reshaped Linear and of the next one
+    with pytest.warns(UnknownOpWarning, match=r"kept 1 group families whole.*0\.a .*module '0'"):
+        small = compact(net, x)
+    assert (small[0].a.out_features, small[1].out_features) == (6, 4)
+    fresh = torch.randn(4, 8)
+    torch.testing.assert_close(small(fresh), net(fresh))

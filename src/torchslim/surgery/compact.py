@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Literal, Sequence
+import warnings
+from typing import Collection, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from torchslim._inputs import Inputs, as_tuple, first_inputs
-from torchslim.errors import ConfigError, NondeterministicModel, TorchSlimError, VerificationError
+from torchslim.errors import ConfigError, NondeterministicModel, TorchSlimError, UnknownOpWarning, VerificationError
 from torchslim.layers import LoweredConv2d
 from torchslim.structure.capture import Capture
 from torchslim.structure.depth import remove_branches, residual_branches
@@ -154,16 +155,17 @@ def _sync_sizes(model: nn.Module, multipliers: dict[nn.Module, int]) -> None:
 def remove_channels(model: nn.Module, inputs: tuple[Tensor, ...], multiple: int = 1,
                     graph: _DependencyGraph | None = None,
                     leaf_modules: Sequence[type[nn.Module]] = (),
-                    capture: Capture = "auto") -> dict[str, tuple[int, int]]:
+                    capture: Capture = "auto", keep_whole: Collection[str] = ()) -> dict[str, tuple[int, int]]:
     """Cut every removable zero channel/neuron from ``model`` in place; ``{label: (before, after)}``.
 
     ``graph``: ``model``'s channel graph if the caller has traced it already (it is traced otherwise,
-    with ``leaf_modules`` and ``capture``).
+    with ``leaf_modules`` and ``capture``). ``keep_whole``: labels of families to leave uncut.
     """
     if graph is None:
         graph, _ = channel_graph(model, inputs, leaf_modules=leaf_modules, capture=capture)
     roots: list[int] = []
-    plan = _uniform([(fam, _live_members(fam, multiple)) for fam in coupled_families(model, graph, roots)])
+    plan = _uniform([(fam, torch.arange(fam.size) if fam.label in keep_whole else _live_members(fam, multiple))
+                     for fam in coupled_families(model, graph, roots)])
     plan, renumberings = keep_for_ties(graph, plan, roots)
     for renumbering in renumberings:
         renumbering.apply_()
@@ -250,34 +252,66 @@ def shrink_kernels(model: nn.Module, inputs: tuple[Tensor, ...], shapes: Shapes)
     return changes
 
 
-def _raise_if_broken(small: nn.Module, inputs: tuple[Tensor, ...], error: Exception) -> None:
-    """Raise :class:`VerificationError` naming the innermost module where ``small`` fails to run on ``inputs``.
+def _failing_module(small: nn.Module, inputs: tuple[Tensor, ...]) -> str | None:
+    """The innermost module where ``small`` fails to run on ``inputs`` (``""``: its own forward); None if it runs.
 
-    ``error`` was raised while comparing it with the original; nothing happens where ``small`` runs.
+    Read from the traceback: the last frame whose ``self`` is one of ``small``'s modules.
     """
-    running: list[str] = []
-
-    def enter(name: str) -> None:
-        running.append(name)
-
-    def leave() -> None:
-        running.pop()
-
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: enter(name)) for name, m in small.named_modules()]
-    hooks += [m.register_forward_hook(lambda mod, args, out: leave()) for m in small.modules()]
+    names = {id(m): name for name, m in small.named_modules()}
     try:
         with torch.no_grad():
             small(*inputs)
-    except Exception:  # noqa: BLE001 - whatever the user's forward raises on the narrower tensors
-        where = f"module '{running[-1]}' ({type(small.get_submodule(running[-1])).__name__})" \
-            if running and running[-1] else "the model's own forward"
-        raise VerificationError(
-            f"the compacted model fails in {where}: {error}. An operation there needs the channel counts it "
-            "had; please report this model (register_op(target, 'opaque') on that op keeps its channels)"
-        ) from error
-    finally:
-        for hook in hooks:
-            hook.remove()
+    except Exception as e:  # noqa: BLE001 - whatever the user's forward raises on the narrower tensors
+        where, tb = "", e.__traceback__
+        while tb is not None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in names:
+                where = names[id(owner)]
+            tb = tb.tb_next
+        return where
+    return None
+
+
+def _broken(small: nn.Module, where: str, error: Exception) -> VerificationError:
+    place = f"module '{where}' ({type(small.get_submodule(where)).__name__})" if where else "the model's own forward"
+    return VerificationError(
+        f"the compacted model fails in {place}: {error}. An operation there needs the channel counts it "
+        "had; please report this model (register_op(target, 'opaque') on that op keeps its channels)")
+
+
+def _check(model: nn.Module, small: nn.Module, inputs: tuple[Tensor, ...], atol: float
+           ) -> tuple[str, Exception] | None:
+    """None where ``small`` computes what ``model`` does on ``inputs`` and on seeded random ones; else the
+    module where ``small`` fails to run (``""``: its own forward) and the error.
+
+    Raises:
+        NondeterministicModel, VerificationError: the outputs differ (the model's own fault, or a bug).
+    """
+    for probe in (inputs, _fresh(inputs)):
+        try:
+            report = verify(model, small, probe, atol=atol)
+        except TorchSlimError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a forward that cannot run on the narrower tensors
+            where = _failing_module(small, probe)
+            if where is None:
+                raise
+            return where, e
+        if not report.ok:
+            _check_repeatable(model, probe, atol)
+            raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
+    return None
+
+
+_ATTEMPTS = 8  # compactions tried, each keeping whole the families cut inside modules of the class the last one broke
+
+
+def _alike(small: nn.Module, where: str) -> tuple[str, ...]:
+    """Prefixes (``"name."``) of the module ``where`` and of every module of its class; none for the model itself."""
+    if not where:
+        return ()
+    cls = type(small.get_submodule(where))
+    return tuple(f"{name}." for name, m in small.named_modules() if name and type(m) is cls)
 
 
 def compact(
@@ -313,7 +347,10 @@ def compact(
     the channels compaction can cut.
 
     The result is checked with :func:`verify` on ``example_inputs`` and on random inputs of the same
-    shape, and is returned in eval mode; ``model`` is not changed.
+    shape, and is returned in eval mode; ``model`` is not changed. Where the smaller model fails to run in
+    some module (an operation there needs the width it had, e.g. a reshape to a size computed from another
+    tensor's shape), the families cut inside that module are kept whole and compaction starts again, with
+    an :class:`UnknownOpWarning` naming them (a few times at most).
 
     Raises:
         UnsupportedOperation: ``strict=True`` and an operation's channels cannot be followed.
@@ -326,30 +363,38 @@ def compact(
     if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
         raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     inputs = as_tuple(example_inputs)
-    small = copy.deepcopy(model).eval()
-    graph, gm = channel_graph(small, inputs, strict=strict, leaf_modules=leaf_modules, capture=capture)
-    warn_pinned(graph)
-    blocks = remove_branches(small, residual_branches(small, gm))
-    if blocks:
-        log.info("blocks reduced to their shortcut: %s", blocks)
-    cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph,  # re-trace if changed
-                           leaf_modules=leaf_modules, capture=capture)
-    log.info("removed channels: %s", cuts)
-    if shapes != "off":
-        log.info("kernels: %s", shrink_kernels(small, inputs, shapes))
-    randoms = _fresh(inputs)
-    for probe in (inputs, randoms):
-        try:
-            report = verify(model, small, probe, atol=atol)
-        except TorchSlimError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a forward that cannot run on the narrower tensors
-            _raise_if_broken(small, probe, e)
-            raise
-        if not report.ok:
-            _check_repeatable(model, probe, atol)
-            raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
-    return small
+    keep_whole: set[str] = set()
+    kept: list[str] = []  # why each family was kept whole, for one warning
+    for attempt in range(_ATTEMPTS):
+        small = copy.deepcopy(model).eval()
+        graph, gm = channel_graph(small, inputs, strict=strict, leaf_modules=leaf_modules, capture=capture)
+        if attempt == 0:
+            warn_pinned(graph)
+        params = {f.label: {s.param for s in f.stripes} for f in coupled_families(small, graph)}
+        blocks = remove_branches(small, residual_branches(small, gm))
+        if blocks:
+            log.info("blocks reduced to their shortcut: %s", blocks)
+        cuts = remove_channels(small, inputs, channel_multiple, graph=None if blocks else graph,  # re-trace if changed
+                               leaf_modules=leaf_modules, capture=capture, keep_whole=keep_whole)
+        log.info("removed channels: %s", cuts)
+        if shapes != "off":
+            log.info("kernels: %s", shrink_kernels(small, inputs, shapes))
+        failure = _check(model, small, inputs, atol)
+        if failure is None:
+            if kept:
+                warnings.warn(
+                    f"compact kept {len(kept)} group families whole, as cutting them broke a module that needs the "
+                    f"width it had (e.g. a reshape to a size computed from another tensor's shape): {'; '.join(kept)}. "
+                    "Teach torchslim such a module with register_op to cut them.", UnknownOpWarning, stacklevel=2)
+            return small
+        where, error = failure
+        alike = _alike(small, where)  # the failing module and every other of its class: they fail alike
+        inside = {label for label in cuts if any(p.startswith(alike) for p in params.get(label, ()))}
+        if not inside - keep_whole or attempt + 1 == _ATTEMPTS:
+            raise _broken(small, where, error) from error
+        kept.append(f"{', '.join(sorted(inside - keep_whole))} (module '{where}': {str(error).splitlines()[0][:80]})")
+        keep_whole |= inside
+    raise AssertionError("the loop returns or raises")  # pragma: no cover
 
 
 def _fresh(inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -21,11 +21,14 @@ def gpt_section(d: dict[str, Any]) -> list[str]:
     dense_ppl, final = ppl["baseline"], ppl.get("finetune", ppl.get("compact"))
     lines = [f"### SSL on a small GPT: heads, MLP neurons and width ({r['name']})", "",
              (f"A GPT-2-style decoder (`torchslim.models.gpt`, {_shape(d['shape']['dense'])}, tied head) on the King "
-              f"James Bible, word level ({r['data']['vocab_size']:,} words, chunks of {r['data']['bptt']} tokens, "
+              f"James Bible, word level ({r['data']['vocab_size']:,} words, the first "
+              f"{r['data'].get('train_limit') or 0:,} training tokens, chunks of {r['data']['bptt']} tokens, "
               f"batch {r['batch_size']}): dense {r['baseline']['epochs']} epochs → group Lasso on "
               f"{', '.join(ssl['kinds'])} for {ssl['epochs']} epochs (λ {ssl['strength']}, budget keep "
               f"{ssl.get('keep')}) → compact → fine-tune {r['finetune']['epochs']} epoch(s), AdamW. Direct design: "
-              f"the compact shape trained from scratch with the dense schedule. Test perplexity; "
+              f"the compact shape trained from scratch with the dense schedule. The compact model has trained "
+              f"{r['baseline']['epochs'] + ssl['epochs'] + r['finetune']['epochs']} epochs in all, the dense model and "
+              f"the direct design {r['baseline']['epochs']} each. Test perplexity; "
               f"{machine_line(d, sentence=True)}"), "",
              *table(["model", "shape", "block parameters", "all parameters", "test perplexity", "vs dense"],
                     [["dense", _shape(d["shape"]["dense"]), f"{d['block_params']['dense']:,}",

@@ -124,7 +124,8 @@ def timm_hf_section(d: dict[str, Any]) -> list[str]:
               f"input (atol {s['atol']:g}); *useful*: exact and at most {s['useful_at_most']:.0%} of the parameters "
               f"kept. Torch-Pruning: {s['torch_pruning']}, ratio {s['fraction_zeroed']:g}; *forward works*: the "
               f"pruned model runs and gives the dense output's shape. *Coverage*: conv/linear output rows held by "
-              f"some group. {s['timeout_s']} s per model and tool. {machine_line(d, cores='1 thread', sentence=True)}"),
+              f"some group. {s['timeout_s']} s per model and tool. {machine_line(d, cores='1 thread', sentence=True)}"
+              + _provenance(s)),
              "", *table(["", "models", "traced (≥ 1 group)", "exact", "useful (≤ "
                          f"{s['useful_at_most']:.0%} kept)", "clear library error", "crash", "not exact", "timeout"]),
              (f"| torchslim | {n} | {ts['traced']} | {ts['exact']} | {ts['useful']} | {ts['clear_error']} | "
@@ -148,6 +149,17 @@ def timm_hf_section(d: dict[str, Any]) -> list[str]:
     for r in rows:
         lines.append(_timm_hf_row(r))
     return lines + [""]
+
+
+def _provenance(s: dict[str, Any]) -> str:
+    """Where parts of the file come from other runs: Torch-Pruning's column, rows measured again."""
+    out = ""
+    if (tp := s.get("torch_pruning_from")) is not None:
+        out += (f" Torch-Pruning's column is the run of {tp['date']} (torchslim {tp['torchslim_commit']}, "
+                f"{tp['machine']}): it does not depend on torchslim.")
+    for u in s.get("updated", []):
+        out += f" Measured again at torchslim {u['commit']}: {', '.join(u['models'])}."
+    return out
 
 
 def _timm_hf_row(r: dict[str, Any]) -> str:

@@ -15,6 +15,10 @@ The models are the public list of ``zoo_models.py`` (random weights, eval mode, 
   classifier / LM head ignored, one ``step()``; then whether the pruned model still runs and gives an
   output of the dense shape, its parameters as a ratio, seconds.
 
+Torch-Pruning's column does not depend on torchslim: ``--torch-pruning-from OLD.json`` takes it from an earlier
+run (this file's was measured at commit 7f001a7: ``git show 7f001a7:benchmarks/results/zoo_timm_hf.json``), and
+``--update --models ...`` measures only those models and replaces their rows.
+
 A model that takes longer than ``--timeout`` seconds in one tool is stopped there (``timeout``). One
 thread. Writes ``benchmarks/results/zoo_timm_hf.json`` (``zoo_timm_hf_smoke.json`` with ``--smoke``).
 """

@@ -113,7 +113,7 @@ def test_a_cut_that_breaks_a_module_is_undone_with_a_warning_naming_it():
     x = torch.randn(2, 3, 4, 4)
     with register_op(WrongLeaf, "elementwise"):
         structures(net, x, leaf_modules=(WrongLeaf,))[0].zero_()
-        with pytest.warns(UnknownOpWarning, match=r"kept 1 group families whole.*: 0 \(module '2'"):
+        with pytest.warns(UnknownOpWarning, match=r"kept 1 group family whole.*: 0 \(module '2'"):
             small = compact(net, x, leaf_modules=(WrongLeaf,))
     assert small[0].out_channels == 8 and small[2].in_channels == 8
 

@@ -271,7 +271,7 @@ def test_families_that_break_a_module_when_cut_are_kept_whole_with_a_warning():
     for g in structures(net, x, kinds=("neuron",)):
         if g.index == 0:
             g.zero_()  # neuron 0 of the reshaped Linear and of the next one
-    with pytest.warns(UnknownOpWarning, match=r"kept 1 group families whole.*0\.a .*module '0'"):
+    with pytest.warns(UnknownOpWarning, match=r"kept 1 group family whole.*0\.a .*module '0'"):
         small = compact(net, x)
     assert (small[0].a.out_features, small[1].out_features) == (6, 4)
     fresh = torch.randn(4, 8)

@@ -383,7 +383,8 @@ def compact(
         if failure is None:
             if kept:
                 warnings.warn(
-                    f"compact kept {len(kept)} group families whole, as cutting them broke a module that needs the "
+                    f"compact kept {len(keep_whole)} group famil{'y' if len(keep_whole) == 1 else 'ies'} whole, as "
+                    "cutting them broke a module that needs the "
                     f"width it had (e.g. a reshape to a size computed from another tensor's shape): {'; '.join(kept)}. "
                     "Teach torchslim such a module with register_op to cut them.", UnknownOpWarning, stacklevel=2)
             return small

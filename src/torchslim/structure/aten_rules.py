@@ -3,9 +3,8 @@
 An aten op takes the rule of its functional or method equivalent (``aten.linear`` → ``F.linear``,
 ``aten.add.Tensor`` → ``operator.add``, ``aten.view`` → ``"view"``), so the built-in rules, and a user's
 ``register_op`` on ``F.linear`` or ``torch.cat``, apply to the aten op too. Where no rule reads the aten
-arguments (``permute``'s list of dims, views that merge the batch dims, GPT-2's ``addmm``, ``chunk``'s tie),
-a rule here does, unless the user registered the equivalent (same arguments: ``torch.permute``,
-``torch.chunk``). ``embedding(weight, indices)`` and ``batch_norm(x, weight, bias, mean, var, …)`` take their
+arguments (``permute``'s list of dims, views that merge the batch dims, GPT-2's ``addmm``), a rule here does,
+unless the user registered the equivalent (same arguments: ``torch.permute``). ``embedding(weight, indices)`` and ``batch_norm(x, weight, bias, mean, var, …)`` take their
 arguments in another order than ``F.embedding``/``F.batch_norm``: they are taught by registering the aten
 overload. A registration on the overload (``torch.ops.aten.roll.default``) or its packet
 (``torch.ops.aten.roll``) wins over all of these. An op with no entry is unknown (pinned, warned).
@@ -144,26 +143,6 @@ def _by_parameter(op: Op) -> bool:
     op.consume(op.channels(x), w_name, 0, channel_dim=last)
     op.produce(w_shape[1], dim=last, params=[(w_name, 1)], kind="neuron")
     return True
-
-
-def _chunk(op: Op) -> None:
-    """``chunk(x, n, dim)``: as ``torch.chunk``, each piece its range of the channels, with a tie on their sizes."""
-    chan, shapes = op.channels(op.input), tensor_shapes(op.node)
-    if chan is None or shapes is None:
-        return
-    dim = call_arg(op, 2, "dim", 0) % len(shapes[0])
-    if dim != chan.dim:
-        op.walk.pieces[op.node] = [chan] * len(shapes)
-        return
-    pieces, at = [], 0
-    for shape in shapes:
-        pieces.append(chan.slice(at, at + shape[dim]))
-        at += shape[dim]
-    if any(p is None for p in pieces) or len(shapes) != call_arg(op, 1, "chunks"):
-        op.unknown("a chunk inside a channel's entries" if any(p is None for p in pieces) else None)
-        return
-    op.walk.graph.ties.append(("chunk", chan, tuple(s[dim] for s in shapes)))
-    op.walk.pieces[op.node] = pieces
 
 
 def _view_around_channels(op: Op) -> bool:
@@ -318,7 +297,7 @@ def _build() -> dict[Any, _Via]:
         put(f"conv_transpose{d}d", _Via(getattr(F, f"conv_transpose{d}d"), _conv(True, 6)))
     put("convolution", _Via(torch.convolution, _conv(None, 8)))
     put("addmm", _Via(torch.addmm, _addmm))
-    put("chunk", _Via(torch.chunk, _chunk, native=T.split))
+    put("chunk", _Via(torch.chunk))  # same arguments: tensor_rules.split knows aten.chunk for its tie
     put("permute", _Via(torch.permute, _permute, native=T.permute))
     put("t", _Via(torch.t, _t))
     put("unsqueeze", _Via(torch.unsqueeze, _unsqueeze))

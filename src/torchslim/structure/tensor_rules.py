@@ -251,7 +251,7 @@ def split(op: Op) -> None:
     sizes = tuple(shape[dim] for shape in shapes)
     if any(p is None for p in pieces):
         op.unknown("a split inside a channel's entries")
-    elif op.node.target in (torch.chunk, "chunk") and len(shapes) == chunks:
+    elif op.node.target in (torch.chunk, "chunk", torch.ops.aten.chunk.default) and len(shapes) == chunks:
         op.walk.graph.ties.append(("chunk", chan, sizes))  # the pieces' sizes must still come out right
     elif len(set(sizes)) == 1 and len(sizes) > 1 and rewritten_split(op, sizes[0]):
         op.walk.graph.ties.append(("split", chan, sizes))

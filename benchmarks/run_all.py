@@ -32,6 +32,8 @@ STEPS = [
     ["zoo_exactness.py"],
     ["zoo_speed.py"],
     ["zoo_timm_hf.py"],
+    ["capture_speed.py"],
+    ["gpt_kjv.py", "--recipe", "kjv_gpt_ssl"],                 # ~45 min at 2 threads
     ["codec_throughput.py"],
     ["terngrad_wire.py"],
     ["terngrad_convergence.py"],

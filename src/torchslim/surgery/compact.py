@@ -370,7 +370,6 @@ def compact(
         graph, gm = channel_graph(small, inputs, strict=strict, leaf_modules=leaf_modules, capture=capture)
         if attempt == 0:
             warn_pinned(graph)
-        params = {f.label: {s.param for s in f.stripes} for f in coupled_families(small, graph)}
         blocks = remove_branches(small, residual_branches(small, gm))
         if blocks:
             log.info("blocks reduced to their shortcut: %s", blocks)
@@ -390,6 +389,7 @@ def compact(
             return small
         where, error = failure
         alike = _alike(small, where)  # the failing module and every other of its class: they fail alike
+        params = {f.label: {st.param for st in f.stripes} for f in coupled_families(small, graph)}  # names only
         inside = {label for label in cuts if any(p.startswith(alike) for p in params.get(label, ()))}
         if not inside - keep_whole or attempt + 1 == _ATTEMPTS:
             raise _broken(small, where, error) from error

@@ -176,7 +176,9 @@ class GPTRun(Record):
     recipe: dict
     perplexity: dict
     valid_perplexity: dict
+    control_epochs: int
     direct_design: dict
+    dense_long: dict
     shape: dict
     block_params: dict
     params: dict

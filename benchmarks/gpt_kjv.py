@@ -4,8 +4,9 @@
 
 1. Trains the recipe (dense baseline → SSL on ``head``/``neuron``/``embed`` groups → compact → fine-tune;
    checkpoints in ``runs/<recipe>``).
-2. Direct design: a GPT with the compact model's width, heads and MLP neurons per block, trained from
-   scratch with the dense baseline's schedule (``runs/<recipe>_direct``).
+2. Controls at the same number of epochs as the SSL path (baseline + SSL + fine-tune), the baseline's
+   optimizer and a cosine schedule over them: the dense GPT (``runs/<recipe>_dense_long``) and a direct design,
+   a GPT with the compact model's width, heads and MLP neurons per block from scratch (``runs/<recipe>_direct``).
 3. Speed, dense vs compact, timed in alternation in one run, 1 and 2 threads: ``(35, 20)`` token blocks
    (median latency) and greedy generation at batch 1 (tokens/s, 32 new tokens after a 16-token prompt).
 """
@@ -63,9 +64,15 @@ def main() -> None:
     shape = shape_of(small)
     kwargs = [f"model.kwargs.width={shape['width']}", f"model.kwargs.n_head={shape['n_head']}",
               f"model.kwargs.d_ff={shape['d_ff']}"]
-    direct_recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [
-        f"name={recipe.name}_direct", *kwargs, "ssl.epochs=0", "finetune.epochs=0"]))
-    direct = train(direct_recipe, args.resume)
+    epochs = recipe.baseline.epochs + recipe.ssl.epochs + recipe.finetune.epochs
+
+    def dense_only(name: str, *overrides: str):
+        return recipe_from_dict(apply_overrides(recipe.to_dict(), [f"name={recipe.name}_{name}", *overrides,
+                                                                   f"baseline.epochs={epochs}", "ssl.epochs=0",
+                                                                   "finetune.epochs=0"]))
+
+    direct = train(dense_only("direct", *kwargs), args.resume)
+    dense_long = train(dense_only("dense_long"), args.resume)
 
     speed = {}
     for threads in (1, 2):
@@ -77,15 +84,18 @@ def main() -> None:
         "recipe": recipe.to_dict(),
         "perplexity": {k: _ppl(result, k) for k in result.loss},
         "valid_perplexity": {k: _ppl(result, k, valid=True) for k in result.valid_loss},
+        "control_epochs": epochs,
         "direct_design": {**shape, "perplexity": _ppl(direct, "baseline"),
                           "valid_perplexity": _ppl(direct, "baseline", valid=True)},
+        "dense_long": {"perplexity": _ppl(dense_long, "baseline"),
+                       "valid_perplexity": _ppl(dense_long, "baseline", valid=True)},
         "shape": {"dense": shape_of(dense), "compact": shape},
         "alive": result.history[-1 - recipe.finetune.epochs].alive if recipe.finetune.epochs else {},
         "block_params": {"dense": block_params(dense), "compact": block_params(small)},
         "params": {"dense": sum(p.numel() for p in dense.parameters()),
                    "compact": sum(p.numel() for p in small.parameters())},
         "speed": speed,
-        "train_seconds": train_seconds(result) + train_seconds(direct),
+        "train_seconds": train_seconds(result) + train_seconds(direct) + train_seconds(dense_long),
     }
     data["block_reduction"] = data["block_params"]["dense"] / data["block_params"]["compact"]
     write(f"gpt_{recipe.name}", data)

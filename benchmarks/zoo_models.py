@@ -64,7 +64,7 @@ TIMM_MODELS: list[Zoo] = [
     _vit("pit_ti_224", 64), _vit("swin_tiny_patch4_window7_224", 224), Zoo("pvt_v2_b0", "vit"),
     _vit("twins_pcpvt_small", 64), _vit("crossvit_tiny_240", 240), _vit("mvitv2_tiny", 224, family="vit"),
     # hybrids (convolution and attention)
-    Zoo("mobilevit_xxs", "hybrid"), Zoo("mobilevitv2_050", "hybrid"), _vit("levit_128s", 64, family="hybrid"),
+    Zoo("mobilevit_xxs", "hybrid"), Zoo("mobilevitv2_050", "hybrid"), _vit("levit_128s", 128, family="hybrid"),
     _vit("coat_lite_tiny", 64, family="hybrid"), _vit("coatnet_nano_rw_224", 64, family="hybrid"),
     _vit("maxvit_nano_rw_256", 64, family="hybrid"), Zoo("efficientvit_b0", "hybrid"),
     _vit("efficientvit_m0", 64, family="hybrid"), _vit("convit_tiny", 64, family="hybrid"),

@@ -1,6 +1,7 @@
 """The layers torchslim emits besides torch.nn's: a convolution lowered to a column-gathered GEMM
 (:class:`LoweredConv2d`, from shape sparsity), a layer split in two (:class:`LowRank`, from :func:`lowrank`)
-and a LayerNorm whose zero channels were cut (:class:`PaddedLayerNorm`, from channel compaction).
+a LayerNorm whose zero channels were cut (:class:`PaddedLayerNorm`, from channel compaction) and a
+weight-standardized convolution whose zero input columns were cut (:class:`PaddedStdConv`, likewise).
 
 
 SSL's shape-wise sparsity zeroes columns of the lowered weight matrix ``W: (N, C*kh*kw)`` (the
@@ -10,7 +11,7 @@ shrink an ordinary ``Conv2d``), this layer keeps only the ``K`` live columns: un
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -184,3 +185,80 @@ class PaddedLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]} of {self.full}, eps={self.eps}, dim={self.dim}, bias={self.bias is not None}"
+
+
+def padded_std_conv(x: Tensor, weight: Tensor, bias: Tensor | None, gain: Tensor | None, scale: float, full: int,
+                    eps: float, stride: Any = 1, padding: Any = 0, dilation: Any = 1) -> Tensor:
+    """A weight-standardized convolution whose filters are standardized over ``full`` inputs, the missing ones 0.
+
+    Each filter ``w[o]`` (``n`` kept entries of an original fan-in ``N = full``; the cut ones were 0) becomes::
+
+        μ_o  = Σ w[o] / N
+        σ²_o = (Σ (w[o] − μ_o)² + (N − n)·μ_o²) / N
+        ŵ[o] = g[o]·scale·(w[o] − μ_o)/sqrt(σ²_o + ε)
+
+    which is timm's ``StdConv2d``/``ScaledStdConv2d`` standardization (``F.batch_norm`` over the filter) over
+    the ``N`` entries, at the kept ones; then ``conv(x, ŵ, bias)``.
+
+    Args:
+        x: ``(B, C', *spatial)``.
+        weight: ``(O, C', *k)``; bias ``(O,)`` or None; gain ``g``: ``O`` entries in any shape, or None.
+        scale, eps: the gain's constant factor and ε of the original layer.
+        full: ``N``, the fan-in the statistics are over.
+    Returns:
+        ``(B, O, *spatial')``.
+    """
+    flat = weight.flatten(1)
+    mean = flat.sum(1, keepdim=True) / full
+    centered = flat - mean
+    var = (centered.square().sum(1, keepdim=True) + (full - flat.shape[1]) * mean.square()) / full
+    w = centered * torch.rsqrt(var + eps)
+    if gain is not None:
+        w = w * gain.reshape(-1, 1)
+    w = (w * scale).reshape(weight.shape)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return conv(x, w, bias, stride, padding, dilation)
+
+
+torch.fx.wrap("padded_std_conv")  # one call in a traced graph, which the conv rules know
+
+
+class PaddedStdConv(nn.Module):
+    """A weight-standardized conv (timm's ``StdConv2d``, ``ScaledStdConv2d``) after its zero input columns were cut.
+
+    A standard layer over the kept columns would standardize each filter over fewer entries and change it;
+    this one counts the original fan-in (:func:`padded_std_conv`). Standard ops only, so it exports to ONNX.
+
+    Args:
+        weight: the cut filters ``(O, C', *k)`` (the Parameter is kept); bias ``(O,)``, gain (``O`` entries):
+            Parameters or None.
+        scale, eps: the gain's constant factor and ε of the layer it replaces.
+        full: the original fan-in ``C·Πk``.
+        stride, padding, dilation: as the layer it replaces (``groups == 1``).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, gain: nn.Parameter | None, scale: float,
+                 eps: float, full: int, stride: Any = 1, padding: Any = 0, dilation: Any = 1) -> None:
+        super().__init__()
+        if not 0 < weight[0].numel() <= full:
+            raise ValueError(f"PaddedStdConv needs 0 < fan-in <= full, got {weight[0].numel()} of {full}")
+        self.weight, self.bias, self.gain = weight, bias, gain
+        self.scale, self.eps, self.full = float(scale), float(eps), int(full)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return padded_std_conv(x, self.weight, self.bias, self.gain, self.scale, self.full, self.eps, self.stride,
+                               self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
+                f"fan-in {self.weight[0].numel()} of {self.full}, stride={self.stride}, padding={self.padding}, "
+                f"eps={self.eps}, gain={self.gain is not None}")

@@ -311,3 +311,23 @@ def test_a_gated_product_of_two_chunks_ties_gate_and_up_rows(capture):
     assert (small.fc.out_features, small.down.in_features) == (8, 4)
     fresh = torch.randn(3, 5, 8)
     torch.testing.assert_close(small(fresh), net(fresh), rtol=1e-5, atol=1e-5)
+
+
+# -- reshape_as -----------------------------------------------------------------------------------
+
+class LinearNorm(nn.Module):
+    """LeViT's ``LinearNorm``: a Linear whose BatchNorm1d runs over the tokens flattened into the batch."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_reshape_as_follows_the_channels_like_reshape():
+    net = nn.Sequential(LinearNorm(4, 8), nn.Hardswish(), LinearNorm(8, 3)).eval()
+    small = zero_compact(net, torch.randn(2, 5, 4), [1, 4])
+    assert small[0].linear.out_features == small[0].bn.num_features == small[2].linear.in_features == 6

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from torchslim import compact, structures, verify
+from torchslim.layers import PaddedStdConv
 
 
 def _n_params(m: nn.Module) -> int:
@@ -118,10 +119,24 @@ def test_weight_standardized_conv_loses_output_channels_exactly(cls):
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), std(8, 12, 3), nn.ReLU(),
                         std(12, 12, 3, groups=12), nn.ReLU(), nn.Conv2d(12, 2, 1))
     small = _zero_compact_verify(net, torch.randn(2, 3, 8, 8))
-    assert small[0].out_channels == 8                   # read by standardized filters: kept
     assert small[2].out_channels == small[4].groups == small[6].in_channels < 12
+    assert small[0].out_channels == small[2].in_channels < 8     # silent channels and their zero columns
+    assert isinstance(small[2], PaddedStdConv) and small[2].full == 8 * 9
     if cls == "ScaledStdConv2d":
         assert small[2].gain.shape[0] == small[2].out_channels
+
+
+def test_a_weight_standardized_conv_keeps_a_silent_channel_whose_column_is_not_zero():
+    timm = pytest.importorskip("timm")
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), timm.layers.ScaledStdConv2d(8, 6, 3), nn.ReLU(),
+                        nn.Conv2d(6, 2, 1)).eval()
+    with torch.no_grad():
+        net[0].weight[:3] = 0
+        net[0].bias[:3] = 0       # channels 0-2 silent; the standardized conv's columns for them are not zero
+        net[2].weight[:, 2] = 0   # channel 2's column is
+    small = compact(net, torch.randn(2, 3, 8, 8))
+    assert small[0].out_channels == small[2].in_channels == 7
+    assert verify(net, small, torch.randn(2, 3, 8, 8)).ok
 
 
 def test_timm_regnetx_gains_groups_and_compacts_exactly():

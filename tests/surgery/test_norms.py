@@ -13,7 +13,7 @@ from torch import nn
 
 from torchslim import compact, load_compact, save_compact, structures, verify
 from torchslim.errors import UnknownOpWarning
-from torchslim.layers import PaddedLayerNorm
+from torchslim.layers import PaddedLayerNorm, PaddedStdConv
 from torchslim.surgery.norms import rms_rescale
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only contend
@@ -63,6 +63,40 @@ def test_padded_layer_norm_is_layer_norm_over_zero_padded_inputs(dim, bias):
     else:
         want = F.layer_norm(padded, (full,), w, b)
     torch.testing.assert_close(norm(x), want.index_select(dim % x.dim(), keep))
+
+
+@pytest.mark.parametrize("gain", [True, False])
+def test_padded_std_conv_is_the_standardized_conv_over_zero_padded_columns(gain):
+    timm = pytest.importorskip("timm")
+    full_conv = (timm.layers.ScaledStdConv2d if gain else timm.layers.StdConv2d)(8, 4, 3, padding=1)
+    keep = torch.tensor([0, 3, 4, 6, 7])
+    with torch.no_grad():
+        full_conv.weight.copy_(torch.randn(4, 8, 3, 3, generator=GEN))
+        full_conv.weight[:, [1, 2, 5]] = 0                  # the cut columns were zero
+        if gain:
+            full_conv.gain.copy_(torch.rand(4, 1, 1, 1, generator=GEN) + 0.5)
+    x = torch.randn(2, 5, 6, 6, generator=GEN)
+    w = nn.Parameter(full_conv.weight.detach()[:, keep].clone())
+    padded = PaddedStdConv(w, full_conv.bias, full_conv.gain if gain else None, getattr(full_conv, "scale", 1.0),
+                           full_conv.eps, full=8 * 9, padding=1)
+    torch.testing.assert_close(padded(x), full_conv(_padded(x, keep, 8, 1)))
+
+
+def test_compacted_standardized_convs_compact_again_save_and_load(tmp_path):
+    timm = pytest.importorskip("timm")
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), timm.layers.ScaledStdConv2d(8, 6, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 2, 1)).eval()
+    x = torch.randn(2, 3, 8, 8, generator=GEN)
+    for _ in range(2):
+        channels = [g for g in structures(net, x) if g.name.startswith("0:")]
+        channels[len(channels) // 2].zero_()
+        small = compact(net, x)
+        assert isinstance(small[2], PaddedStdConv) and small[2].full == 8 * 9
+        _exact(net, small, x)
+        net = small
+    assert small[2].in_channels == 6
+    save_compact(small, tmp_path / "std.pt")
+    _exact(small, load_compact(tmp_path / "std.pt"), x)
 
 
 def _zero_width(model: nn.Module, x: torch.Tensor, fraction: float = 0.3, kind: str = "embed", **kw) -> int:

@@ -30,7 +30,7 @@ from torchslim._files import atomic_write
 from torchslim._inputs import Inputs, as_tuple, eval_mode
 from torchslim.deploy._attrs import plain_attrs, resize_tensors, restore_attrs
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
-from torchslim.layers import LoweredConv2d, LowRank, PaddedLayerNorm
+from torchslim.layers import LoweredConv2d, LowRank, PaddedLayerNorm, PaddedStdConv
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,20 @@ def _build_lowered(a: Mapping[str, Any]) -> LoweredConv2d:
     )
 
 
+def _describe_std_conv(m: PaddedStdConv) -> dict[str, Any]:
+    return {"weight": list(m.weight.shape), "bias": m.bias is not None,
+            "gain": None if m.gain is None else list(m.gain.shape), "scale": m.scale, "eps": m.eps, "full": m.full,
+            "stride": m.stride, "padding": m.padding, "dilation": m.dilation}
+
+
+def _build_std_conv(a: Mapping[str, Any]) -> PaddedStdConv:
+    shape = _tup(a["weight"])  # the values come with the state dict
+    gain = None if a["gain"] is None else nn.Parameter(torch.ones(_tup(a["gain"])))
+    bias = nn.Parameter(torch.zeros(shape[0])) if a["bias"] else None
+    return PaddedStdConv(nn.Parameter(torch.zeros(shape)), bias, gain, a["scale"], a["eps"], a["full"],
+                         _tup(a["stride"]), _tup(a["padding"]), _tup(a["dilation"]))
+
+
 def _describe_rnn(m: nn.RNNBase) -> dict[str, Any]:
     args = {
         "input_size": m.input_size, "hidden_size": m.hidden_size, "num_layers": m.num_layers, "bias": m.bias,
@@ -120,6 +134,8 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
     "PaddedLayerNorm": (PaddedLayerNorm, lambda m: {"kept": m.weight.shape[0], "full": m.full, "eps": m.eps,
                                                     "bias": m.bias is not None, "dim": m.dim},
                         lambda a: PaddedLayerNorm(a["kept"], a["full"], a["eps"], a["bias"], a["dim"])),
+    # a weight-standardized conv whose zero input columns were cut: standardized over its original fan-in
+    "PaddedStdConv": (PaddedStdConv, _describe_std_conv, _build_std_conv),
     "RMSNorm": (nn.RMSNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
                                        "elementwise_affine": m.elementwise_affine},
                 lambda a: nn.RMSNorm(_tup(a["normalized_shape"]), a["eps"], a["elementwise_affine"])),

@@ -6,7 +6,12 @@ it does to the channels. A functional conv's weight may also be *standardized* o
 (timm's ``StdConv2d``/``ScaledStdConv2d``: ``ŵ[o] = g[o]·(w[o] − mean(w[o]))/std(w[o])``, each filter
 over its own input fan): removing output channel ``o`` drops row ``o`` of ``w`` (and of ``g``) and
 changes no other filter, but removing an input column changes every filter's mean and variance,
-even a zero column, so a dense standardized conv pins its input channels.
+even a zero column. Where the module's whole forward is that conv (timm's ``StdConv2d``, ``ScaledStdConv2d``),
+an input column goes only together with its silent channel: the column is attached as a writer (so a member
+is removable only where the channel's producers *and* this column are zero) and compaction swaps the module
+for a :class:`~torchslim.layers.PaddedStdConv`, which standardizes over the original fan-in, the cut zeros
+counted: exact. Otherwise (a ``StdConv2dSame`` pads first, a conv inside a larger forward) its input channels
+are pinned.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.structure.capture import module_path, tensor_shape
+from torchslim.structure.graph import StdConvSite
 from torchslim.structure.op import Op
 
 _RESHAPES = ("reshape", "reshape_as", "view", "view_as", "flatten")
@@ -40,6 +47,7 @@ class _Conv:
     transposed: bool = False      # weight (C_in, C_out/groups, k…): out channels along dim 1
     gains: tuple[str, ...] = ()   # per-filter parameters (C_out, …) that scale each output channel
     standardized: bool = False    # each filter normalized over its input fan in the forward
+    site: StdConvSite | None = None  # standardized: how compaction keeps it exact when its inputs are cut
 
 
 def conv(op: Op) -> None:
@@ -63,16 +71,35 @@ def conv_fn(op: Op) -> None:
         op.unknown(f"{op.describe()} on a weight that is not a parameter")
         return
     name, gains, standardized = source
-    _channels(op, _Conv(name, bias_name, shape[1], w_shape[0], groups, gains=gains, standardized=standardized))
+    site = _std_site(op, weight, name, bias_name) if standardized and groups == 1 else None
+    _channels(op, _Conv(name, bias_name, shape[1], w_shape[0], groups, gains=gains, standardized=standardized,
+                        site=site))
+
+
+def padded_std_conv_fn(op: Op) -> None:
+    """A :class:`~torchslim.layers.PaddedStdConv` (a compacted standardized conv): it stays exact when more zero
+    columns go, so it needs no site."""
+    weight, bias, gain = (param_name(call_arg(op, i, k)) for i, k in ((1, "weight"), (2, "bias"), (3, "gain")))
+    shape, w_shape = op.shape(op.input), op.shape(call_arg(op, 1, "weight"))
+    if weight is None or shape is None or w_shape is None or (call_arg(op, 2, "bias") is not None and bias is None) \
+            or (call_arg(op, 3, "gain") is not None and gain is None):
+        op.unknown(f"{op.describe()} on a weight that is not a parameter")
+        return
+    c = _Conv(weight, bias, shape[1], w_shape[0], gains=(gain,) if gain else (), standardized=True,
+              site=StdConvSite("", weight, bias, gain, 1.0, 0.0))
+    _channels(op, c)
 
 
 def _channels(op: Op, c: _Conv) -> None:
     """Dense, depthwise or grouped: what the conv ``c`` does to the channels of ``op.input``."""
     chan = op.channels(op.input)
     if c.groups == 1:
-        if c.standardized:
+        if c.site is not None:
+            _standardized_columns(op, chan, c)
+        elif c.standardized:
             op.fix(chan, f"a weight-standardized conv at '{op.path}' reads every input column: removing one "
-                         "changes each filter's standardization")
+                         "changes each filter's standardization, and its module does more than this conv, so "
+                         "compaction cannot swap it for a PaddedStdConv")
         else:
             op.consume(chan, c.weight, 0 if c.transposed else 1, channel_dim=1)
         op.produce(c.c_out, dim=1, params=_writers(c))
@@ -82,6 +109,21 @@ def _channels(op: Op, c: _Conv) -> None:
         _depthwise(op, c)
     else:
         _grouped(op, c)
+
+
+def _standardized_columns(op: Op, chan: Any, c: _Conv) -> None:
+    """A standardized conv's input columns: writers of their channels (removable only together with them,
+    both zero), read by its statistics; compaction swaps the module for a ``PaddedStdConv`` when they go."""
+    if chan is None:
+        return
+    if chan.dim != 1:
+        op.fix(chan, f"'{c.weight}' reads a dimension other than the channels")
+        return
+    op.attach(chan, c.weight, 1, "out")
+    for seg in chan.segs:
+        op.walk.graph.spaces[seg.space].read_by_norm = True
+    if c.site.module:
+        op.walk.graph.norms[c.site.module] = c.site
 
 
 def _writers(c: _Conv) -> list[str | tuple[str, int]]:
@@ -162,6 +204,28 @@ def _weight_source(op: Op, weight: Any) -> tuple[str, tuple[str, ...], bool] | N
     if name is None or op.shape(flat.args[0]) != w_shape or any(g == "" for g in gains):
         return None
     return name, tuple(g for g in gains if g), True
+
+
+def _std_site(op: Op, weight: fx.Node, name: str, bias: str | None) -> StdConvSite | None:
+    """Where the standardized conv ``op`` is its module's whole forward (``F.batch_norm`` over ``weight``'s filters,
+    γ a parameter times constants, no β): what compaction needs to swap it for a ``PaddedStdConv``; else None."""
+    path = op.path
+    bn = weight.args[0]
+    gain, scale = _kw(bn, 3, "weight"), 1.0
+    chain = {op.node, weight, bn, bn.args[0]}
+    while isinstance(gain, fx.Node) and gain.op != "get_attr":
+        chain.add(gain)
+        if gain.op == "call_function" and gain.target in _SCALINGS:
+            scale = scale / gain.args[1] if gain.target is operator.truediv else scale * gain.args[1]
+        gain = gain.args[0]
+    eps = _kw(bn, 7, "eps")
+    mine = {n for n in op.walk.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+            and module_path(n) == path and tensor_shape(n) is not None}
+    args = [call_arg(op, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
+    if not path or name != f"{path}.weight" or _kw(bn, 4, "bias") is not None or mine != chain \
+            or module_path(op.input) == path or not isinstance(scale, (int, float)):
+        return None
+    return StdConvSite(path, name, bias, param_name(gain), float(scale), 1e-5 if eps is None else float(eps), *args)
 
 
 def _kw(node: fx.Node, i: int, name: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,26 @@ class NormSite:
     eps_attr: str | None = None
 
 
+@dataclass(frozen=True)
+class StdConvSite:
+    """A weight-standardized conv (``groups == 1``) whose module is that conv alone: when compaction cuts its
+    input columns (zero ones only, see :mod:`torchslim.structure.conv_rules`), the module becomes a
+    :class:`torchslim.layers.PaddedStdConv` that still standardizes over the original fan-in.
+
+    ``gain``: the per-filter γ's qualified name (or None), multiplied by the constant ``scale``.
+    """
+
+    module: str
+    weight: str
+    bias: str | None
+    gain: str | None
+    scale: float
+    eps: float
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+
+
 class _DependencyGraph:
     """Union-find over channel spaces, filled in by walking the traced graph."""
 
@@ -57,7 +78,7 @@ class _DependencyGraph:
         # operations no rule covers that pinned channels: "what at 'node' (module 'path')" -> channels pinned
         self.pinned: dict[str, int] = {}
         # norms over channels, by module path: what compaction must fix when it cuts them (norm_rules)
-        self.norms: dict[str, NormSite] = {}
+        self.norms: dict[str, NormSite | StdConvSite] = {}
 
     def new(self, size: int, fixed: str | None = None) -> int:
         self.spaces.append(_Space(size, fixed=fixed))

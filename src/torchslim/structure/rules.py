@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import ConfigError
+from torchslim.layers import padded_std_conv
 from torchslim.structure import aten_rules as A
 from torchslim.structure import attention_rules as H
 from torchslim.structure import conv_rules as C
@@ -49,6 +50,7 @@ def _builtin() -> dict[Any, OpRule]:
     groups: list[tuple[OpRule, list[Any]]] = [
         (C.conv, [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]),
         (C.conv_fn, [F.conv1d, F.conv2d, F.conv3d]),
+        (C.padded_std_conv_fn, [padded_std_conv]),
         (L.linear_fn, [F.linear]),
         (L.batchnorm, [nn.BatchNorm3d]),
         (L.batchnorm_fn, [F.batch_norm]),
@@ -71,7 +73,7 @@ def _builtin() -> dict[Any, OpRule]:
         (T.scale, [operator.mul, operator.imul, torch.mul, "mul", "mul_", operator.truediv, torch.div, "div"]),
         (T.cat, [torch.cat, torch.concat, torch.concatenate]),
         (T.split, [torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split"]),
-        (T.reshape, list(RESHAPES)),
+        (T.reshape, [*RESHAPES, "reshape_as", "view_as"]),
         (T.permute, [torch.permute, "permute", torch.transpose, "transpose"]),
         (T.mean, [torch.mean, "mean"]),
         (_POOL, [nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample,

@@ -11,6 +11,9 @@ Compaction cuts only *silent* channels out of a norm (exactly zero at its input,
   variance), which no standard LayerNorm over ``C'`` expresses: the module becomes a
   :class:`~torchslim.layers.PaddedLayerNorm` (``kept=C'``, ``full=C``).
 * GroupNorm: whole groups were cut, the others' statistics are unchanged: ``num_groups`` shrinks.
+* A weight-standardized conv whose zero input columns were cut standardizes each filter over fewer entries,
+  which changes μ and σ as for LayerNorm: the module becomes a :class:`~torchslim.layers.PaddedStdConv`
+  over the original fan-in.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from torchslim.layers import PaddedLayerNorm
-from torchslim.structure.graph import NormSite
+from torchslim.layers import PaddedLayerNorm, PaddedStdConv
+from torchslim.structure.graph import NormSite, StdConvSite
 
 
 def rms_rescale(weight: Tensor, eps: float, full: int, kept: int) -> tuple[Tensor, float]:
@@ -31,7 +34,8 @@ def rms_rescale(weight: Tensor, eps: float, full: int, kept: int) -> tuple[Tenso
     return weight * math.sqrt(full / kept), eps * full / kept
 
 
-def sync_norms(model: nn.Module, before: Mapping[str, tuple[int, ...]], sites: Mapping[str, NormSite]) -> None:
+def sync_norms(model: nn.Module, before: Mapping[str, tuple[int, ...]],
+               sites: Mapping[str, NormSite | StdConvSite]) -> None:
     """Make every norm in ``sites`` whose channels were cut exact over the kept ones, in place.
 
     Args:
@@ -40,6 +44,9 @@ def sync_norms(model: nn.Module, before: Mapping[str, tuple[int, ...]], sites: M
         sites: the norms the tracer recorded, by module path (``graph.norms``).
     """
     for site in sites.values():
+        if isinstance(site, StdConvSite):
+            _pad_std_conv(model, before, site)
+            continue
         weight = _get(model, site.weight)
         full, kept = before[site.weight][0], weight.shape[0]
         if kept == full:
@@ -70,6 +77,17 @@ def _rescale_rms(model: nn.Module, site: NormSite, mod: nn.Module, weight: Tenso
     setattr(mod, attr, new_eps)
     if isinstance(getattr(mod, "normalized_shape", None), tuple):  # nn.RMSNorm, timm's RmsNorm
         mod.normalized_shape = (kept,)
+
+
+def _pad_std_conv(model: nn.Module, before: Mapping[str, tuple[int, ...]], site: StdConvSite) -> None:
+    """A standardized conv whose input columns were cut becomes a ``PaddedStdConv`` over its original fan-in."""
+    weight = _get(model, site.weight)
+    full = math.prod(before[site.weight][1:])
+    if weight[0].numel() == full or isinstance(model.get_submodule(site.module), PaddedStdConv):
+        return
+    bias, gain = (_get(model, n) if n is not None else None for n in (site.bias, site.gain))
+    _replace(model, site.module, PaddedStdConv(weight, bias, gain, site.scale, site.eps, full, site.stride,
+                                               site.padding, site.dilation))
 
 
 def _holds_eps(mod: nn.Module, attr: str, eps: float | None) -> bool:

@@ -180,7 +180,7 @@ class QueryReadTwice(Separate):
 
 
 class Torch(nn.Module):
-    """``nn.MultiheadAttention``, which cannot run with fewer heads."""
+    """``nn.MultiheadAttention`` (packed q, k, v): compaction swaps it for a ``NarrowMultiheadAttention``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -194,7 +194,7 @@ class Torch(nn.Module):
 BUILDERS = {
     "separate": Separate, "explicit": Explicit, "fused": Fused, "fused_explicit": lambda: Fused(explicit=True),
     "masked": Masked, "chunked": Chunked, "split_size": SplitSize, "repeat_kv": Grouped, "enable_gqa": lambda: Grouped(enable_gqa=True),
-    "rotary": lambda: Grouped(kv_heads=H),
+    "rotary": lambda: Grouped(kv_heads=H), "multihead_attention": Torch,
 }
 
 
@@ -204,6 +204,9 @@ def parts(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
     if fused is not None:
         w, out = (getattr(model, name).weight for name in fused)
         return {"q": (w, 0), "k": (w, H * D), "v": (w, 2 * H * D), "o": (out, 0)}
+    if isinstance(model, Torch):
+        return {"q": (model.attn.in_proj_weight, 0), "k": (model.attn.in_proj_weight, H * D),
+                "v": (model.attn.in_proj_weight, 2 * H * D), "o": (model.attn.out_proj.weight, 0)}
     if isinstance(model, Grouped):
         return {"q": (model.q_proj.weight, 0), "k": (model.k_proj.weight, 0), "v": (model.v_proj.weight, 0),
                 "o": (model.o_proj.weight, 0)}
@@ -228,5 +231,7 @@ def zero_head(model: nn.Module, head: int, which: str) -> None:
 
 def _bias(model: nn.Module, part: str) -> torch.Tensor | None:
     weight, _ = parts(model)[part]
+    if isinstance(model, Torch) and part != "o":
+        return model.attn.in_proj_bias
     owner = next(m for m in model.modules() if getattr(m, "weight", None) is weight)
     return owner.bias

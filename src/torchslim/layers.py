@@ -1,7 +1,8 @@
 """The layers torchslim emits besides torch.nn's: a convolution lowered to a column-gathered GEMM
 (:class:`LoweredConv2d`, from shape sparsity), a layer split in two (:class:`LowRank`, from :func:`lowrank`)
-a LayerNorm whose zero channels were cut (:class:`PaddedLayerNorm`, from channel compaction) and a
-weight-standardized convolution whose zero input columns were cut (:class:`PaddedStdConv`, likewise).
+a LayerNorm whose zero channels were cut (:class:`PaddedLayerNorm`, from channel compaction), a
+weight-standardized convolution whose zero input columns were cut (:class:`PaddedStdConv`, likewise) and an
+``nn.MultiheadAttention`` whose heads or width were cut (:class:`NarrowMultiheadAttention`).
 
 
 SSL's shape-wise sparsity zeroes columns of the lowered weight matrix ``W: (N, C*kh*kw)`` (the
@@ -11,6 +12,7 @@ shrink an ordinary ``Conv2d``), this layer keeps only the ``K`` live columns: un
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -262,3 +264,89 @@ class PaddedStdConv(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"fan-in {self.weight[0].numel()} of {self.full}, stride={self.stride}, padding={self.padding}, "
                 f"eps={self.eps}, gain={self.gain is not None}")
+
+
+class NarrowMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self- or cross-attention, packed ``in_proj``) whose ``num_heads · head_dim`` need
+    not equal ``embed_dim``: what compaction puts in place of one whose heads or width were cut.
+
+    The same parameters (``in_proj_weight (3·H·D, E)``, ``in_proj_bias (3·H·D,)``, ``out_proj: Linear(H·D, E)``),
+    the same call (``query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+    is_causal``; boolean masks are True where attention is *not* allowed, float masks are added) and the same
+    returns (``(output, weights or None)``), computed with standard ops (``F.scaled_dot_product_attention``
+    where the weights are not asked for).
+
+    Args:
+        embed_dim: ``E``, the width of the inputs and of the output.
+        num_heads, head_dim: ``H`` and ``D``.
+        bias, batch_first, dropout: as ``nn.MultiheadAttention``'s.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = num_heads * head_dim
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.batch_first, self.dropout = batch_first, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(0 if self.batch_first else 1) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        (b, n, _), s, h, d = query.shape, key.shape[1], self.num_heads, self.head_dim
+        w, bias = self.in_proj_weight.chunk(3), (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(t, w[i], bias[i]).view(b, -1, h, d).transpose(1, 2) for i, t in enumerate((query, key,
+                                                                                                          value)))
+        mask = _attention_mask(attn_mask, key_padding_mask, b, h, n, s, q.dtype, is_causal)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+            attn = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = F.dropout(attn, p) @ v
+            weights = attn.mean(1) if average_attn_weights else attn
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"batch_first={self.batch_first}, bias={self.in_proj_bias is not None}")
+
+
+def _attention_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, b: int, h: int, n: int, s: int,
+                    dtype: torch.dtype, is_causal: bool) -> Tensor | None:
+    """``nn.MultiheadAttention``'s masks as one additive float mask ``(b or 1, h or 1, n, s)``, or None.
+
+    ``attn_mask``: ``(n, s)`` or ``(b·h, n, s)``; ``key_padding_mask``: ``(b, s)``; boolean ones are True where
+    attention is not allowed. ``is_causal`` without ``attn_mask``: a causal mask.
+    """
+    def additive(m: Tensor) -> Tensor:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) \
+            if m.dtype == torch.bool else m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.view(b, h, n, s) if mask.dim() == 3 else mask.view(1, 1, n, s)
+    elif is_causal:
+        mask = additive(torch.ones(n, s, dtype=torch.bool).triu(1)).view(1, 1, n, s)
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask).view(b, 1, 1, s)
+        mask = pad if mask is None else mask + pad
+    return mask

@@ -96,11 +96,32 @@ def test_a_constant_head_count_is_pinned():
         structures(Literal().eval(), X, kinds=("head",), strict=True)
 
 
-def test_multihead_attention_is_pinned_with_the_reason():
-    with pytest.raises(UnsupportedOperation, match="nn.MultiheadAttention"):
-        structures(Torch().eval(), X, strict=True)
-    with pytest.warns(UnknownOpWarning, match="MultiheadAttention"):
-        assert structures(Torch().eval(), X, kinds=("head", "neuron")) == []  # inp pinned, out is the output
+class CrossOrMasked(Torch):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        if self.how == "cross":
+            return self.out(self.attn(h, x, x, need_weights=False)[0])
+        if self.how == "weights":
+            y, w = self.attn(h, h, h)
+            return self.out(y) + w.sum(-1, keepdim=True)
+        mask = torch.zeros(x.shape[0] * H, T, T)  # per head
+        return self.out(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("how", ["weights", "per_head_mask"])
+def test_multihead_attention_heads_are_pinned_where_their_count_shows(how):
+    groups = structures(CrossOrMasked(how).eval(), X, kinds=("head", "neuron"))
+    assert {g.kind for g in groups} == {"neuron"} and len(groups) == 2 * E  # inp's and out_proj's rows, no heads
+
+
+def test_multihead_attention_across_tensors_keeps_their_channels_and_its_heads():
+    groups = structures(CrossOrMasked("cross").eval(), X, kinds=("head", "neuron"), strict=True)
+    kinds = [g.kind for g in groups]  # out_proj's rows, but not inp's: in_proj's columns read q and k, v alike
+    assert kinds.count("head") == H and len(kinds) == H + E and not any(g.name.startswith("inp") for g in groups)
 
 
 def test_hf_eager_attention_adds_a_computed_mask_and_keeps_its_heads(one_thread):

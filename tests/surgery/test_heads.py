@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attention_nets import BUILDERS, D, E, Explicit, Fused, Grouped, H, QueryReadTwice, SplitSize, T, zero_head
+from attention_nets import BUILDERS, D, E, Explicit, Fused, Grouped, H, QueryReadTwice, SplitSize, T, Torch, zero_head
 from torch import nn
 
-from torchslim import compact, structures, verify
+from torchslim import UnknownOpWarning, compact, load_compact, save_compact, structures, verify
+from torchslim.layers import NarrowMultiheadAttention
 from torchslim.surgery.heads import attrs_of
 
 X = torch.randn(2, T, E)
@@ -101,3 +102,56 @@ def test_channel_multiple_rounds_channels_not_heads():
     small = compact(model, X, strict=True, capture="fx", channel_multiple=4)
     assert (small.n_head, small.q.out_features, small.o.in_features) == (2, 2 * D, 2 * D)
     assert verify(model, small, torch.randn(5, T, E)).ok
+
+
+# -- nn.MultiheadAttention -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "per_head", "padding"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_narrow_multihead_attention_is_multihead_attention_at_full_width(batch_first, mask, need_weights):
+    gen = torch.Generator().manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
+    narrow = NarrowMultiheadAttention(E, H, D, batch_first=batch_first).eval()
+    narrow.load_state_dict(ref.state_dict())
+    b, x = 3, torch.randn(3, T, E, generator=gen)
+    x = x if batch_first else x.transpose(0, 1)
+    kw = {"attn_mask": torch.ones(T, T, dtype=torch.bool).triu(1)} if mask == "bool" else \
+        {"attn_mask": torch.randn(T, T, generator=gen)} if mask == "float" else \
+        {"attn_mask": torch.randn(b * H, T, T, generator=gen)} if mask == "per_head" else \
+        {"key_padding_mask": torch.arange(T).expand(b, T) >= T - 2} if mask == "padding" else {}
+    for average in (True, False):
+        want, got = ref(x, x, x, need_weights=need_weights, average_attn_weights=average, **kw), \
+            narrow(x, x, x, need_weights=need_weights, average_attn_weights=average, **kw)
+        torch.testing.assert_close(got[0], want[0])
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            torch.testing.assert_close(got[1], want[1])
+
+
+def test_multihead_attention_loses_heads_and_width_exactly_saves_and_loads(tmp_path):
+    model = Torch().eval()
+    zero_head(model, 1, "v")
+    small = compact_exactly(model)
+    assert isinstance(small.attn, NarrowMultiheadAttention) and small.attn.num_heads == H - 1
+    zero_head(small, 2, "o")  # compact again: a narrow one stays narrow
+    smaller = compact_exactly(small)
+    assert smaller.attn.num_heads == H - 2 and smaller.attn.in_proj_weight.shape == (3 * (H - 2) * D, E)
+    save_compact(smaller, tmp_path / "mha.pt")
+    assert verify(smaller, load_compact(tmp_path / "mha.pt", model=Torch()), X).ok
+
+
+def test_torchvision_vit_loses_heads_neurons_and_width_exactly():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    nn.init.normal_(model.heads.head.weight)  # zero at init: the output would be 0
+    groups = structures(model, x, kinds=("head", "neuron", "embed"))
+    assert {g.kind for g in groups} == {"head", "neuron", "embed"}
+    for g in groups[::3]:
+        g.zero_()
+    with pytest.warns(UnknownOpWarning, match="whole"):  # its forward reshapes to self.hidden_dim: the width stays
+        small = compact(model, x)
+    assert all(isinstance(b.self_attention, NarrowMultiheadAttention) for b in small.encoder.layers)
+    assert verify(model, small, torch.randn(2, 3, 32, 32)).ok and n_params(small) < 0.85 * n_params(model)

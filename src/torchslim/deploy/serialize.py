@@ -30,7 +30,7 @@ from torchslim._files import atomic_write
 from torchslim._inputs import Inputs, as_tuple, eval_mode
 from torchslim.deploy._attrs import plain_attrs, resize_tensors, restore_attrs
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
-from torchslim.layers import LoweredConv2d, LowRank, PaddedLayerNorm, PaddedStdConv
+from torchslim.layers import LoweredConv2d, LowRank, NarrowMultiheadAttention, PaddedLayerNorm, PaddedStdConv
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,10 @@ _KINDS: dict[str, tuple[type[nn.Module], Callable[[Any], dict], Callable[[Mappin
                         lambda a: PaddedLayerNorm(a["kept"], a["full"], a["eps"], a["bias"], a["dim"])),
     # a weight-standardized conv whose zero input columns were cut: standardized over its original fan-in
     "PaddedStdConv": (PaddedStdConv, _describe_std_conv, _build_std_conv),
+    # an nn.MultiheadAttention whose heads or width were cut (its out_proj is built with it)
+    "NarrowMultiheadAttention": (NarrowMultiheadAttention, lambda m: {
+        "embed_dim": m.embed_dim, "num_heads": m.num_heads, "head_dim": m.head_dim, "bias": m.in_proj_bias is not None,
+        "batch_first": m.batch_first, "dropout": m.dropout}, lambda a: NarrowMultiheadAttention(**a)),
     "RMSNorm": (nn.RMSNorm, lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
                                        "elementwise_affine": m.elementwise_affine},
                 lambda a: nn.RMSNorm(_tup(a["normalized_shape"]), a["eps"], a["elementwise_affine"])),

@@ -15,8 +15,12 @@ regularized with the head, not part of "silent" (v's ``"out"`` rows are), and th
 weights (softmax, a mask), which do not map 0 to 0, no longer count against zero-preservation. Elsewhere
 they stay ``"out"``, and silent needs q, k and v zero: still exact.
 
-``nn.MultiheadAttention`` computes ``head_dim = embed_dim // num_heads`` and needs ``embed_dim`` wide
-projections, so it cannot run with fewer heads: its channels are pinned, with that reason.
+``nn.MultiheadAttention`` (packed ``in_proj``) is one op: head ``h`` is rows ``h·D…`` of each of its q, k and v
+blocks of ``in_proj_weight`` and ``in_proj_bias`` and columns ``h·D…`` of ``out_proj``; its inputs' channels are
+the columns of ``in_proj_weight`` (removable where q, k and v are one tensor), its output a new space written by
+``out_proj``. Its class computes ``head_dim = embed_dim // num_heads``, so it cannot run with fewer heads or a
+narrower width: compaction swaps it for a :class:`~torchslim.layers.NarrowMultiheadAttention` (the same
+parameters, call and returns). Per-head masks (``(B·H, L, S)``) or attention weights that are used pin the heads.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.layers import NarrowMultiheadAttention
 from torchslim.structure.capture import tensor_shapes
+from torchslim.structure.groups import Stripe
 from torchslim.structure.heads_layout import heads
-from torchslim.structure.layout import Channels, all_channels
+from torchslim.structure.layout import Channels, Segment, all_channels
 from torchslim.structure.op import Elementwise, Op, OpRule
 from torchslim.structure.tensor_rules import broadcast_over
 
@@ -255,10 +261,48 @@ def unbind(op: Op) -> None:
 
 
 def multihead_attention(op: Op) -> None:
-    """``nn.MultiheadAttention`` pins its channels: it cannot run with fewer heads or a narrower width."""
-    op.unknown("nn.MultiheadAttention (its class computes head_dim = embed_dim // num_heads from one embed_dim, so "
-               "neither its heads nor its width can be cut; build attention from nn.Linear projections and "
-               "F.scaled_dot_product_attention to make them removable)")
+    """``nn.MultiheadAttention`` (and the :class:`~torchslim.layers.NarrowMultiheadAttention` that replaces it): a
+    space of heads inside it, its inputs' channels read by ``in_proj_weight``, a new output space."""
+    mod, name = op.module, op.path
+    q, k, v = (_arg(op, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
+    if getattr(mod, "in_proj_weight", None) is None or getattr(mod, "bias_k", None) is not None \
+            or getattr(mod, "add_zero_attn", False):
+        op.unknown(f"{op.describe()} with separate q, k, v projections, bias_k/bias_v or add_zero_attn")
+        return
+    h, d = mod.num_heads, mod.head_dim
+    inner = h * d
+    mask = _arg(op, 5, "attn_mask")
+    weights_used = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1 and u.users
+                       for u in op.node.users)
+    why = ("its attention weights are used (an average or a map over the heads)" if weights_used else
+           "a per-head attention mask (B·H, L, S)" if not _none(mask) and len(op.shape(mask) or ()) == 3 else None)
+    heads_space = op.walk.graph.new(h, fixed=f"{op.describe()} at {op.where()}: {why}" if why else None)
+    space = op.walk.graph.spaces[heads_space]
+    space.producers.append(name)
+    space.producer_kind.add("head")
+    for param in ("in_proj_weight", "in_proj_bias"):
+        if getattr(mod, param, None) is not None:
+            space.stripes += [Stripe(f"{name}.{param}", 0, d, role=role, offset=i * inner)
+                              for i, role in enumerate(("score", "score", "out"))]
+    space.stripes.append(Stripe(f"{name}.out_proj.weight", 1, d, role="in"))
+    last = len(op.shape(q) or (0,)) - 1
+    inputs = {n: op.channels(n) for n in (q, k, v)}
+    for node, chan in inputs.items():
+        if chan is None:
+            continue
+        if chan.dim != last or len(inputs) > 1:
+            op.fix(chan, f"{op.describe()} at {op.where()} reads " + (
+                "a dimension other than the features" if chan.dim != last else
+                "different query, key and value tensors with the same columns of in_proj_weight"))
+        else:
+            op.attach(chan, f"{name}.in_proj_weight", 1, "in")
+    out = op.walk.graph.new(mod.embed_dim)
+    space = op.walk.graph.spaces[out]
+    space.producers.append(name)
+    space.producer_kind.add("neuron")
+    space.stripes += [Stripe(f"{name}.out_proj.weight", 0)] + (
+        [Stripe(f"{name}.out_proj.bias", 0)] if mod.out_proj.bias is not None else [])
+    op.walk.pieces[op.node] = [Channels(last, (Segment(out, 0, mod.embed_dim),)), ()]
 
 
 _KEEP = Elementwise()
@@ -276,7 +320,7 @@ RULES: dict[Any, OpRule] = {
     "repeat_interleave": repeat_interleave, torch.repeat_interleave: repeat_interleave,
     "unbind": unbind, torch.unbind: unbind, _ATEN.unbind.int: unbind,
     operator.neg: _KEEP, torch.neg: _KEEP, "neg": _KEEP, "type": _KEEP, "to": _KEEP, "float": _KEEP, "type_as": _KEEP,
-    nn.MultiheadAttention: multihead_attention,
+    nn.MultiheadAttention: multihead_attention, NarrowMultiheadAttention: multihead_attention,
     # timm wraps these for fx (one call each): by name, as tracing does not import timm
     "timm.layers.attention.maybe_add_mask": add_mask, "timm.layers.attention.resolve_self_attn_mask": _mask_only,
 }

@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from torchslim._inputs import eval_mode
 from torchslim.errors import ConfigError, ShapeMismatch, UnsupportedOperation
+from torchslim.layers import NarrowMultiheadAttention  # a leaf, as the nn.MultiheadAttention it replaces
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def without_kv_cache(model: nn.Module) -> Iterator[None]:
 def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> fx.Graph:
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, tuple(leaf_modules)) or super().is_leaf_module(m, qualname)
+            return isinstance(m, (*leaf_modules, NarrowMultiheadAttention)) or super().is_leaf_module(m, qualname)
 
     return _Tracer().trace(model)
 

@@ -279,7 +279,7 @@ def getitem(op: Op) -> None:
             walk.stacks[op.node] = piece
         elif isinstance(piece, list):
             walk.pieces[op.node] = piece
-        else:
+        elif piece != ():  # () carries no channels (nn.MultiheadAttention's weights)
             op.unknown("indexing a split")
     elif x in walk.stacks:
         if isinstance(index, int) and op.shape() is not None and len(op.shape()) == 2:

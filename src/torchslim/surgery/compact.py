@@ -389,8 +389,12 @@ def compact(
             return small
         where, error = failure
         alike = _alike(small, where)  # the failing module and every other of its class: they fail alike
-        params = {f.label: {st.param for st in f.stripes} for f in coupled_families(small, graph)}  # names only
-        inside = {label for label in cuts if any(p.startswith(alike) for p in params.get(label, ()))}
+        families = coupled_families(small, graph)
+        if alike:
+            params = {f.label: {st.param for st in f.stripes} for f in families}  # names only
+            inside = {label for label in cuts if any(p.startswith(alike) for p in params.get(label, ()))}
+        else:  # the model's own forward: the width it reshapes to (torchvision's ViT: self.hidden_dim)
+            inside = {f.label for f in families if f.kind == "embed" and f.label in cuts}
         if not inside - keep_whole or attempt + 1 == _ATTEMPTS:
             raise _broken(small, where, error) from error
         kept.append(f"{', '.join(sorted(inside - keep_whole))} (module '{where}': {str(error).splitlines()[0][:80]})")

@@ -5,7 +5,9 @@ needs nothing (LLaMA, Qwen2, BERT, GPT-2 and torchslim's own blocks do); one tha
 (timm's ``reshape(B, N, 3, self.num_heads, self.head_dim)``), a width (``self.attn_dim``,
 ``self.all_head_size``) or a split size (GPT-2's ``split(self.split_size)``) gets them rewritten from
 its projections' new shapes. ``num_key_value_groups`` (LLaMA) stays: whole key/value groups go.
-Configs shared by every layer (``config.num_attention_heads``) are left alone.
+Configs shared by every layer (``config.num_attention_heads``) are left alone. An ``nn.MultiheadAttention`` cannot
+run with fewer heads or a narrower width (its head width is ``embed_dim // num_heads``): it becomes a
+:class:`~torchslim.layers.NarrowMultiheadAttention` holding the same cut parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from torchslim.layers import NarrowMultiheadAttention
 from torchslim.structure.heads_layout import HEAD_COUNTS, HEAD_DIMS, INNER_WIDTHS, KV_HEAD_COUNTS
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,29 @@ def sync_attention(model: nn.Module, before: dict[str, tuple[int, ...]]) -> None
 
     Run after the layers' own sizes were synced (``Linear.out_features``, HF ``Conv1D.nf``).
     """
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.MultiheadAttention, NarrowMultiheadAttention)):
+            _narrow(model, name, module)
+            continue
         spec = attrs_of(module)
         if spec is not None:
             _sync(module, name, spec, before)
+
+
+def _narrow(model: nn.Module, name: str, mha: nn.Module) -> None:
+    """An ``nn.MultiheadAttention`` whose ``in_proj_weight (3·H'·D, E')`` was cut: a ``NarrowMultiheadAttention``
+    with ``H'`` heads and width ``E'`` holding its parameters (a narrow one: its counts set)."""
+    rows, width = mha.in_proj_weight.shape
+    heads = rows // (3 * mha.head_dim)
+    if isinstance(mha, NarrowMultiheadAttention):
+        mha.num_heads, mha.embed_dim = heads, width
+        return
+    if (heads, width) == (mha.num_heads, mha.embed_dim):
+        return
+    narrow = NarrowMultiheadAttention(width, heads, mha.head_dim, batch_first=mha.batch_first, dropout=mha.dropout)
+    narrow.in_proj_weight, narrow.in_proj_bias, narrow.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, narrow)
 
 
 def _sync(module: nn.Module, name: str, spec: HeadAttrs, before: dict[str, tuple[int, ...]]) -> None:

@@ -94,6 +94,13 @@ def finetune(model: nn.Module, recipe: Recipe, task: ImageTask) -> list[dict[str
     return history
 
 
+def _kinds(given: str | None, recipe: Recipe) -> tuple[str, ...]:
+    """``--kinds``, or channels and neurons, with heads and width where the recipe's SSL learns them (a ViT)."""
+    if given:
+        return tuple(given.split(","))
+    return ("channel", "neuron", *(k for k in ("head", "embed") if k in recipe.ssl.kinds))
+
+
 def compare(
     run_dir: Path, recipe: Recipe, *, data_dir: str | None, scope: str, kinds: tuple[str, ...],
 ) -> dict[str, Any]:
@@ -140,7 +147,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="fine-tuning epochs instead of the recipe's")
     ap.add_argument("--scope", choices=("layer", "global"), default="layer",
                     help="magnitude ranking per layer or global")
-    ap.add_argument("--kinds", default="channel,neuron", help="group kinds to prune, comma-separated")
+    ap.add_argument("--kinds", default=None, help="group kinds to prune, comma-separated (default: channel,neuron, and "
+                    "head, embed where the recipe's SSL uses them)")
     ap.add_argument("--smoke", action="store_true", help="a few hundred images, 1 epoch: checks that it runs")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -153,7 +161,7 @@ def main() -> None:
         recipe = smoke_recipe(recipe)
     if args.epochs is not None:
         recipe = recipe_from_dict(apply_overrides(recipe.to_dict(), [f"finetune.epochs={args.epochs}"]))
-    data = compare(run_dir, recipe, data_dir=args.data_dir, scope=args.scope, kinds=tuple(args.kinds.split(",")))
+    data = compare(run_dir, recipe, data_dir=args.data_dir, scope=args.scope, kinds=_kinds(args.kinds, recipe))
     data["smoke"] = args.smoke
     write(f"ssl_vs_magnitude_{recipe.name}" + ("_smoke" if args.smoke else ""), data)
 

@@ -109,11 +109,12 @@ def recipe_args(default: str, description: str | None = None, *, branch: bool = 
 
 def train(recipe, resume: bool, branch: str | None = None):
     """Train ``recipe`` in ``runs/<name>`` (seeded as every benchmark run), starting after the steps that
-    ``runs/<branch>`` trained alike where given: its ``RunResult``."""
+    ``runs/<branch>`` trained alike where given: its ``RunResult``. Without ``resume`` an earlier run there is
+    replaced."""
     from torchslim.train.engine import run
 
     torch.manual_seed(0)
-    return run(recipe, run_dir=RUNS / recipe.name, resume=resume, progress=False,
+    return run(recipe, run_dir=RUNS / recipe.name, resume=resume, overwrite=not resume, progress=False,
                branch_from=RUNS / branch if branch is not None else None)
 
 

@@ -40,7 +40,7 @@ def _one(name: str, seed: int) -> dict[str, Any]:
     recipe = load_recipe(name, overrides=[f"seed={seed}"])
     run_dir = RUNS / f"{name}_s{seed}"
     resume = _same_baseline(run_dir / "checkpoint.pt", recipe.to_dict())
-    result = run(recipe, run_dir=run_dir, resume=resume, progress=False, stop_after="baseline")
+    result = run(recipe, run_dir=run_dir, resume=resume, overwrite=not resume, progress=False, stop_after="baseline")
     model = result.dense_model.eval()
     ranks = lowrank(model, result.example, energy=recipe.lowrank.energy, method=recipe.lowrank.method,
                     exclude=list(recipe.lowrank.skip), require_saving=False).layers

@@ -197,7 +197,8 @@ def readme_table(lenet: dict | None, mlp: dict | None, overhead: dict | None, ro
     for d, what in ((lenet, "LeNet, Fashion-MNIST, SSL"), (mlp, "MLP, Fashion-MNIST, SSL neurons"),
                     (rowlstm, "LSTM, sequential Fashion-MNIST, ISS"),
                     (_load("ssl_resnet20_depth"), "ResNet-20, Fashion-MNIST, SSL depth"),
-                    (_load("ssl_resnet20_force_lowrank"), "ResNet-20, Fashion-MNIST, force + low rank")):
+                    (_load("ssl_resnet20_force_lowrank"), "ResNet-20, Fashion-MNIST, force + low rank"),
+                    (_load("ssl_vit_ssl"), "ViT (4 blocks, width 128), Fashion-MNIST, SSL heads, neurons, width")):
         if d is None:
             continue
         acc, branches = d["accuracy"], d.get("branches") or {}
@@ -237,6 +238,8 @@ def main() -> None:
         out += ssl_section(rowlstm, "ISS on a 2-layer LSTM, sequential Fashion-MNIST (hidden units)")
     if (depth := _load("ssl_resnet20_depth")) is not None:
         out += ssl_section(depth, "Depth-wise SSL on ResNet-20, Fashion-MNIST (residual branches)")
+    if (vit := _load("ssl_vit_ssl")) is not None:
+        out += ssl_section(vit, "SSL on a small ViT, Fashion-MNIST (attention heads, MLP neurons, model width)")
     lms = [lm for name in LM_RECIPES if (lm := _load_lm(name)) is not None]
     out += iss_lm_overview(lms)
     for lm in lms:

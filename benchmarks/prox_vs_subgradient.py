@@ -23,7 +23,7 @@ def main() -> None:
     rows = {}
     for mode in ("prox", "subgradient"):
         recipe = load_recipe(args.recipe, [f"ssl.mode={mode}", f"name={args.recipe}_{mode}"])
-        result = run(recipe, progress=False)
+        result = run(recipe, progress=False, overwrite=True)  # a re-run replaces the last
         rep = result.report
         last_ssl = [h for h in result.history if h.phase == "ssl"][-1]
         rows[mode] = {

@@ -63,7 +63,7 @@ TIMM_MODELS: list[Zoo] = [
     _vit("cait_xxs24_224"), _vit("xcit_nano_12_p16_224"), _vit("eva02_tiny_patch14_224", 56),
     _vit("pit_ti_224", 64), _vit("swin_tiny_patch4_window7_224", 224), Zoo("pvt_v2_b0", "vit"),
     _vit("twins_pcpvt_small", 64), _vit("crossvit_tiny_240", 240), _vit("mvitv2_tiny", 224, family="vit"),
-    # hybrids (convolution and attention)
+    # hybrids (convolution and attention); LeViT at 128 px: at 64 its last stage runs on one token
     Zoo("mobilevit_xxs", "hybrid"), Zoo("mobilevitv2_050", "hybrid"), _vit("levit_128s", 128, family="hybrid"),
     _vit("coat_lite_tiny", 64, family="hybrid"), _vit("coatnet_nano_rw_224", 64, family="hybrid"),
     _vit("maxvit_nano_rw_256", 64, family="hybrid"), Zoo("efficientvit_b0", "hybrid"),

@@ -50,6 +50,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                                       "then /usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", help="run folder for checkpoints, results and plots (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start afresh, deleting an earlier run's results there")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set ssl.epochs=1 --set data.train_limit=5000")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -65,6 +66,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="branch_from", metavar="RUN_DIR",
                    help="start after the steps another run's recipe trains alike (its dense baseline, its SSL, ...), "
                         "copying them from its folder")
+    p.add_argument("--allow-changed", nargs="+", default=[], metavar="KEY",
+                   help="with --resume: continue although the recipe changed these keys (e.g. ssl.strength) since "
+                        "the finished epochs ran; results.json records which epochs ran with which value")
     p.set_defaults(func=cmd_train)
 
 
@@ -153,7 +157,8 @@ def _train(args: argparse.Namespace, recipe_name: str):
     out = Path(args.out) if args.out else None
     return run(recipe, data_dir=args.data_dir, run_dir=out, resume=args.resume,
                stop_after=getattr(args, "stop_after", None), progress=_progress(args),
-               branch_from=getattr(args, "branch_from", None))
+               branch_from=getattr(args, "branch_from", None), overwrite=args.overwrite,
+               allow_changed=getattr(args, "allow_changed", []))
 
 
 def _write_plots(result) -> list[Path]:

@@ -35,5 +35,9 @@ class ConfigError(TorchSlimError, ValueError):
     """A recipe or an argument with a bad value."""
 
 
+class DivergenceError(TorchSlimError):
+    """A loss or weights that are NaN or infinite: training diverged (or the model came from a run that had)."""
+
+
 class UnknownOpWarning(UserWarning):
     """Operations no rule covers pinned channels: they stay out of every group (``torchslim.register_op``)."""

@@ -6,6 +6,7 @@ each scenario reports "ok" or its traceback per rank, and each test checks its o
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -23,8 +24,9 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from torchslim.comm import hooks
 from torchslim.comm.hooks import TernGradState, terngrad_hook
-from torchslim.comm.state import _COUNTERS, _OPTIONS, _stream_seed
+from torchslim.comm.state import _COUNTERS, _OPTIONS, _REQUANTIZE, _stream_seed
 from torchslim.comm.ternary import scaler, ternarize
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.train.checkpoint import load_checkpoint, save_checkpoint
@@ -103,7 +105,7 @@ def _mean_allreduce(flat: Tensor, world: int, group: dist.ProcessGroup | None = 
 def _reference_average(state: TernGradState, record: dict) -> Tensor:
     """The hook's average recomputed from the same gradients, scalers and random streams.
 
-    Per layer: ``s = max_i scaler(g_i)``, codes from the generator seeded by (seed, rank, step, bucket),
+    Per layer: ``s = max_i scaler(g_i)``, codes from the generator seeded by (seed, rank, step, parameter),
     all-gathered unpacked, ``Σ_i t_i · (s / N)``; full-precision layers: the all-reduced mean.
     """
     group = state.process_group
@@ -119,13 +121,14 @@ def _reference_average(state: TernGradState, record: dict) -> Tensor:
     if tern:
         s = torch.stack([scaler(grads[i], state.clip_sigma) for i in tern])
         dist.all_reduce(s, op=dist.ReduceOp.MAX, group=group)
-        gen = torch.Generator().manual_seed(_stream_seed(state.seed, rank, record["step"], record["index"]))
-        codes = torch.cat([ternarize(grads[i], s_l, gen) for i, s_l in zip(tern, s)])
+        keys = [state._key(record["params"][i]) for i in tern]
+        codes = torch.cat([ternarize(grads[i], s_l, _stream(state.seed, rank, record["step"], key))
+                           for i, s_l, key in zip(tern, s, keys)])
         gathered = [torch.empty_like(codes) for _ in range(world)]
         dist.all_gather(gathered, codes, group=group)
         total = torch.stack(gathered).to(torch.int32).sum(0)                 # (n,) in [-N, N]
         if state.collective_for(codes.numel(), world) == "twophase":
-            total = _requantized_sums(total, world, rank, gen, group)
+            total = _requantized_sums(state, total, world, record["step"], keys, [grads[i].numel() for i in tern])
         for i, s_l, start in zip(tern, s, _offsets([grads[i] for i in tern])):
             views[i].copy_(total[start:start + grads[i].numel()].float() * (s_l / world))
     fp = [i for i, f in enumerate(full) if f]
@@ -136,16 +139,21 @@ def _reference_average(state: TernGradState, record: dict) -> Tensor:
     return out
 
 
-def _requantized_sums(total: Tensor, world: int, rank: int, gen: torch.Generator, group) -> Tensor:
-    """Two-phase: worker j re-ternarizes the mean of shard j (its stream goes on); N · codes, all shards."""
-    n = total.numel()
-    shard = math.ceil(n / (world * 20)) * 20
-    padded = torch.zeros(world * shard, dtype=torch.float32)
-    padded[:n] = total.float() / world
-    mine = ternarize(padded[rank * shard:(rank + 1) * shard], torch.tensor(1.0), gen)
-    shards = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(shards, mine, group=group)
-    return torch.cat(shards)[:n].float() * world
+def _stream(*values: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_stream_seed(*values))
+
+
+def _requantized_sums(state: TernGradState, total: Tensor, world: int, step: int, keys: list[int],
+                      sizes: list[int]) -> Tensor:
+    """Two-phase, shard by shard or not: N · the mean re-ternarized per parameter block of B elements,
+    each block with its own rank-free stream (seed, -1, step, parameter, block)."""
+    mean, out, start = total.float() / world, [], 0
+    for key, size in zip(keys, sizes):
+        for block, b0 in enumerate(range(0, size, hooks._BLOCK)):
+            part = mean[start + b0:start + min(b0 + hooks._BLOCK, size)]
+            out.append(ternarize(part, torch.tensor(1.0), _stream(state.seed, _REQUANTIZE, step, key, block)))
+        start += size
+    return torch.cat(out).float() * world
 
 
 def _offsets(tensors: list[Tensor]) -> list[int]:
@@ -310,6 +318,52 @@ def scenario_bucket_rebuild(rank: int, world: int) -> None:
     _assert_replicas_identical(model, world)
 
 
+def _run_resumable(rank: int, steps: int, stop_at: int | None, bound: bool, **options) -> list[Tensor]:
+    """SGD on per-step data; with ``stop_at``, everything is rebuilt there from saved state dicts, as a
+    restarted process would (a fresh DDP starts on its initial bucket layout, rebuilt after a step)."""
+    data = torch.Generator().manual_seed(100 + rank)
+    batches = [(torch.randn(16, 8, generator=data), torch.randint(0, 4, (16,), generator=data)) for _ in range(steps)]
+    saved: dict = {}
+    for step, (x, y) in enumerate(batches):
+        if step in (0, stop_at):
+            model = _tiny_model()
+            state = TernGradState.for_model(model, **options) if bound else TernGradState(**options)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            if saved:
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["optimizer"])
+                state.load_state_dict(saved["terngrad"])
+            ddp = _ddp(model, state)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        if step + 1 == stop_at:
+            saved = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "terngrad": state.state_dict()})
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _check_resume_bits(rank: int, fp_layers: bool, unbound: bool, **options) -> None:
+    """Bound (streams keyed by model.parameters() order) and unbound (keyed in first-met order)."""
+    fp = ({"full_precision_last": True}, {"min_numel": 100}) if fp_layers else ({}, {})
+    for bound, opts in ((True, {**options, **fp[0]}), (False, {**options, **fp[1]}))[:2 if unbound else 1]:
+        whole = _run_resumable(rank, 4, None, bound, **opts)
+        resumed = _run_resumable(rank, 4, 2, bound, **opts)
+        for a, b in zip(whole, resumed):
+            assert torch.equal(a, b), f"resumed run differs (bound={bound}) by {(a - b).abs().max():.3g}"
+
+
+def scenario_resume_same_bits(rank: int, world: int) -> None:
+    """Stopped after 2 steps and resumed on fresh DDP buckets: bit-identical to 4 uninterrupted steps."""
+    _check_resume_bits(rank, fp_layers=True, unbound=True, seed=11)
+
+
+def scenario_resume_same_bits_twophase(rank: int, world: int) -> None:
+    """The same for the two-phase reduce, whose shards follow the bucket layout. Every layer ternary: from
+    3 workers on, gloo's fp all-reduce sums in an order that follows the bucket layout (as without a hook)."""
+    _check_resume_bits(rank, fp_layers=False, unbound=False, seed=11, reduce="twophase")
+
+
 def scenario_warmup(rank: int, world: int) -> None:
     """(e) The first warmup_steps iterations are plain fp averaging; ternary afterwards."""
     model = _tiny_model()
@@ -407,9 +461,9 @@ def scenario_exclude_glob(rank: int, world: int) -> None:
 SCENARIOS: dict[str, Callable[[int, int], None]] = {
     name.removeprefix("scenario_"): fn for name, fn in globals().items() if name.startswith("scenario_")
 }
-WORLD2 = tuple(name for name in SCENARIOS if name != "subgroups")
+WORLD2 = tuple(name for name in SCENARIOS if name not in ("subgroups", "resume_same_bits_twophase"))
 WORLD4 = ("replicas_identical", "reference_allgather", "reference_allreduce", "reference_twophase",
-          "twophase_unbiased", "nonfinite", "subgroups")
+          "twophase_unbiased", "nonfinite", "subgroups", "resume_same_bits_twophase")
 
 
 def _worker(rank: int, world: int, names: tuple[str, ...], out: str) -> None:
@@ -640,6 +694,33 @@ def test_load_state_dict_rejects_damaged_or_newer():
         TernGradState().load_state_dict({**good, "options": {**good["options"], "scheme": "4bit"}})
 
 
-def test_stream_seeds_differ_by_rank_step_and_bucket():
-    seeds = {_stream_seed(0, r, k, b) for r in range(4) for k in range(4) for b in range(4)}
-    assert len(seeds) == 64 and all(0 <= s < 2**63 for s in seeds)
+def test_stream_seeds_differ_by_rank_step_and_parameter():
+    seeds = {_stream_seed(0, r, k, p) for r in range(4) for k in range(4) for p in range(4)}
+    seeds |= {_stream_seed(0, _REQUANTIZE, k, p, b) for k in range(4) for p in range(4) for b in range(2)}
+    assert len(seeds) == 96 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_stream_keys_follow_parameter_order_not_buckets():
+    """Bound: the index in model.parameters(); unbound: the order the hook first meets them."""
+    model = _tiny_model()
+    params = list(model.parameters())
+    assert [TernGradState.for_model(model)._key(p) for p in params] == list(range(6))
+    unbound = TernGradState()
+    assert [unbound._key(p) for p in reversed(params)] == list(range(6))
+    assert [unbound._key(p) for p in params] == list(range(5, -1, -1))     # fixed once met
+
+
+def test_shard_lanes_do_not_depend_on_the_shards(monkeypatch):
+    """Two-phase lanes of an element come from its parameter's block stream, however the codes are cut."""
+    monkeypatch.setattr(hooks, "_BLOCK", 8)
+    state = TernGradState(seed=4)
+    layers = (hooks._Layer(0, 13, 0), hooks._Layer(13, 30, 1), hooks._Layer(43, 5, 2))
+    whole = hooks._shard_lanes(state, layers, 0, 60, 3, torch.device("cpu"))               # (60,)
+    for size in (1, 7, 20):
+        cut = torch.cat([hooks._shard_lanes(state, layers, a, size, 3, torch.device("cpu"))
+                         for a in range(0, 60, size)])[:60]
+        assert torch.equal(cut, whole), f"shards of {size} draw other lanes"
+    assert torch.equal(whole[48:], torch.zeros(12, dtype=torch.int16))                     # padding
+    moved = (hooks._Layer(0, 30, 1), hooks._Layer(30, 13, 0), hooks._Layer(43, 5, 2))       # reordered bucket
+    again = hooks._shard_lanes(state, moved, 0, 48, 3, torch.device("cpu"))
+    assert torch.equal(again[:30], whole[13:43]) and torch.equal(again[30:43], whole[:13])

@@ -100,6 +100,17 @@ def test_same_generator_state_same_codes_and_chunking_does_not_matter(monkeypatc
     assert torch.equal(t, ternarize(g, s, _gen(5)))
 
 
+def test_given_lanes_give_the_codes_the_generator_would():
+    """The two-phase hook hands ternarize pre-drawn lanes: element k reads lane k, as from the generator."""
+    g = torch.randn(1003, generator=_gen(1))
+    s = scaler(g)
+    lanes = ternary._random_lanes(1003, _gen(5), torch.device("cpu"))
+    out = torch.empty(1003, dtype=torch.int8)
+    ternary._ternarize_into(g, s, out, lanes=lanes)
+    assert torch.equal(out, ternarize(g, s, _gen(5)))
+    assert torch.equal(ternary._random_lanes(10, _gen(5), torch.device("cpu")), lanes[:10])  # a prefix (CPU)
+
+
 def test_ternarize_rejects_bad_inputs():
     with pytest.raises(ShapeMismatch, match="0-d"):
         ternarize(torch.randn(4), torch.ones(2))

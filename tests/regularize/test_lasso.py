@@ -245,3 +245,24 @@ def test_meet_budget_cuts_what_lambda_left_above_it_by_magnitude():
     lasso.meet_budget_()
     assert [k for k, g in enumerate(groups) if g.norm() > 0] == [7, 8, 9]
     assert lasso.meet_budget_() == {}                   # met: nothing more to cut
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1])
+def test_nan_infinite_or_negative_strength_and_multipliers_are_refused(bad):
+    groups = _filters(_two_filter_conv())
+    with pytest.raises(ConfigError, match="strength must be a finite number >= 0"):
+        GroupLasso(groups, bad)
+    with pytest.raises(ConfigError, match=r"strength\['filter'\] must be a finite number >= 0"):
+        GroupLasso(groups, {"filter": bad})
+    with pytest.raises(ConfigError, match="multiplier '' must be a finite number >= 0"):
+        GroupLasso(groups, 0.1, multipliers={"": bad})
+
+
+@pytest.mark.parametrize("mode", ["prox", "subgradient"])
+def test_nan_step_is_refused_before_it_writes_nan_weights(mode):
+    conv = _two_filter_conv()
+    lasso = GroupLasso(_filters(conv), 0.1, mode=mode)
+    for lr in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="lr must be a finite number >= 0"):
+            lasso.step_(lr)
+    assert torch.equal(conv.weight.flatten(), torch.tensor([3.0, 0.5]))  # untouched

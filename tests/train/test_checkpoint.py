@@ -14,11 +14,14 @@ from torchslim.errors import CheckpointError
 from torchslim.models import create_model
 from torchslim.train.checkpoint import (
     load_checkpoint,
+    load_optimizer_state_checked,
     load_state_dict_checked,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from torchslim.train.loop import sgd
+from torchslim.train.recipes import PhaseSpec
 
 
 def _trained_state(seed: int = 0) -> dict:
@@ -193,3 +196,21 @@ def test_rng_state_of_a_generator() -> None:
     torch.testing.assert_close(torch.rand(4, generator=gen), expected, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="uint8 tensor under 'torch'"):
         set_rng_state({"torch": [1, 2]})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_an_optimizer_state_is_checked_before_it_is_loaded(optimizer):
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    first = sgd(model, PhaseSpec(optimizer=optimizer, lr=0.1))
+    model(torch.randn(2, 3)).sum().backward()
+    first.step()
+    saved = first.state_dict()
+    fresh = sgd(model, PhaseSpec(optimizer=optimizer, lr=0.5))
+    load_optimizer_state_checked(fresh, saved)  # a state of this optimizer loads as it would
+    assert fresh.param_groups[0]["lr"] == 0.1 and len(fresh.state) == len(first.state)
+    key = "momentum" if optimizer == "sgd" else "betas"
+    bad = {**saved, "param_groups": [{**saved["param_groups"][0], key: "0.9"}, *saved["param_groups"][1:]]}
+    untouched = sgd(model, PhaseSpec(optimizer=optimizer, lr=0.5))
+    with pytest.raises(CheckpointError, match=rf"opt\.param_groups\[0\]\['{key}'\] is '0.9'"):
+        load_optimizer_state_checked(untouched, bad, "opt")
+    assert untouched.param_groups[0]["lr"] == 0.5 and not untouched.state

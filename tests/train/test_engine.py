@@ -225,7 +225,7 @@ def test_subgradient_mode_and_mlp_neurons(tmp_path):
 
 def test_a_fresh_run_does_not_mix_with_an_earlier_one(tmp_path):
     engine.run(tiny(), run_dir=tmp_path, progress=False)
-    again = engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="baseline")
+    again = engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="baseline", overwrite=True)
     assert again.sparse_model is None and again.compact_model is None
     assert not (tmp_path / "compact.pt").exists() and [r.phase for r in again.history] == ["baseline"]
 

@@ -109,11 +109,11 @@ def test_unknown_key_names_it_and_suggests(override, words):
     ("baseline.force.kind=l3", ["baseline.force.kind", "l2", "l1"]),
     ("baseline.force.strength=-1", ["baseline.force.strength", ">= 0"]),
     ("baseline.force.epochs=-2", ["baseline.force.epochs", ">= 0"]),
-    ("lowrank.energy=1.5", ["lowrank.energy", "[0.0, 1.0"]),
+    ("lowrank.energy=1.5", ["lowrank.energy", "(0, 1]"]),
     ("lowrank.method=qr", ["lowrank.method", "pca", "svd"]),
     ("lowrank.lasso=1e-3", ["lowrank.lasso", "lowrank.energy"]),
     ("data.bptt=0", ["data.bptt", ">= 1"]),
-    ("finetune.distill.alpha=1.5", ["finetune.distill.alpha", "[0.0, 1.0)"]),
+    ("finetune.distill.alpha=1.5", ["finetune.distill.alpha", "[0, 1]"]),
     ("finetune.distill.temperature=0", ["finetune.distill.temperature", "> 0"]),
     ("baseline.distill.alpha=0.5", ["baseline.distill.teacher", "trained model file"]),
 ])
@@ -262,3 +262,75 @@ def test_long_kd_is_long_with_a_distilled_finetuning():
     changed = {key for key in long if long[key] != kd[key]}
     assert changed == {"name", "finetune.distill.alpha"}
     assert kd["finetune.distill.alpha"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# values are refused when the recipe loads, by the rules of the API that uses them
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lowrank.energy=0", "lowrank.energy"),
+    ("lowrank.ranks={conv1: 0}", "lowrank.ranks.conv1"),
+    ("compact.channel_multiple=0", "compact.channel_multiple"),
+    ("data.valid_size=-1", "data.valid_size"),
+    ("data.train_limit=0", "data.train_limit"),
+    ("data.test_limit=-5", "data.test_limit"),
+    ("ssl.strength.channel=.nan", "ssl.strength.channel"),
+    ("ssl.strength=.inf", "ssl.strength"),
+    ("ssl.multipliers={conv1: .nan}", "ssl.multipliers.conv1"),
+    ("ssl.threshold=.nan", "ssl.threshold"),
+    ("baseline.force.strength=.nan", "baseline.force.strength"),
+    ("baseline.force.multipliers={conv1: .inf}", "baseline.force.multipliers.conv1"),
+    ("baseline.weight_decay=.nan", "baseline.weight_decay"),
+    ("baseline.lr=.inf", "baseline.lr"),
+    ("finetune.distill.temperature=.inf", "finetune.distill.temperature"),
+])
+def test_bad_values_are_refused_at_load_naming_the_key_once(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_recipe("lenet_ssl", overrides=[override])
+    message = str(info.value)
+    assert f"'{key}'" in message
+    section = key.split(".")[0]
+    assert f"{section}.{section}." not in message
+
+
+def test_values_the_api_accepts_load():
+    recipe = load_recipe("lenet_ssl", overrides=["lowrank.energy=1.0", "finetune.distill={alpha: 1.0, teacher: t.pt}"])
+    assert recipe.lowrank.energy == 1.0 and recipe.finetune.distill.alpha == 1.0
+
+
+def _accepts(call) -> bool:
+    try:
+        call()
+    except ConfigError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1e-6, 0.5, 1.0, 1.000001, float("nan"), float("inf")])
+def test_lowrank_energy_loads_exactly_when_lowrank_accepts_it(value):
+    import torch
+
+    from torchslim import lowrank
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    api = _accepts(lambda: lowrank(net, energy=value, require_saving=False))
+    assert _accepts(lambda: load_recipe("lenet_ssl", overrides=[f"lowrank.energy={value}"])) == api
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 1e-3, float("nan"), float("inf")])
+def test_force_strength_loads_exactly_when_the_force_accepts_it(value):
+    import torch
+
+    from torchslim.regularize.force import ForceRegularizer
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    api = _accepts(lambda: ForceRegularizer(net, value)) and _accepts(lambda: ForceRegularizer(net, 1.0,
+                                                                                               multipliers={"0": value}))
+    overrides = [f"baseline.force.strength={value}", f"baseline.force.multipliers={{conv1: {value}}}"]
+    assert all(_accepts(lambda o=o: load_recipe("lenet_ssl", overrides=[o])) == api for o in overrides)
+
+
+@pytest.mark.parametrize("name", ["lenet_ssl-2.v1", ".hidden", "A"])
+def test_a_plain_recipe_name_loads(name):
+    assert load_recipe("lenet_ssl", overrides=[f"name={name}"]).name == name

@@ -5,7 +5,8 @@ Per bucket of ``N`` workers with gradient layers ``g_l`` (one layer = one parame
 1. computes its scaler ``s_l^i = scaler(g_l^i, clip_sigma)`` for every ternarized layer;
 2. shares them: ``s_l = max_i s_l^i`` by one MAX all-reduce of the ``(L + 1,)`` vector, whose last entry
    flags a non-finite gradient on any worker;
-3. ternarizes ``t_l^i = ternarize(g_l^i, s_l)`` with its own random stream (seed, rank, step, bucket);
+3. ternarizes ``t_l^i = ternarize(g_l^i, s_l)`` with its own random stream per layer, seeded by
+   (seed, rank, step, parameter): never by DDP's bucket layout, which changes after a (re)start's first step;
 4. exchanges the codes of all ``L`` layers in one collective: an all-gather of the packed bytes, or an
    integer SUM all-reduce of the int8 codes, whichever moves fewer bytes (:meth:`TernGradState.collective_for`);
 5. decodes ``ḡ_l = Σ_i t_l^i · (s_l / N)``: every worker holds the same integers and the same ``s_l``,
@@ -41,7 +42,7 @@ from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
 from torchslim.comm.state import _SUM_DTYPES, TernGradState, _clip
-from torchslim.comm.ternary import pack, scaler, ternarize, unpack, unpack_sum
+from torchslim.comm.ternary import _random_lanes, _ternarize_into, pack, scaler, unpack, unpack_sum
 from torchslim.errors import TorchSlimError
 
 __all__ = ["TernGradState", "fp16_compress_hook", "terngrad_hook"]
@@ -49,6 +50,7 @@ __all__ = ["TernGradState", "fp16_compress_hook", "terngrad_hook"]
 logger = logging.getLogger(__name__)
 
 _SHARD_ALIGN = 20   # twophase shards hold a multiple of 4 and 5 codes: whole bytes in both schemes
+_BLOCK = 1 << 16    # twophase re-ternarization: elements per random stream of a parameter
 # recent torch calls it all_gather_single and deprecates all_gather_into_tensor (same arguments)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -59,6 +61,7 @@ class _Layer:
 
     start: int
     numel: int
+    key: int            # the parameter's identity in the random streams (TernGradState._key)
 
     def of(self, flat: Tensor) -> Tensor:
         return flat[self.start:self.start + self.numel]
@@ -79,7 +82,8 @@ def terngrad_hook(state: TernGradState, bucket: dist.GradBucket) -> torch.future
     1. split the flat buffer into per-parameter layers (``bucket.parameters()`` order);
     2. ``s_l = max_i scaler(g_l^i)``: one blocking MAX all-reduce of ``(L + 1,)`` floats, the last a
        non-finite flag. If set on any worker, the whole bucket is averaged in floating point instead;
-    3. ``t_l = ternarize(g_l, s_l, generator)`` for every layer, concatenated: ``t`` int8 ``(n,)``;
+    3. ``t_l = ternarize(g_l, s_l, generator_l)`` for every layer, concatenated: ``t`` int8 ``(n,)``;
+       ``generator_l`` is seeded by ``(seed, rank, step, parameter)``, whatever bucket holds the layer;
     4. all-gather ``pack(t, scheme)`` and ``Σ_i t_i = unpack_sum(...)``, or SUM all-reduce ``t`` as
        ``sum_dtype``, per :meth:`TernGradState.collective_for`; full-precision layers meanwhile go
        through one fp SUM all-reduce of ``g/N``;
@@ -113,7 +117,7 @@ def _split_bucket(state: TernGradState, bucket: dist.GradBucket) -> _Split:
     """The bucket's layers, ternarized or full precision, at their offsets in ``bucket.buffer()``."""
     ternary, full, start = [], [], 0
     for param in bucket.parameters():
-        layer = _Layer(start, param.numel())
+        layer = _Layer(start, param.numel(), state._key(param))
         (full if state._in_full_precision(param) else ternary).append(layer)
         start += layer.numel
     if start != bucket.buffer().numel():
@@ -134,10 +138,9 @@ def _ternary_average(
     shared = _shared_scalers(state, group, buffer, split.ternary)                 # (L + 1,) float32
     if bool(shared[-1] > 0):                                                      # a worker saw inf/NaN
         return _mean_allreduce(state, group, buffer)
-    generator = state._generator(buffer.device, rank, step, bucket.index())
-    codes = torch.cat([ternarize(layer.of(buffer), s, generator) for layer, s in zip(split.ternary, shared[:-1])])
+    codes = _codes(state, buffer, split.ternary, shared[:-1], rank, step)       # (n,) int8
     if collective == "twophase":
-        sums_fut, decode = _two_phase_codes(state, group, codes, generator)
+        sums_fut, decode = _two_phase_codes(state, group, codes, split.ternary, step)
     else:
         launch = _all_gather_codes if collective == "allgather" else _all_reduce_codes
         sums_fut, decode = launch(state, group, codes)
@@ -145,6 +148,23 @@ def _ternary_average(
     finish = partial(_write_back, buffer=buffer, split=split, scale=shared[:-1] / world, decode=decode,
                      full_flat=full_flat)
     return torch.futures.collect_all([sums_fut, *full_fut]).then(finish)
+
+
+def _codes(state: TernGradState, buffer: Tensor, layers: tuple[_Layer, ...], scalers: Tensor, rank: int,
+           step: int) -> Tensor:
+    """Step 3: ``t_l = ternarize(g_l, s_l)`` for every layer, concatenated: int8 ``(n,)``.
+
+    Each layer draws from its own stream, seeded by ``(seed, rank, step, parameter)``: the codes do not
+    depend on which bucket holds the parameter or where, so DDP's bucket rebuild after a (re)start's
+    first step changes nothing.
+    """
+    codes = torch.empty(sum(layer.numel for layer in layers), dtype=torch.int8, device=buffer.device)
+    start = 0
+    for layer, s in zip(layers, scalers):
+        generator = state._generator(buffer.device, rank, step, layer.key)
+        _ternarize_into(layer.of(buffer), s, codes[start:start + layer.numel], generator)
+        start += layer.numel
+    return codes
 
 
 def _shared_scalers(
@@ -173,14 +193,16 @@ def _all_gather_codes(
 
 
 def _two_phase_codes(
-    state: TernGradState, group: dist.ProcessGroup, codes: Tensor, generator: torch.Generator
+    state: TernGradState, group: dist.ProcessGroup, codes: Tensor, layers: tuple[_Layer, ...], step: int
 ) -> tuple[torch.futures.Future, Callable[[], Tensor]]:
     """All-to-all of packed shards, re-ternarized shard means, all-gather; see the module docstring.
 
     Phase 1 blocks (phase 2 needs its result, and gloo matches collectives by launch order). The
     returned ``decode`` gives ``N · u`` (float32), the re-ternarized mean in the units of ``Σ_i t_i``.
+    The re-ternarization reads :func:`_shard_lanes`: each element's random bits depend on its
+    parameter and offset, not on the shard that holds it.
     """
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     n = codes.numel()
     shard = -(-n // (world * _SHARD_ALIGN)) * _SHARD_ALIGN                       # m codes, whole bytes
     padded = torch.zeros(world * shard, dtype=torch.int8, device=codes.device)
@@ -191,7 +213,10 @@ def _two_phase_codes(
     shard_bytes = packed.numel() // world
     state._count((world - 1) * shard_bytes)
     mean = unpack_sum(received.view(world, shard_bytes), shard, state.scheme, torch.float32).div_(world)  # [-1, 1]
-    mine = pack(ternarize(mean, torch.ones((), device=mean.device), generator), state.scheme)  # (P,)
+    lanes = _shard_lanes(state, layers, rank * shard, shard, step, mean.device)   # (m,) int16
+    requantized = torch.empty(shard, dtype=torch.int8, device=mean.device)
+    _ternarize_into(mean, torch.ones((), device=mean.device), requantized, lanes=lanes)
+    mine = pack(requantized, state.scheme)                                        # (P,)
     gathered = torch.empty_like(packed)
     work = _all_gather_flat(gathered, mine, group=group, async_op=True)
     state._count(_ring_allgather_bytes(shard_bytes, world))
@@ -200,6 +225,29 @@ def _two_phase_codes(
         return unpack(gathered, world * shard, state.scheme)[:n].to(torch.float32).mul_(world)
 
     return work.get_future(), decode
+
+
+def _shard_lanes(state: TernGradState, layers: tuple[_Layer, ...], first: int, size: int, step: int,
+                 device: torch.device) -> Tensor:
+    """Random lanes ``(size,)`` int16 for codes ``[first, first + size)`` of the concatenated layers.
+
+    Layer element ``o`` reads lane ``o mod B`` of the rank-free stream of block ``⌊o/B⌋`` of its
+    parameter (``B = 2^16``); every block is drawn whole, so the lanes never depend on the slice asked
+    for, on any device. Padding past the last layer gets lane 0 (its mean is 0: code 0).
+    """
+    lanes = torch.zeros(size, dtype=torch.int16, device=device)
+    start = 0
+    for layer in layers:
+        lo, hi = max(first, start), min(first + size, start + layer.numel)        # this shard's part
+        blocks = range((lo - start) // _BLOCK, -(-(hi - start) // _BLOCK)) if lo < hi else range(0)
+        for block in blocks:
+            b0 = start + block * _BLOCK                                           # the block in code positions
+            b1 = min(b0 + _BLOCK, start + layer.numel)
+            drawn = _random_lanes(b1 - b0, state._requantize_generator(device, step, layer.key, block), device)
+            a, b = max(lo, b0), min(hi, b1)
+            lanes[a - first:b - first] = drawn[a - b0:b - b0]
+        start += layer.numel
+    return lanes
 
 
 def _all_reduce_codes(

@@ -40,6 +40,7 @@ _OPTIONS = (
 _COUNTERS = ("step", "bytes_sent", "bytes_received", "numel_reduced")
 _STATE_VERSION = 2      # 2: include/exclude replace version 1's full_precision_params (read as exclude)
 _MASK64 = (1 << 64) - 1
+_REQUANTIZE = -1        # in the rank's place of a stream seed: two-phase re-ternarization, no rank
 _DDP_PREFIX = "module."
 
 
@@ -81,6 +82,13 @@ class TernGradState:
     - ``reduce="twophase"`` sends the fewest bytes from 3 workers on (2.4 bits per element at N = 4,
       ~3.2 at large N) but rounds twice; "auto" never picks it, as it changes the result, not just the cost.
 
+    Random streams: worker ``r`` ternarizes parameter ``p`` at step ``k`` with a generator seeded by
+    ``(seed, r, k, p)``, ``p`` its index in ``model.parameters()`` once bound (unbound: in the order the hook
+    first meets it, DDP's initial bucket layout). DDP rebuilds its buckets after the first step of every
+    (re)start, so nothing depends on the layout: a run resumed from :meth:`state_dict` draws the codes an
+    uninterrupted one would. (From 3 workers on, the fp all-reduce of full-precision layers sums in an
+    order that follows the layout, as plain DDP does; with 2 workers the resumed run is bit-identical.)
+
     ``full_precision_params=`` is the old name of ``exclude=``: it works for one release with a
     DeprecationWarning, and version 1 checkpoints holding it still load.
 
@@ -96,7 +104,8 @@ class TernGradState:
     process_group: dist.ProcessGroup | None = None  # None: the default group. Never saved.
     scheme: Scheme = "base3"            # all-gather packing: 5 codes/byte (1.6 bits) or 4 codes/byte (2 bits)
     clip_sigma: float | None = 2.5      # s = min(max|g|, c·σ); the paper's c = 2.5. None or inf: s = max|g|
-    seed: int = 0                       # rank r, step k, bucket b draw from a generator seeded by (seed, r, k, b)
+    seed: int = 0                       # rank r, step k, parameter p: a stream seeded by (seed, r, k, p), never
+    #                                     by DDP's bucket layout, so a resumed run draws the same codes
     min_numel: int = 1                  # size_to_binarize: layers with fewer elements are averaged in fp.
     #                                     With clipping, 1-element layers always are (σ = 0 would zero them).
     full_precision_last: bool = False   # keep the last layer (logits) in fp, as the original's default
@@ -112,6 +121,7 @@ class TernGradState:
     bytes_received: int = field(default=0, init=False)
     numel_reduced: int = field(default=0, init=False)   # gradient elements averaged, all buckets
     _param_names: dict[int, str] | None = field(default=None, init=False, repr=False)  # id(param) → name
+    _param_index: dict[int, int] = field(default_factory=dict, init=False, repr=False)  # id(param) → stream key
     _last_layer: tuple[str, ...] = field(default=(), init=False, repr=False)          # names, from bind()
     _keep_ids: frozenset[int] = field(default=frozenset(), init=False, repr=False)   # fp params, resolved
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict, init=False, repr=False)
@@ -149,6 +159,7 @@ class TernGradState:
                 (the message suggests close matches).
         """
         self._param_names = {id(p): _strip_ddp(name) for name, p in model.named_parameters()}
+        self._param_index = {i: k for k, i in enumerate(self._param_names)}     # model.parameters() order
         owners = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
         last = {id(p) for p in owners[-1].parameters(recurse=False)} if owners else set()
         self._last_layer = tuple(sorted(self._param_names[i] for i in last))
@@ -249,12 +260,36 @@ class TernGradState:
                               "bind() the module that DDP wraps")
         return id(param) in self._keep_ids
 
-    def _generator(self, device: torch.device, rank: int, step: int, bucket_index: int) -> torch.Generator:
-        """This worker's stream for one bucket of one step, independent of torch's global RNG."""
+    def _key(self, param: Tensor) -> int:
+        """The parameter's identity in the random streams: its index in ``model.parameters()`` once bound.
+
+        Unbound, parameters are numbered as the hook first meets them: in DDP's initial bucket layout,
+        which every (re)started DDP uses for its first step, so a resumed run numbers them alike too.
+        """
+        key = self._param_index.get(id(param))
+        if key is None:
+            key = self._param_index[id(param)] = len(self._param_index)
+        return key
+
+    def _generator(self, device: torch.device, rank: int, step: int, key: int) -> torch.Generator:
+        """Worker ``rank``'s stream for parameter ``key`` at ``step``, independent of torch's global RNG.
+
+        Reseeded per parameter, so the codes depend on neither the bucket nor the parameter's place in it.
+        """
+        return self._reseeded(device, _stream_seed(self.seed, rank, step, key))
+
+    def _requantize_generator(self, device: torch.device, step: int, key: int, block: int) -> torch.Generator:
+        """The two-phase re-ternarization stream of elements ``[block·B, (block+1)·B)`` of parameter ``key``.
+
+        Rank-free: which worker re-ternarizes an element depends on the bucket layout, its bits must not.
+        """
+        return self._reseeded(device, _stream_seed(self.seed, _REQUANTIZE, step, key, block))
+
+    def _reseeded(self, device: torch.device, seed: int) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        return gen.manual_seed(_stream_seed(self.seed, rank, step, bucket_index))
+        return gen.manual_seed(seed)
 
     def _count(self, nbytes: int) -> None:
         self.bytes_sent += nbytes
@@ -325,10 +360,10 @@ def _strip_ddp(name: str) -> str:
     return name.removeprefix(_DDP_PREFIX)
 
 
-def _stream_seed(seed: int, rank: int, step: int, bucket_index: int) -> int:
-    """A 63-bit seed mixing ``(seed, rank, step, bucket)`` with splitmix64: distinct streams per worker."""
+def _stream_seed(*values: int) -> int:
+    """A 63-bit seed mixing ``values``, e.g. ``(seed, rank, step, parameter)``, with splitmix64."""
     h = 0
-    for value in (seed, rank, step, bucket_index):
+    for value in values:
         h = _splitmix64(h ^ (value & _MASK64))
     return h >> 1
 

@@ -120,33 +120,54 @@ def ternarize(g: Tensor, s: Tensor, generator: torch.Generator | None = None) ->
         raise ConfigError(f"ternarize expects a floating-point gradient, got {g.dtype}")
     if s.numel() != 1:
         raise ShapeMismatch(f"the scaler s must be a 0-d tensor (one per layer), got shape {tuple(s.shape)}")
-    flat = g.detach().reshape(-1)  # (n,)
-    n = flat.numel()
-    codes = torch.empty(n, dtype=torch.int8, device=g.device)
+    codes = torch.empty(g.shape, dtype=torch.int8, device=g.device)
+    _ternarize_into(g.detach().reshape(-1), s, codes.view(-1), generator)
+    return codes
+
+
+def _ternarize_into(g: Tensor, s: Tensor, out: Tensor, generator: torch.Generator | None = None,
+                    lanes: Tensor | None = None) -> None:
+    """:func:`ternarize` of the flat ``g`` ``(n,)`` written into int8 ``out`` ``(n,)``, unchecked.
+
+    The random lanes come from ``generator`` (as :func:`ternarize` draws them) or, given, from int16
+    ``lanes`` ``(n,)`` such as :func:`_random_lanes` returns: element ``k`` reads lane ``k`` either way.
+    """
+    n = g.numel()
     if n == 0:
-        return codes.view(g.shape)
+        return
     step = _LEVELS / s.detach().reshape(()).to(device=g.device, dtype=torch.float32)  # 2^16 / s
     chunk = n if g.device.type != "cpu" else min(n, _CPU_CHUNK * max(1, torch.get_num_threads()))
-    bits = torch.empty(-(-chunk // _LANES), dtype=torch.int64, device=g.device)  # 4 int16 lanes each
+    bits = torch.empty(-(-chunk // _LANES) if lanes is None else 0, dtype=torch.int64, device=g.device)
     y = torch.empty(chunk, dtype=torch.float32, device=g.device)
     r = torch.empty(chunk, dtype=torch.float32, device=g.device)
-    for start in range(0, n, chunk):
-        gc = flat[start:start + chunk]
+    for start in range(0, n, chunk):  # chunks of 4·m elements: the lanes do not depend on the chunking on CPU
+        gc = g[start:start + chunk]
         k = gc.numel()
-        _ternarize_chunk(gc, step, bits[:-(-k // _LANES)], y[:k], r[:k], codes[start:start + k], generator)
-    return codes.view(g.shape)
+        u = (_draw_lanes(bits[:-(-k // _LANES)], generator)[:k] if lanes is None
+             else lanes[start:start + k])  # (k,) int16
+        _ternarize_chunk(gc, step, u, y[:k], r[:k], out[start:start + k])
 
 
-def _ternarize_chunk(g: Tensor, step: Tensor, bits: Tensor, y: Tensor, r: Tensor, out: Tensor,
-                     generator: torch.Generator | None) -> None:
-    """Write ``t = sign(g) · [v + ½ < |g|·2^16/s]`` into ``out``; ``g, y, r, out`` are ``(k,)``.
+def _draw_lanes(bits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Fill int64 ``bits`` ``(m,)`` with raw 64-bit draws (``random_`` over the full int64 range); viewed as
+    ``4m`` int16 lanes ``u = v − 2^15``, ``v ~ U{0, …, 2^16−1}``."""
+    return bits.random_(-(1 << 63), None, generator=generator).view(torch.int16)
 
-    ``bits`` (``⌈k/4⌉`` int64) gets 64 random bits each (``random_`` over the full int64 range returns
-    the generator's raw 64-bit output), read as ``k`` int16 lanes ``u = v − 2^15``, ``v ~ U{0, …, 2^16−1}``.
-    ``y`` and ``r`` are float32 scratch.
+
+def _random_lanes(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """The ``n`` int16 lanes ``ternarize`` draws for ``n`` elements from ``generator`` (one draw of ``⌈n/4⌉``).
+
+    On CUDA the draws depend on how many are drawn at once: callers draw fixed sizes and slice them.
     """
-    k = g.numel()
-    u = bits.random_(-(1 << 63), None, generator=generator).view(torch.int16)[:k]  # (k,) u ∈ [-2^15, 2^15)
+    bits = torch.empty(-(-n // _LANES), dtype=torch.int64, device=device)
+    return _draw_lanes(bits, generator)[:n]
+
+
+def _ternarize_chunk(g: Tensor, step: Tensor, u: Tensor, y: Tensor, r: Tensor, out: Tensor) -> None:
+    """Write ``t = sign(g) · [v + ½ < |g|·2^16/s]`` into ``out``; ``g, u, y, r, out`` are ``(k,)``.
+
+    ``u`` holds int16 random lanes ``u = v − 2^15``; ``y`` and ``r`` are float32 scratch.
+    """
     if g.dtype in (torch.float16, torch.bfloat16):  # |g|·2^16/s overflows float16: scale in float32
         y.copy_(g).mul_(step)
     else:

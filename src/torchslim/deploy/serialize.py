@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from torchslim._files import atomic_write
 from torchslim._inputs import Inputs, as_tuple, eval_mode
+from torchslim.deploy import _guard
 from torchslim.deploy._attrs import plain_attrs, resize_tensors, restore_attrs
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError, UnsupportedOperation, VerificationError
 from torchslim.layers import LoweredConv2d, LowRank, NarrowMultiheadAttention, PaddedLayerNorm, PaddedStdConv
@@ -39,7 +40,6 @@ __all__ = ["ALLOWED", "export_onnx", "export_torchscript", "load_compact", "save
 FORMAT = "torchslim.compact"
 VERSION = 1
 _TOLERANCE = 1e-4  # export checks: max |ref - exported| <= _TOLERANCE * max(1, max |ref|)
-
 
 
 def _tup(v: Any) -> Any:
@@ -175,7 +175,7 @@ def _build(desc: Mapping[str, Any], where: str) -> nn.Module:
             return _CONTAINERS[kind](*(_build(child, f"{where}.{i}") for i, child in enumerate(desc["children"])))
         if kind in _KINDS:
             return _KINDS[kind][2](desc.get("args", {}))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"bad description of module '{where}' ({kind}): {e!r}; the file is damaged") from e
     raise CheckpointError(
         f"module '{where}' has type {kind!r}, which compact checkpoints do not allow "
@@ -226,49 +226,15 @@ def save_compact(model: nn.Module, path: str | os.PathLike, *, arch: Mapping[str
                 len(state))
 
 
-def _read(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint dict at ``path``, with its format marker, version and field types checked."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; save a compacted model there with save_compact() "
-                              "or `torchslim compact`, or check the path") from None
-    except Exception as e:  # corrupt zip, truncated file, pickle with forbidden globals, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(
-            f"cannot read '{path}' as a torchslim compact checkpoint ({type(e).__name__}: {first_line}). "
-            "The file is corrupt or truncated, or was not written by torchslim.save_compact; "
-            "write it again with save_compact(model, path)."
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        marker = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(
-            f"'{path}' is not a torchslim compact checkpoint (format marker {marker!r}, expected {FORMAT!r}). "
-            "A plain state dict loads with model.load_state_dict(torch.load(path)); "
-            "compacted models are written with torchslim.deploy.serialize.save_compact."
-        )
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(
-            f"'{path}' has compact format version {ckpt.get('version')!r}; this torchslim reads version "
-            f"{VERSION}. Load it with the torchslim version that wrote it."
-        )
-    if not isinstance(ckpt.get("spec"), str) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"'{path}' lacks its 'spec' string or 'state_dict' dict; the file is damaged")
-    return ckpt
+def _skeleton(model: nn.Module | None, arch: Any, spec: Mapping[str, Any], stored_bytes: int) -> nn.Module:
+    """The module tree to rebuild into: a copy of ``model``, or ``create_model`` from the stored arch.
 
-
-def _parse_json(text: str | None, field: str, path: str | os.PathLike) -> Any:
-    try:
-        return None if text is None else json.loads(text)
-    except ValueError as e:
-        raise CheckpointError(f"the {field} in '{path}' is not valid JSON ({e}); the file is damaged") from e
-
-
-def _skeleton(model: nn.Module | None, arch: Mapping[str, Any] | None, spec: Mapping[str, Any]) -> nn.Module:
-    """The module tree to rebuild into: a copy of ``model``, or ``create_model`` from the stored arch."""
+    A skeleton from the arch is first built on the meta device: its keywords are checked against the
+    factory's types and its dense size against the file's (:func:`_guard.check_skeleton`).
+    """
     if model is not None:
         own = getattr(model, "arch", None)
-        if isinstance(own, Mapping) and arch is not None and own.get("name") != arch.get("name"):
+        if isinstance(own, Mapping) and isinstance(arch, Mapping) and own.get("name") != arch.get("name"):
             raise CheckpointError(
                 f"the checkpoint was written for arch {arch.get('name')!r} but model= is a {own.get('name')!r}; "
                 f"pass a fresh {arch.get('name')!r} model"
@@ -281,13 +247,25 @@ def _skeleton(model: nn.Module | None, arch: Mapping[str, Any] | None, spec: Map
             "the checkpoint stores no architecture (saved without arch=), so there is no skeleton to load "
             "into; pass model=<a freshly constructed dense model of the same architecture>"
         )
+    _guard.check_arch(arch)
     try:
         from torchslim.models import create_model
     except ImportError as e:
         raise CheckpointError(
             f"cannot rebuild arch {arch.get('name')!r}: torchslim.models is unavailable ({e}); pass model="
         ) from e
-    return create_model(arch["name"], **arch.get("kwargs", {}))
+    name, kwargs = arch["name"], arch.get("kwargs", {})
+    try:
+        with torch.device("meta"):
+            meta = create_model(name, **kwargs)
+    except NotImplementedError:  # a factory that reads tensor values: no measurement, the types were checked
+        logger.warning("arch %r cannot be built on the meta device; loading without a size check", name)
+    except (TorchSlimError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot build the stored arch {name!r} with {kwargs}: {e}; the file is damaged, "
+                              "or pass model=") from e
+    else:
+        _guard.check_skeleton(meta, stored_bytes, name)
+    return create_model(name, **kwargs)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -346,16 +324,23 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
     Returns:
         the skeleton with every described module rebuilt from the file and all tensors loaded.
     Raises:
-        CheckpointError: corrupt, truncated or foreign file; a module type outside :data:`ALLOWED`;
-            no skeleton (no stored arch and no ``model=``); keys or shapes that do not fit.
+        CheckpointError: corrupt, truncated or foreign file; pickled objects (code); a module type outside
+            :data:`ALLOWED`; an argument, tied name or arch keyword of the wrong type or range; a described
+            module whose tensors the file does not store with that shape; no skeleton (no stored arch and no
+            ``model=``); keys or shapes that do not fit. All but the last before anything is allocated; a
+            skeleton from the stored arch is measured on the meta device first (:mod:`torchslim.deploy._guard`).
     """
-    ckpt = _read(path)
-    spec = _parse_json(ckpt["spec"], "module spec", path)
-    arch = _parse_json(ckpt.get("arch"), "arch", path)
+    ckpt = _guard.read(path, FORMAT, VERSION)
+    state, spec = ckpt["state_dict"], _guard.parse_json(ckpt["spec"], "module spec", path)
     if not isinstance(spec, dict):
         raise CheckpointError(f"the module spec in '{path}' is not a JSON object; the file is damaged")
-    ties, attrs = spec.pop(_TIES, []), spec.pop(_ATTRS, {})
-    skeleton = _skeleton(model, arch, spec)
+    ties = _guard.check_ties(spec.pop(_TIES, []), state, path)
+    attrs, stored_bytes = spec.pop(_ATTRS, {}), _guard.check_tensors(state, path)
+    for name, desc in spec.items():  # every described module fits the stored tensors before any is built
+        _guard.check_description(desc, name or "<root>")
+        with torch.device("meta"):
+            _guard.check_module(_build(desc, name or "<root>"), name, desc["type"], state)
+    skeleton = _skeleton(model, _guard.parse_json(ckpt.get("arch"), "arch", path), spec, stored_bytes)
     for name, desc in spec.items():
         new = _build(desc, name or "<root>")
         if name:
@@ -364,8 +349,8 @@ def load_compact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.
             skeleton = new
     _retie(skeleton, ties, path)
     restore_attrs(skeleton, attrs, path)
-    resize_tensors(skeleton, ckpt["state_dict"], set(spec))
-    _load_state(skeleton, ckpt["state_dict"], path)
+    resize_tensors(skeleton, state, set(spec))
+    _load_state(skeleton, state, path)
     return skeleton.eval()
 
 

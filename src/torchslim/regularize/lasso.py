@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
@@ -92,18 +93,33 @@ def _size_budget(budget: SizeBudget | None, keep: float | Mapping[str, float] | 
     return budget or None
 
 
+def _number(value: object, what: str) -> float:
+    """``value`` as a finite float >= 0: NaN would switch the regularizer off silently, inf zero every group."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _strengths(strength: float | Mapping[str, float]) -> dict[str, float]:
     """λ per kind: one number for every kind, or a mapping (kinds not in it get 0)."""
     if isinstance(strength, Mapping):
         bad = [k for k in strength if k not in KINDS]
         if bad:
             raise ConfigError(f"strength has unknown kinds {bad}; choose from {list(KINDS)}")
-        lam_of = {k: float(v) for k, v in strength.items()}
-    else:
-        lam_of = {k: float(strength) for k in KINDS}
-    if any(v < 0 for v in lam_of.values()):
-        raise ConfigError(f"group Lasso strengths must be >= 0, got {lam_of}")
-    return lam_of
+        return {k: _number(v, f"group Lasso strength['{k}']") for k, v in strength.items()}
+    lam = _number(strength, "group Lasso strength")
+    return {k: lam for k in KINDS}
+
+
+def _multipliers(multipliers: Mapping[str, float] | None) -> dict[str, float]:
+    return {k: _number(m, f"multiplier '{k}'") for k, m in (multipliers or {}).items()}
+
+
+def _check_lr(lr: float) -> None:
+    """A NaN or infinite step would write NaN (or zeros) into every regularized weight."""
+    if not 0 <= lr < math.inf:
+        raise ConfigError(f"the regularizer's step lr must be a finite number >= 0, got {lr!r}; "
+                          "check the learning-rate schedule")
 
 
 class _Regularizer:
@@ -132,6 +148,7 @@ class _Regularizer:
         to pull it back: the group ends near zero (1e-8) but not at zero, and cannot be cut. With the
         reset, a zero group stays zero while ``||∇_g L|| ≤ λ_g``, the proximal gradient's fixed point.
         """
+        _check_lr(lr)
         if self.mode == "prox":
             self.prox_(lr)
         else:
@@ -223,7 +240,7 @@ class GroupLasso(_Regularizer):
         self.budget = _size_budget(budget, keep, keep_ramp, keep_cut, mode)
         self.steps = 0  # proximal steps taken: the budget's clock t (set it when resuming)
         lam_of = _strengths(strength)
-        multipliers = dict(multipliers or {})
+        multipliers = _multipliers(multipliers)
         buckets = families_of(list(groups))
         _check_selection(list(buckets), multipliers, include, exclude)
         self.blocks: list[_Block] = []
@@ -272,6 +289,7 @@ class GroupLasso(_Regularizer):
         ``filter`` and ``shape`` on one weight) are shrunk by the product of their factors, all computed from
         the weights before this step.
         """
+        _check_lr(lr)
         factors = []
         for b in self.blocks:
             norms = self._norms(b)
@@ -386,12 +404,11 @@ class L1(_Regularizer):
         reset_momentum: bool = False,
     ) -> None:
         self._set_mode(mode, threshold, reset_momentum)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0:
-            raise ConfigError(f"L1 strength must be a number >= 0, got {strength!r}")
+        strength = _number(strength, "L1 strength")
         named = _named_tensors(params)
         if not named:
             raise ConfigError("L1 got no parameters to regularize")
-        multipliers = dict(multipliers or {})
+        multipliers = _multipliers(multipliers)
         for key in multipliers:
             if not any(matches(key, name) for name in named):
                 close = difflib.get_close_matches(key, list(named), n=1, cutoff=0.5)
@@ -419,6 +436,7 @@ class L1(_Regularizer):
     @torch.no_grad()
     def prox_(self, lr: float) -> None:
         """Element-wise soft-threshold with step ``lr``: ``w ← sign(w)·max(|w| − lr·λ, 0)``."""
+        _check_lr(lr)
         for _, p, lam in self.params:
             p.copy_(p.sign() * (p.abs() - lr * lam).clamp_min(0))
 

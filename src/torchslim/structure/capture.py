@@ -17,7 +17,8 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from torchslim._inputs import eval_mode
 from torchslim.errors import ConfigError, ShapeMismatch, UnsupportedOperation
@@ -88,17 +89,52 @@ def _trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]]) -> fx.Grap
     return _Tracer().trace(model)
 
 
+class _NodeFailed(Exception):
+    """A node of the graph raised while shapes were propagated."""
+
+    def __init__(self, node: fx.Node, error: Exception) -> None:
+        super().__init__(f"at node '{node.name}' ({node.op} {node.target}): {type(error).__name__}: {error}")
+
+
+class _ShapeProp(fx.Interpreter):
+    """fx's ``ShapeProp`` (``node.meta["tensor_meta"]``, ``["type"]``) without its ``traceback.print_exc()``:
+    a model that fails on the example inputs is the user's ShapeMismatch, not a traceback on stderr."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the error names its node below; fx would append its whole trace
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:  # noqa: BLE001 - any error in the user's forward, as ShapeProp wraps them
+            raise _NodeFailed(n, e) from e
+        found = []
+
+        def describe(v: Any) -> Any:
+            if isinstance(v, Tensor):
+                found.append(v)
+                return _extract_tensor_metadata(v)
+            return v
+
+        meta = map_aggregate(result, describe)
+        if found:  # as ShapeProp: nodes without tensors get no tensor_meta
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 def _propagate(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Tensor, ...]) -> fx.GraphModule:
     """Shapes of an fx trace: one eval-mode run of ``gm`` on the example inputs."""
     try:
         with eval_mode(model), torch.no_grad():  # gm's submodules are model's: eval covers them
-            ShapeProp(gm).propagate(*example_inputs)
-    except RuntimeError as e:
+            _ShapeProp(gm).run(*example_inputs)
+    except _NodeFailed as e:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in example_inputs]
         raise ShapeMismatch(
-            f"{type(model).__name__} fails on example inputs of shape {shapes}: {e}. Pass a batch "
+            f"{type(model).__name__} fails on example inputs of shape {shapes} {e}. Pass a batch "
             "the model accepts, e.g. one from your data loader."
-        ) from e
+        ) from e.__cause__
     return gm
 
 

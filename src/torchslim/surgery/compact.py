@@ -12,7 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from torchslim._inputs import Inputs, as_tuple, first_inputs
-from torchslim.errors import ConfigError, NondeterministicModel, TorchSlimError, UnknownOpWarning, VerificationError
+from torchslim.errors import (
+    ConfigError,
+    NondeterministicModel,
+    TorchSlimError,
+    UnknownOpWarning,
+    UnsupportedOperation,
+    VerificationError,
+)
 from torchslim.layers import LoweredConv2d
 from torchslim.structure.capture import Capture
 from torchslim.structure.depth import remove_branches, residual_branches
@@ -22,7 +29,7 @@ from torchslim.structure.tracing import channel_graph, coupled_families, warn_pi
 from torchslim.surgery.heads import sync_attention
 from torchslim.surgery.norms import sync_norms
 from torchslim.surgery.ties import Plan, keep_for_ties
-from torchslim.surgery.verify import VerifyReport, verify
+from torchslim.surgery.verify import VerifyReport, check_finite, verify
 
 __all__ = ["Shapes", "VerifyReport", "compact", "verify"]  # verify lives in surgery.verify; re-exported here
 
@@ -201,7 +208,7 @@ def _cropped(conv: nn.Conv2d) -> nn.Module:
     small = nn.Conv2d(
         conv.in_channels, conv.out_channels, (kh - ct - cb, kw - cl - cr), conv.stride,
         padding=(pads[2], pads[0]) if symmetric else 0, dilation=conv.dilation, bias=conv.bias is not None,
-    ).to(w.device)
+    ).to(w.device, w.dtype)  # a float16 model stays float16
     with torch.no_grad():
         small.weight.copy_(w[:, :, ct:kh - cb, cl:kw - cr])
         if conv.bias is not None:
@@ -215,7 +222,7 @@ def _lowered(layer: nn.Module) -> nn.Module | None:
     columns = torch.nonzero(conv.weight.detach().flatten(1).abs().sum(0)).flatten()
     if len(columns) == conv.weight[0].numel():
         return None
-    lowered = LoweredConv2d.from_conv(conv, columns.cpu())
+    lowered = LoweredConv2d.from_conv(conv, columns.cpu()).to(conv.weight.dtype)  # float16 stays float16
     return nn.Sequential(pad, lowered) if pad is not None else lowered
 
 
@@ -299,8 +306,19 @@ def _check(model: nn.Module, small: nn.Module, inputs: tuple[Tensor, ...], atol:
             return where, e
         if not report.ok:
             _check_repeatable(model, probe, atol)
+            _refuse_low_precision(model, f"the compacted model differs from the original ({report})")
             raise VerificationError(f"compacted model differs from the original ({report}); please report this model")
     return None
+
+
+def _refuse_low_precision(model: nn.Module, what: str, cause: Exception | None = None) -> None:
+    """A float16/bfloat16 model that fails the check is refused as such: rounding, not a bug to report."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and torch.finfo(p.dtype).bits < 32),
+                 None)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        raise UnsupportedOperation(f"{what}: {name} is not supported; convert with model.float(), compact, and "
+                                   f"convert the result back with .to(torch.{name})") from cause
 
 
 _ATTEMPTS = 8  # compactions tried, each keeping whole the families cut inside modules of the class the last one broke
@@ -355,6 +373,7 @@ def compact(
     Raises:
         UnsupportedOperation: ``strict=True`` and an operation's channels cannot be followed.
         NondeterministicModel: the model's own outputs differ between two calls on the same input.
+        DivergenceError: the model has NaN or infinite weights (its training diverged).
         VerificationError: the smaller model's outputs differ, or it fails to run (the message names
             the module where), e.g. an operation that needs the channel counts it had (a bug; please report it).
     """
@@ -362,6 +381,7 @@ def compact(
         raise ConfigError(f"shapes must be one of 'off', 'crop', 'lowered', 'auto', got {shapes!r}")
     if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
         raise ConfigError(f"channel_multiple must be an integer >= 1, got {channel_multiple!r}")
+    check_finite(model)  # NaN weights make every comparison fail: say why, not "please report"
     inputs = as_tuple(example_inputs)
     keep_whole: set[str] = set()
     kept: list[str] = []  # why each family was kept whole, for one warning
@@ -396,6 +416,7 @@ def compact(
         else:  # the model's own forward: the width it reshapes to (torchvision's ViT: self.hidden_dim)
             inside = {f.label for f in families if f.kind == "embed" and f.label in cuts}
         if not inside - keep_whole or attempt + 1 == _ATTEMPTS:
+            _refuse_low_precision(model, f"the compacted model fails in '{where}': {error}", error)
             raise _broken(small, where, error) from error
         kept.append(f"{', '.join(sorted(inside - keep_whole))} (module '{where}': {str(error).splitlines()[0][:80]})")
         keep_whole |= inside

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -120,13 +121,15 @@ def _suggest(word: str, options: Sequence[str]) -> str:
 
 
 def _check_min(key: str, value: float, low: float) -> None:
+    if not math.isfinite(value):  # as the API: a NaN λ would turn the Lasso off, an infinite one every weight
+        raise _FieldError(key, f"must be a finite number >= {low}, got {value}")
     if value < low:
         raise _FieldError(key, f"must be >= {low}, got {value}")
 
 
 def _check_positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise _FieldError(key, f"must be > 0, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise _FieldError(key, f"must be a finite number > 0, got {value}")
 
 
 def _check_range(key: str, value: float, low: float, high: float) -> None:

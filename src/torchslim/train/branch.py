@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from torchslim.deploy.serialize import load_compact
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.train.checkpoint import load_checkpoint, save_checkpoint
+from torchslim.train.resume import check_engine_state
 from torchslim.train.rundir import RUN_FILES, Run, with_defaults
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def branch(run: Run, source_dir: Path) -> tuple[dict[str, Any], list[str]]:
     The branch's RNG is not the source's at that point: dropout masks differ from an unbroken run's.
 
     Raises:
-        CheckpointError: ``source_dir`` holds no engine checkpoint, or has not finished the shared steps.
+        CheckpointError: ``source_dir`` holds no engine checkpoint (or a damaged one), or has not finished the
+            shared steps.
         ConfigError: the recipes share no step, or ``source_dir`` is the run's own folder.
     """
     if source_dir.resolve() == run.run_dir.resolve():
@@ -64,6 +66,7 @@ def branch(run: Run, source_dir: Path) -> tuple[dict[str, Any], list[str]]:
     state = load_checkpoint(source_dir / "checkpoint.pt")
     if state.get("kind") != "engine":
         raise CheckpointError(f"{source_dir / 'checkpoint.pt'} is not an engine checkpoint; branch from a run folder")
+    check_engine_state(source_dir / "checkpoint.pt", state)
     shared = shared_steps(state["recipe"], run.recipe.to_dict())
     if not shared:
         raise ConfigError(f"{run.recipe.name} and {state['recipe']['name']} differ from their baseline on; "

@@ -12,6 +12,7 @@ dtypes and devices (a model or optimizer ``state_dict`` qualifies), so :func:`lo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections import OrderedDict
@@ -119,6 +120,90 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Any]) -> 
     if missing or unexpected or mismatched:
         raise CheckpointError(_mismatch_message(model, missing, unexpected, mismatched))
     model.load_state_dict(state_dict, strict=True)
+
+
+def load_optimizer_state_checked(optimizer: torch.optim.Optimizer, state: Any, where: str = "optimizer") -> None:
+    """``optimizer.load_state_dict(state)`` after checking that ``state`` is one of this optimizer's: as many
+    parameter groups, hyper-parameters of the same types (numbers finite and >= 0), and per-parameter tensors
+    of their parameters' shapes, finite.
+
+    Args:
+        where: how messages name ``state``, e.g. ``"runs/x/checkpoint.pt: optimizer"``.
+    Raises:
+        CheckpointError: naming the first field that does not fit (``optimizer.param_groups[0]['lr']``); the
+            optimizer is then untouched.
+    """
+    if type(state) not in _DICTS or type(state.get("state")) not in _DICTS \
+            or type(state.get("param_groups")) not in _SEQUENCES:
+        raise _edited(where, "must be a dict with 'state' (a dict) and 'param_groups' (a list), as "
+                             "Optimizer.state_dict() returns")
+    shapes = _check_param_groups(optimizer, state["param_groups"], f"{where}.param_groups")
+    for pid, entry in state["state"].items():
+        _check_param_state(entry, shapes.get(pid), f"{where}.state[{pid!r}]")
+    try:
+        optimizer.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - torch raises ValueError, KeyError, TypeError... for a bad state
+        raise _edited(where, f"does not fit this {type(optimizer).__name__} ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_param_groups(optimizer: torch.optim.Optimizer, groups: Any, where: str) -> dict[int, tuple[int, ...]]:
+    """Check saved ``param_groups`` against ``optimizer``'s; returns ``{saved parameter id: parameter shape}``."""
+    own = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(own):
+        raise _edited(where, f"has {len(groups)} groups; this {type(optimizer).__name__} has {len(own)}")
+    shapes: dict[int, tuple[int, ...]] = {}
+    for g, (saved, ref) in enumerate(zip(groups, own)):
+        if type(saved) not in _DICTS:
+            raise _edited(f"{where}[{g}]", f"is a {type(saved).__name__}, not a dict")
+        for key, value in ref.items():
+            if key != "params" and key in saved:
+                _check_hyper(saved[key], value, f"{where}[{g}][{key!r}]")
+        ids, params = saved.get("params"), optimizer.param_groups[g]["params"]
+        if type(ids) not in _SEQUENCES or len(ids) != len(params) or not all(type(i) is int for i in ids):
+            raise _edited(f"{where}[{g}]['params']", f"must list the integer ids of its {len(params)} parameters")
+        shapes.update({i: tuple(p.shape) for i, p in zip(ids, params)})
+    if len(shapes) != sum(len(group["params"]) for group in optimizer.param_groups):
+        raise _edited(where, "name a parameter id twice")
+    return shapes
+
+
+def _check_hyper(saved: Any, own: Any, where: str) -> None:
+    """A saved hyper-parameter of the type this optimizer's own has: numbers finite and >= 0, flags bool."""
+    if isinstance(own, bool) or own is None:
+        ok = saved is None or isinstance(saved, bool)
+    elif isinstance(own, (int, float)):
+        ok = type(saved) in (int, float) and math.isfinite(saved) and saved >= 0
+    elif isinstance(own, (tuple, list)):
+        ok = type(saved) in _SEQUENCES and len(saved) == len(own) \
+            and all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in saved)
+    elif isinstance(own, Tensor):
+        ok = isinstance(saved, Tensor) or type(saved) in (int, float)
+    else:
+        ok = type(saved) is type(own)
+    if not ok:
+        raise _edited(where, f"is {saved!r}; expected a value like {own!r}")
+
+
+def _check_param_state(entry: Any, shape: tuple[int, ...] | None, where: str) -> None:
+    """One parameter's saved optimizer state: tensors of the parameter's shape (or 0-d counters), finite."""
+    if shape is None:
+        raise _edited(where, "belongs to no parameter of the saved param_groups")
+    if type(entry) not in _DICTS:
+        raise _edited(where, f"is a {type(entry).__name__}, not a dict of tensors")
+    for key, value in entry.items():
+        at = f"{where}[{key!r}]"
+        if isinstance(value, Tensor):
+            if value.dim() and tuple(value.shape) != shape:
+                raise _edited(at, f"has shape {tuple(value.shape)}; its parameter has {shape}")
+            if value.is_floating_point() and not bool(value.isfinite().all()):
+                raise _edited(at, "holds NaN or infinite values")
+        elif value is not None and type(value) not in (int, float):
+            raise _edited(at, f"is a {type(value).__name__}, not a tensor")
+
+
+def _edited(where: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{where} {problem}. The checkpoint was edited or damaged: restore it, or delete it "
+                           "and train again without --resume")
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Tensor]:

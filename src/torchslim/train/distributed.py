@@ -11,6 +11,13 @@ optimizer, TernGrad state); started again, e.g. by ``torchrun --max-restarts``, 
 it and loses at most the steps since. At the end rank 0 evaluates on the test set and writes a JSON
 summary to ``--out``.
 
+A resume continues the run it resumes, or refuses: the checkpoint stores the arguments that decide the
+batches, the updates and the codes (mode, model, seed, learning rate, momentum, weight decay, batch size,
+training examples, world size, TernGrad options), and a resume with other values is a ConfigError that
+lists them, unless ``--allow-changed`` names them (recorded in the checkpoint as ``run_changes``). TernGrad's
+random streams are keyed by parameter, not by DDP's bucket layout, so a resumed run computes the same bits
+as an uninterrupted one.
+
 Wire bytes per step come from :class:`~torchslim.comm.hooks.TernGradState` for ``--grad terngrad``;
 for fp32/fp16 they are the ring all-reduce volume ``2(N-1)/N · bytes`` of all gradients.
 """
@@ -22,7 +29,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,13 +41,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torchslim.comm.hooks import TernGradState, fp16_compress_hook, terngrad_hook
 from torchslim.data import batches, load_dataset
-from torchslim.errors import ConfigError
+from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
 from torchslim.models import create_model
 from torchslim.train.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 
 log = logging.getLogger(__name__)
 
 GRADS = ("terngrad", "fp32", "fp16")
+# what a resume must keep (--allow-changed may name them): they decide the batches, updates and codes
+RUN_KEYS = ("grad", "model", "seed", "lr", "momentum", "weight_decay", "batch_size", "train_limit", "world_size")
+TERNGRAD_KEYS = ("scheme", "clip_sigma", "min_numel", "warmup_steps", "reduce", "quantize_last")
 
 
 @dataclass
@@ -84,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON summary written by rank 0 at the end")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss logs on rank 0")
+    p.add_argument("--allow-changed", nargs="+", default=[], metavar="NAME",
+                   help="resume although these arguments differ from the checkpoint's (e.g. lr batch-size)")
     p.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)   # tests: crash once, before that step
     _add_terngrad_options(p)
     return p
@@ -108,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = train(args, device)
         dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts the process
+    except TorchSlimError as exc:  # raised alike on every worker (before any collective): no traceback
+        log.error("error: %s", exc)
+        return 2
     finally:
         dist.destroy_process_group()
     if summary is not None:
@@ -153,7 +168,8 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | No
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     state = _terngrad_state(args, model)
-    start = _resume(args.checkpoint, model, optimizer, state)
+    run = _RunRecord(_run_arguments(args, world))
+    start = _resume(args.checkpoint, model, optimizer, state, run, args.allow_changed)
     ddp = DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
     _register_hook(ddp, args.grad, state)
     shard = _shard(args, rank, world, device)
@@ -162,21 +178,83 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | No
         _fail_once(args, step)
         loss = _train_step(ddp, optimizer, *shard.batch(step))
         if rank == 0 and (step + 1) % args.checkpoint_every == 0 and args.checkpoint:
-            _save(args.checkpoint, step + 1, model, optimizer, state)
+            _save(args.checkpoint, step + 1, model, optimizer, state, run)
         if rank == 0 and (step + 1) % args.log_every == 0:
             log.info("step %d/%d loss %.4f", step + 1, args.steps, loss)
     seconds = time.perf_counter() - began
     if rank != 0:
         return None
     if args.checkpoint and args.steps % args.checkpoint_every:
-        _save(args.checkpoint, args.steps, model, optimizer, state)
-    return _summary(args, model, state, start, seconds, world, device)
+        _save(args.checkpoint, args.steps, model, optimizer, state, run)
+    return _summary(args, model, state, start, seconds, world, device, run.changes)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.allow_changed = [name.lstrip("-").replace("-", "_") for name in args.allow_changed]
+    unknown = sorted(set(args.allow_changed) - set(RUN_KEYS + TERNGRAD_KEYS))
+    if unknown:
+        raise ConfigError(f"--allow-changed {' '.join(unknown)}: not a run argument; name some of "
+                          f"{', '.join(k.replace('_', '-') for k in RUN_KEYS + TERNGRAD_KEYS)}")
+
+
+@dataclass
+class _RunRecord:
+    """The run's arguments, checkpointed, and the changes resumes with ``--allow-changed`` made to them."""
+
+    arguments: dict[str, Any]
+    changes: list[dict[str, Any]] = field(default_factory=list)   # {"step", "name", "before", "after"}
+
+
+def _run_arguments(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    """What a resume must keep: ``RUN_KEYS`` (and ``TERNGRAD_KEYS`` for ``--grad terngrad``)."""
+    keys = RUN_KEYS + (TERNGRAD_KEYS if args.grad == "terngrad" else ())
+    return {key: world if key == "world_size" else getattr(args, key) for key in keys}
+
+
+def _check_resume(path: str, saved: dict[str, Any], run: _RunRecord, allow: Sequence[str]) -> None:
+    """Refuse a resume whose arguments differ from the checkpoint's, unless ``allow`` names each; record those.
+
+    Raises:
+        ConfigError: differing arguments, listed with the checkpoint's and this run's values.
+        CheckpointError: a damaged ``run`` entry.
+    """
+    stored, changes = saved.get("run"), saved.get("run_changes", [])
+    if stored is None:                      # written before checkpoints stored their run's arguments
+        log.warning("%s does not record its run's arguments; resuming without checking them", path)
+        return
+    if not isinstance(stored, dict) or not isinstance(changes, list):
+        raise CheckpointError(f"{path}: its 'run' entry is damaged (a {type(stored).__name__}); delete the "
+                              "checkpoint or pass another --checkpoint path to start afresh")
+    mine = run.arguments
+    keys = RUN_KEYS + (TERNGRAD_KEYS if stored.get("grad") == mine["grad"] == "terngrad" else ())
+    differ = [key for key in keys if stored.get(key) != mine.get(key)]
+    refused = [key for key in differ if key not in allow]
+    if refused:
+        listed = "; ".join(f"{_flag(k, mine.get(k))} (checkpoint: {_flag(k, stored.get(k))})" for k in refused)
+        raise ConfigError(
+            f"{path} was written by a run with other arguments: {listed}. A resume must continue the run it "
+            f"resumes: rerun with the checkpoint's values ({', '.join(_flag(k, stored.get(k)) for k in refused)}), "
+            f"pass --allow-changed {' '.join(k.replace('_', '-') for k in refused)} to continue with the new ones "
+            "(recorded in the checkpoint), or start a fresh run with another --checkpoint path"
+        )
+    run.changes = [*changes, *({"step": saved.get("step"), "name": key, "before": stored.get(key),
+                                "after": mine.get(key)} for key in differ)]
+    for key in differ:
+        log.warning("resuming with %s instead of %s, as --allow-changed %s says", _flag(key, mine.get(key)),
+                    _flag(key, stored.get(key)), key.replace("_", "-"))
+
+
+def _flag(key: str, value: Any) -> str:
+    """An argument as it is written: ``--lr 0.1``, ``no --train-limit``, ``--nproc-per-node 2`` (torchrun's)."""
+    if key == "world_size":
+        return f"{value} workers (--nproc-per-node {value})"
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool) or value is None:
+        return name if value else f"no {name}"
+    return f"{name} {value}"
 
 
 def _terngrad_state(args: argparse.Namespace, model: nn.Module) -> TernGradState | None:
@@ -216,19 +294,25 @@ def _train_step(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, 
 
 
 def _save(path: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-          state: TernGradState | None) -> None:
+          state: TernGradState | None, run: _RunRecord) -> None:
     save_checkpoint(path, {
         "arch": getattr(model, "arch", None), "step": step, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "terngrad": state.state_dict() if state is not None else None,
+        "run": run.arguments, "run_changes": run.changes,
     })
 
 
 def _resume(path: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-            state: TernGradState | None) -> int:
-    """Load ``path`` into the model, optimizer and state if it exists; the step to start from."""
+            state: TernGradState | None, run: _RunRecord, allow_changed: Sequence[str] = ()) -> int:
+    """Load ``path`` into the model, optimizer and state if it exists; the step to start from.
+
+    Raises:
+        ConfigError: the checkpoint's run had other arguments (see :func:`_check_resume`).
+    """
     if not path or not Path(path).exists():
         return 0
     saved = load_checkpoint(path, map_location=next(model.parameters()).device)
+    _check_resume(path, saved, run, allow_changed)
     load_state_dict_checked(model, saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if state is not None and saved.get("terngrad") is not None:
@@ -244,7 +328,7 @@ def _fail_once(args: argparse.Namespace, step: int) -> None:
 
 
 def _summary(args: argparse.Namespace, model: nn.Module, state: TernGradState | None, start: int,
-             seconds: float, world: int, device: torch.device) -> dict[str, Any]:
+             seconds: float, world: int, device: torch.device, changes: list[dict[str, Any]]) -> dict[str, Any]:
     """Test accuracy, speed and wire bytes per step; written to ``args.out`` if given."""
     test_set = load_dataset("fashion-mnist", "test", args.data_dir, limit=args.test_limit)
     loss, accuracy = _evaluate(model, test_set.images.to(device), test_set.labels.to(device))
@@ -257,7 +341,7 @@ def _summary(args: argparse.Namespace, model: nn.Module, state: TernGradState | 
         "steps_per_second": done / seconds if done and seconds > 0 else None,
         "bytes_sent_per_step": sent, "bytes_received_per_step": received,
         "bits_per_element": 8 * sent / sum(p.numel() for p in model.parameters()),
-        "terngrad": state.state_dict() if state is not None else None,
+        "terngrad": state.state_dict() if state is not None else None, "run_changes": changes,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@
 Every epoch ends with an evaluation and an atomic checkpoint in the run folder
 (``runs/<recipe name>/checkpoint.pt``); ``run(..., resume=True)`` continues from it without redoing
 finished epochs. Each epoch shuffles with its own generator seeded from ``(seed, phase, epoch)``, so a
-resumed run sees the same batches as an uninterrupted one.
+resumed run sees the same batches as an uninterrupted one. A resume continues the run it resumes or refuses
+(:mod:`~torchslim.train.resume`: a recipe changed where finished epochs read it, a hand-edited checkpoint), and
+a loss or weight that turns NaN or infinite stops the phase (``DivergenceError``) before it is checkpointed.
 
 This module is the training app's façade: :func:`run` and the names the CLI and benchmarks use. The parts
 stand below it, each on the ones before: :mod:`~torchslim.train.loop` (one SGD step and epoch, with their
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 from torch import Tensor, nn
 
@@ -32,6 +35,7 @@ from torchslim.train.branch import branch, seed_branch, shared_steps
 from torchslim.train.loop import Regularizers, evaluate, lr_at, optimizer_step, train_epoch
 from torchslim.train.phases import run_phases
 from torchslim.train.recipes import Recipe
+from torchslim.train.resume import changed_values, resume_state
 from torchslim.train.rundir import (
     PHASES,
     EpochRecord,
@@ -39,6 +43,7 @@ from torchslim.train.rundir import (
     RunResult,
     build_model,
     clear_run_dir,
+    hold_run_dir,
     load_phase_model,
     restore,
     write_results,
@@ -80,6 +85,8 @@ def run(
     stop_after: str | None = None,
     progress: bool | None = None,
     branch_from: str | Path | None = None,
+    overwrite: bool = False,
+    allow_changed: Sequence[str] = (),
 ) -> RunResult:
     """Train ``recipe`` through baseline → SSL → compact → fine-tune.
 
@@ -93,15 +100,24 @@ def run(
         branch_from: another run's folder: start after the steps it trained as ``recipe`` would (say, the
             same dense baseline, or the same SSL before another fine-tuning), copying their files. Ignored
             when ``resume`` finds a checkpoint in ``run_dir``.
+        overwrite: a fresh run (no ``resume``) may delete the results of an earlier run in ``run_dir``.
+        allow_changed: with ``resume``, recipe keys (``ssl.strength``, or a section: ``ssl``) that may differ
+            from the values the finished epochs used; ``results.json`` records which epochs ran with which.
     Raises:
         DatasetNotFound: the data is missing (the message says how to get it).
-        CheckpointError: ``resume`` with a corrupt checkpoint, or one of another model; ``branch_from``
-            without a checkpoint, or short of the shared steps.
+        CheckpointError: ``resume`` with a corrupt or hand-edited checkpoint (the message names the field), or
+            one of another model; ``branch_from`` without a checkpoint, or short of the shared steps.
         ConfigError: a recipe value the model does not fit (e.g. a multiplier for a missing layer);
-            ``branch_from`` a run that shares no step.
+            ``branch_from`` a run that shares no step; ``run_dir`` in use by another run, or holding an
+            earlier run's results without ``resume`` or ``overwrite``; ``resume`` with a recipe that differs
+            in a value the finished epochs used, unless ``allow_changed`` names it.
+        DivergenceError: a training loss or weight became NaN or infinite; the checkpoint keeps the last finite
+            epoch, and the message names the phase, epoch and step, and the recipe keys to change.
     """
     if stop_after not in (None, "baseline", "ssl", "compact"):
         raise ConfigError(f"stop_after must be 'baseline', 'ssl' or 'compact', got {stop_after!r}")
+    if allow_changed and not resume:
+        raise ConfigError("--allow-changed lets a resumed run continue with changed values; add --resume")
     started = time.perf_counter()
     task = load_task(recipe, data_dir)
     model = build_model(recipe)
@@ -110,20 +126,22 @@ def run(
         task=task, dense_numel=sum(p.numel() for p in model.parameters()),
         progress=progress,
     )
-    run_.run_dir.mkdir(parents=True, exist_ok=True)
-    phase = "baseline"
-    if resume and (run_.run_dir / "checkpoint.pt").exists():
-        model, phase = restore(run_, model)
-    else:
-        if resume and branch_from is None:
-            log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
-        branched = branch(run_, Path(branch_from)) if branch_from is not None else None  # checked before clearing
-        clear_run_dir(run_.run_dir)
-        if branched is not None:
-            seed_branch(run_, Path(branch_from), *branched)
-            model, phase = restore(run_, model)
-    model, finished = run_phases(run_, model, phase, stop_after)
-    return _results(run_, model, finished, time.perf_counter() - started)
+    with hold_run_dir(run_.run_dir):  # one run at a time in a folder; the lock goes on any exit
+        phase = "baseline"
+        if resume and (run_.run_dir / "checkpoint.pt").exists():
+            state, changes = resume_state(run_, allow_changed)
+            model, phase = restore(run_, model, state)
+            run_.recipe_changes += changes
+        else:
+            if resume and branch_from is None:
+                log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
+            branched = branch(run_, Path(branch_from)) if branch_from is not None else None  # checked before clearing
+            clear_run_dir(run_.run_dir, overwrite=overwrite or resume)
+            if branched is not None:
+                seed_branch(run_, Path(branch_from), *branched)
+                model, phase = restore(run_, model)
+        model, finished = run_phases(run_, model, phase, stop_after)
+        return _results(run_, model, finished, time.perf_counter() - started)
 
 
 def _results(run: Run, model: nn.Module, finished: bool, seconds: float) -> RunResult:
@@ -142,7 +160,8 @@ def _results(run: Run, model: nn.Module, finished: bool, seconds: float) -> RunR
         report=sparsity_report(sparse, run.task.example) if sparse is not None else None,
         example=run.task.example, seconds=seconds, finished=finished,
     )
-    write_results(result)
+    write_results(result, {"recipe_changes": changed_values(run.recipe_changes, run.history)}
+                  if run.recipe_changes else None)
     return result
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from torchslim.data import batches
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, DivergenceError
 from torchslim.regularize.force import ForceRegularizer
 from torchslim.regularize.lasso import L1, GroupLasso
 from torchslim.regularize.masking import ZeroMask
@@ -93,13 +93,18 @@ def optimizer_step(
 
     The force goes after clipping, as the authors add it to the data gradient just before the update.
     ``regularizers.teacher`` is not used here: it is already in ``loss``.
+
+    Raises:
+        DivergenceError: the objective, or the gradient norm when clipping, is NaN or infinite; nothing was
+            updated (the weights may already be non-finite if the previous step made them so).
     """
     lasso, mask, force, clip = regularizers.lasso, regularizers.mask, regularizers.force, regularizers.grad_clip
     objective = loss + lasso.penalty() if lasso is not None and lasso.uses_penalty else loss
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    _check_finite("the training loss", objective.detach())  # after backward: the GPU is not kept waiting twice
+    if clip is not None:  # a NaN gradient would make every weight NaN, clipped or not
+        _check_finite("the gradient norm", torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     if force is not None:
         force.apply_()
     optimizer.step()
@@ -107,6 +112,13 @@ def optimizer_step(
         lasso.step_(rate, optimizer)
     if mask is not None:
         mask.apply_(optimizer)
+
+
+def _check_finite(what: str, value: Tensor) -> None:
+    """Raise :class:`DivergenceError` if the 0-d ``value`` is NaN or infinite (one host sync, as ``float(loss)``)."""
+    if not bool(torch.isfinite(value)):
+        raise DivergenceError(f"{what} is {float(value)}: training diverged. Lower the learning rate, or clip "
+                              "the gradient norm (Regularizers(grad_clip=...), a recipe's <phase>.grad_clip)")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, rate: float) -> None:
@@ -135,6 +147,7 @@ def train_epoch(
 
     Raises:
         ConfigError: ``data`` is empty.
+        DivergenceError: a step's loss or gradient norm is NaN or infinite.
     """
     model.train()
     teacher = regularizers.teacher

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torchslim.deploy.serialize import save_compact
-from torchslim.errors import CheckpointError
+from torchslim.errors import CheckpointError, DivergenceError
 from torchslim.regularize.budget import SizeBudget
 from torchslim.regularize.force import ForceRegularizer
 from torchslim.regularize.lasso import GroupLasso
@@ -28,6 +28,8 @@ from torchslim.structure.groups import Group, families_of, zero_counts
 from torchslim.structure.tracing import structures
 from torchslim.surgery.compact import compact
 from torchslim.surgery.lowrank import lowrank
+from torchslim.surgery.verify import nonfinite_params
+from torchslim.train.checkpoint import load_optimizer_state_checked
 from torchslim.train.distill import Teacher
 from torchslim.train.loop import Regularizers, lr_at, sgd
 from torchslim.train.recipes import PhaseSpec
@@ -93,7 +95,7 @@ def run_phase(run: Run, phase: str, model: nn.Module, *, resumed_phase: str | No
         _set_dropout(model, spec.dropout)
     optimizer = sgd(model, spec)
     if resumed_phase == phase and run.optimizer_state is not None:
-        optimizer.load_state_dict(run.optimizer_state)
+        load_optimizer_state_checked(optimizer, run.optimizer_state, f"{run.run_dir / 'checkpoint.pt'}: optimizer")
     regularizers, groups = _regularizers(run, phase, model, spec)
     without_force = dataclasses.replace(regularizers, force=None)
     try:
@@ -111,11 +113,19 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
     spec: PhaseSpec = getattr(run.recipe, phase)
     steps = run.task.steps_per_epoch()
     start = time.perf_counter()
-    train_loss, train_acc = run.task.train_epoch(
-        model, optimizer, lr=lambda i: lr_at(spec, epoch * steps + i, spec.epochs * steps),
-        seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
-        regularizers=regularizers, desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
-    )
+    rates = _Rates(spec, epoch, steps)
+    try:
+        train_loss, train_acc = run.task.train_epoch(
+            model, optimizer, lr=rates,
+            seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
+            regularizers=regularizers, desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
+        )
+    except DivergenceError as exc:
+        what = str(exc).partition(": training diverged")[0]  # "the training loss is nan", from loop._check_finite
+        raise _diverged(run, phase, epoch, f"step {rates.last + 1}/{steps}", what) from exc
+    bad = nonfinite_params(model)
+    if bad:  # a last step that left the weights non-finite: no later loss to show it
+        raise _diverged(run, phase, epoch, f"step {steps}/{steps}", f"the weights {', '.join(bad[:5])} are not finite")
     lasso = regularizers.lasso
     if lasso is not None and epoch + 1 == spec.epochs:
         cut = lasso.meet_budget_()
@@ -137,6 +147,38 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
     run.trained[phase] += 1
     _log_epoch(record, spec.epochs)
     save_run_checkpoint(run, phase, model, optimizer)
+
+
+@dataclasses.dataclass
+class _Rates:
+    """The learning rate of each step of one epoch, for the loops' ``lr(i)``; ``last``: the step asked for last."""
+
+    spec: PhaseSpec
+    epoch: int  # 0-based
+    steps: int  # per epoch
+    last: int = 0
+
+    def __call__(self, i: int) -> float:
+        self.last = i
+        return lr_at(self.spec, self.epoch * self.steps + i, self.spec.epochs * self.steps)
+
+
+def _diverged(run: Run, phase: str, epoch: int, step: str, what: str) -> DivergenceError:
+    """The error that stops ``phase``: where it diverged, what is still safe on disk, and the recipe keys to change."""
+    spec: PhaseSpec = getattr(run.recipe, phase)
+    checkpoint = run.run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        kept = "Nothing was checkpointed yet"
+    else:
+        done = f"after {phase} epoch {run.done[phase]}" if run.done[phase] else f"from before {phase}"
+        kept = f"{checkpoint} still holds the last finite state ({done})"
+    clip = f"{spec.grad_clip / 10:g}" if spec.grad_clip is not None else "1.0"
+    again = (f"--resume --allow-changed {phase}.lr (or {phase}.grad_clip: {phase} epochs 1-{run.done[phase]} ran "
+             "with the old value)") if run.done[phase] else "--resume"
+    return DivergenceError(
+        f"{phase} diverged in epoch {epoch + 1}/{spec.epochs}, {step}: {what}. {kept}. Lower the learning rate "
+        f"({phase}.lr, now {spec.lr:g}: e.g. --set {phase}.lr={spec.lr / 10:g}) or clip the gradient norm "
+        f"({phase}.grad_clip, now {spec.grad_clip}: e.g. --set {phase}.grad_clip={clip}), then continue with {again}")
 
 
 def _log_epoch(record: EpochRecord, epochs: int) -> None:

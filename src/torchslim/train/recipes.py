@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +59,12 @@ class DataSpec:
     vocab_size: int = 10_000  # corpora: words with their own id, besides <unk> and <eos>
 
     def __post_init__(self) -> None:
-        _check_min("data.valid_size", self.valid_size, 0)
-        _check_min("data.bptt", self.bptt, 1)
-        _check_min("data.vocab_size", self.vocab_size, 1)
+        for key in ("train_limit", "test_limit"):
+            if getattr(self, key) is not None:  # as load_dataset's limit: a positive count, or null for all
+                _check_min(key, getattr(self, key), 1)
+        _check_min("valid_size", self.valid_size, 0)
+        _check_min("bptt", self.bptt, 1)
+        _check_min("vocab_size", self.vocab_size, 1)
 
 
 @dataclass
@@ -91,7 +95,8 @@ class DistillSpec:
     teacher: str | None = None  # a model file (compact.pt, baseline.pt, a state dict); None: this run's baseline.pt
 
     def __post_init__(self) -> None:
-        _check_range("alpha", self.alpha, 0.0, 1.0)
+        if not 0 <= self.alpha <= 1:  # as distill_loss: 1 fits the teacher's outputs alone
+            raise _FieldError("alpha", f"must be in [0, 1], the teacher's weight, got {self.alpha}")
         _check_positive("temperature", self.temperature)
 
 
@@ -180,7 +185,7 @@ class CompactSpec:
     channel_multiple: int = 1  # 8: widths stay multiples of 8 (onnxruntime's blocked convolutions)
 
     def __post_init__(self) -> None:
-        _check_min("compact.channel_multiple", self.channel_multiple, 1)
+        _check_min("channel_multiple", self.channel_multiple, 1)
 
 
 @dataclass
@@ -194,11 +199,14 @@ class LowRankSpec:
     lasso: float = 0.0  # λ on each rank group (scaled by √|g|) while fine-tuning; zero ranks are cut at the end
 
     def __post_init__(self) -> None:
-        if self.energy is not None:
-            _check_range("lowrank.energy", self.energy, 0.0, 1.0)
-        _check_min("lowrank.lasso", self.lasso, 0.0)
+        # the rules of torchslim.surgery.lowrank.lowrank, checked before any training
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise _FieldError("energy", f"must be a fraction in (0, 1], e.g. 0.95 (the paper's), got {self.energy}")
+        for layer, rank in self.ranks.items():
+            _check_min(f"ranks.{layer}", rank, 1)
+        _check_min("lasso", self.lasso, 0.0)
         if self.lasso and not self.enabled:
-            raise ConfigError("lowrank.lasso needs a decomposition: set lowrank.energy or lowrank.ranks")
+            raise _FieldError("lasso", "needs a decomposition: set lowrank.energy or lowrank.ranks")
 
     @property
     def enabled(self) -> bool:
@@ -222,6 +230,7 @@ class Recipe:
     lowrank: LowRankSpec = field(default_factory=LowRankSpec)
 
     def __post_init__(self) -> None:
+        _check_name(self.name)
         _check_min("batch_size", self.batch_size, 1)
         _check_min("eval_batch_size", self.eval_batch_size, 1)
         if self.baseline.distill.alpha and self.baseline.distill.teacher is None:
@@ -236,6 +245,17 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON/checkpoint safe); ``recipe_from_dict(r.to_dict()) == r``."""
         return dataclasses.asdict(self)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
+def _check_name(name: str) -> None:
+    """``name`` is the run folder ``runs/<name>``: one path component, so a recipe cannot write elsewhere."""
+    if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise _FieldError("name", f"must be a single folder name of letters, digits, '-', '_' and '.' (not '.' or "
+                                  f"'..'), got {name!r}; it names the run folder runs/<name>: give the recipe a "
+                                  f"plain name, and choose another folder with --out")
 
 
 # ---------------------------------------------------------------------------------------------

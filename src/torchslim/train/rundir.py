@@ -8,6 +8,7 @@ Files in the run folder::
     compacted.pt    the compact model before fine-tuning    (torchslim.deploy.serialize format)
     compact.pt      the compact model after fine-tuning     (torchslim.deploy.serialize format)
     results.json    accuracies, per-layer structure, history
+    run.lock        while a run uses the folder: its process id and host (:func:`hold_run_dir`)
 
 :class:`Run` is the state the engine threads through its phases; :func:`save_run_checkpoint` writes it
 after every epoch and :func:`restore` reads it back (``--resume``, and a branch's seeded checkpoint).
@@ -19,12 +20,22 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import re
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from torchslim._files import atomic_write_text
 from torchslim.deploy.serialize import load_compact
@@ -45,7 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_FORMAT", "EpochRecord", "PHASES", "RUN_FILES", "Run", "RunResult", "build_model", "changed_keys",
-    "clear_run_dir", "load_model_file", "load_phase_model", "phase_file", "restore", "save_phase_model",
+    "clear_run_dir", "hold_run_dir", "load_model_file", "load_phase_model", "phase_file", "restore", "save_phase_model",
     "save_run_checkpoint", "with_defaults", "write_results",
 ]
 
@@ -118,6 +129,7 @@ class Run:
     done: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     trained: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     optimizer_state: dict[str, Any] | None = None  # from a checkpoint, for the phase it was taken in
+    recipe_changes: list[dict[str, Any]] = field(default_factory=list)  # resumes with --allow-changed (train.resume)
 
 
 def build_model(recipe: Recipe) -> nn.Module:
@@ -220,22 +232,23 @@ def save_run_checkpoint(run: Run, phase: str, model: nn.Module, optimizer: torch
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),
         "done": dict(run.done), "history": list(run.history), "accuracy": dict(run.accuracy),
         "valid_accuracy": dict(run.valid_accuracy), "loss": dict(run.loss), "valid_loss": dict(run.valid_loss),
-        "lowrank": list(run.lowrank),
+        "lowrank": list(run.lowrank), "recipe_changes": list(run.recipe_changes),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(),
     })
 
 
-def restore(run: Run, model: nn.Module) -> tuple[nn.Module, str]:
-    """Load ``checkpoint.pt`` into ``run``; returns the model to continue with and its phase.
+def restore(run: Run, model: nn.Module, state: Mapping[str, Any] | None = None) -> tuple[nn.Module, str]:
+    """Load ``checkpoint.pt`` (or its already loaded ``state``) into ``run``; returns the model to continue with
+    and its phase.
 
     Raises:
         CheckpointError: not an engine checkpoint, one of another model or an unknown phase, or a compacted
             state without its ``compacted.pt``.
     """
     path = run.run_dir / "checkpoint.pt"
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     phase = _check_resumable(run, path, state)
     if state.get("compacted"):
         compacted = run.run_dir / "compacted.pt"
@@ -251,6 +264,7 @@ def restore(run: Run, model: nn.Module) -> tuple[nn.Module, str]:
     run.loss = dict(state.get("loss", {}))
     run.valid_loss = dict(state.get("valid_loss", {}))
     run.lowrank = list(state.get("lowrank", []))
+    run.recipe_changes = list(state.get("recipe_changes", []))
     run.optimizer_state = state.get("optimizer")
     if state.get("rng") is not None:
         set_rng_state(state["rng"])
@@ -271,20 +285,127 @@ def _check_resumable(run: Run, path: Path, state: Mapping[str, Any]) -> str:
         )
     changed = changed_keys(with_defaults(state["recipe"]), run.recipe.to_dict())
     if changed:
-        log.warning("resuming with a recipe that differs from the checkpoint's in %s; finished epochs are kept",
-                    ", ".join(changed))
+        log.info("resuming with a recipe that differs from the checkpoint's in %s (train.resume let them through: "
+                 "unused so far, or allowed); finished epochs are kept", ", ".join(changed))
     if state["phase"] not in PHASES:
         raise CheckpointError(f"{path} has an unknown phase {state['phase']!r}; delete it or run without --resume")
     return state["phase"]
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove the files an earlier run left, so that a fresh run never mixes with them."""
+def clear_run_dir(run_dir: Path, *, overwrite: bool = False) -> None:
+    """Remove the files an earlier run left, so that a fresh run never mixes with them.
+
+    Raises:
+        ConfigError: the folder holds an earlier run's files and ``overwrite`` is False.
+    """
     stale = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if stale and not overwrite:
+        raise ConfigError(
+            f"{run_dir} holds another run's results ({', '.join(p.name for p in stale)}), which a fresh run would "
+            f"delete; continue that run with --resume (resume=True), replace it with --overwrite (overwrite=True), "
+            f"or train into another folder with --out (run_dir=...)")
     if stale:
         log.info("starting from scratch in %s: replacing the earlier run's files (--resume continues it)", run_dir)
     for path in stale:
         path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# one run at a time in a folder
+
+LOCK_FILE = "run.lock"
+_PARTIAL_WRITE = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # torchslim._files.atomic_write's temporary files
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[Path]:
+    """Hold ``run_dir`` for one run: create it, lock it, and remove the temporary files of writes that a killed
+    run left. The lock (``run.lock``: an advisory ``flock`` and the owner's process id and host) is released on
+    leaving, also on an exception; one left by a dead process of this host is taken over with a warning.
+
+    Raises:
+        ConfigError: another run holds the folder, or a lock from another host that cannot be checked.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = _lock(path)
+    try:
+        _remove_partial_writes(run_dir)
+        yield run_dir
+    finally:
+        if _same_file(fd, path):
+            path.unlink()
+        os.close(fd)  # releases the flock
+
+
+def _owner_of(fd: int) -> dict[str, Any] | None:
+    """The ``{"pid", "host", "since"}`` written in a lock file, or None when empty or unreadable."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        owner = json.loads(os.read(fd, 4096).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return owner if isinstance(owner, dict) and {"pid", "host"} <= owner.keys() else None
+
+
+def _describe(owner: Mapping[str, Any] | None) -> str:
+    if owner is None:
+        return "an unknown process"
+    return f"process {owner['pid']} on host {owner['host']}, since {owner.get('since', '?')}"
+
+
+def _lock(path: Path) -> int:
+    """An open descriptor of ``path`` that holds its lock, with this process written in as the owner."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if not _try_flock(fd):
+            owner = _owner_of(fd)
+            os.close(fd)
+            raise ConfigError(f"{path.parent} is in use by another run ({_describe(owner)}); wait for it to end, "
+                              f"or train into another folder with --out")
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed the file between our open and our lock: lock the new one
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    owner = _owner_of(fd)
+    if owner is not None and (owner["pid"], owner["host"]) != (me["pid"], me["host"]):
+        if owner["host"] != me["host"] or fcntl is None:
+            os.close(fd)
+            raise ConfigError(f"{path} says {_describe(owner)} uses {path.parent}, which cannot be checked from "
+                              f"here; if that run has ended, delete {path}; else train into another folder with --out")
+        log.warning("%s: taking over the lock of %s, which no longer runs", path.parent, _describe(owner))
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(me).encode("utf-8"))
+    return fd
+
+
+def _try_flock(fd: int) -> bool:
+    """Take the advisory lock without waiting; the kernel drops it when its process dies."""
+    if fcntl is None:  # no flock (Windows): the owner written in the file decides alone
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _remove_partial_writes(run_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed process never renamed (never other files)."""
+    partial = [p for p in run_dir.iterdir() if _PARTIAL_WRITE.fullmatch(p.name) and p.is_file()]
+    if partial:
+        log.info("%s: removing %d temporary files of interrupted writes (%s)", run_dir, len(partial),
+                 ", ".join(p.name for p in partial))
+    for p in partial:
+        p.unlink(missing_ok=True)
 
 
 def with_defaults(raw: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from torchslim import __version__
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Learn structured sparsity (SSL), cut it out into a smaller dense model, measure it.",
         epilog="Start with `torchslim demo`: LeNet on Fashion-MNIST, dense vs SSL vs compact, in one table.",
     )
+    parser.add_argument("--version", action="version", version=f"torchslim {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (every module, DEBUG)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the results")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,9 +76,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_compact(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compact", help="cut the zeros out of a trained model",
-                       description="Compact an engine checkpoint (checkpoint.pt, sparse.pt, baseline.pt) or a "
-                                   "plain state dict (with --recipe) into a smaller dense model file.")
-    p.add_argument("checkpoint", help="engine checkpoint, or a state dict saved with torch.save")
+                       description="Cut the all-zero groups out of a dense model into a smaller dense model "
+                                   "file. Input: a run folder's sparse.pt (the model after SSL) or baseline.pt, "
+                                   "its checkpoint.pt while the run is in the baseline or SSL phase, or a state "
+                                   "dict saved with torch.save(model.state_dict()) together with --recipe.")
+    p.add_argument("checkpoint", help="sparse.pt, baseline.pt, checkpoint.pt (baseline or SSL phase), or a "
+                                      "state dict file with --recipe")
     p.add_argument("--out", required=True, help="the compact model file to write (torchslim.save_compact format)")
     p.add_argument("--shapes", choices=("crop", "lowered", "auto", "off"), default=None,
                    help="zero shape fibers: crop kernels, lowered GEMM, auto (measured), off (default: recipe's)")
@@ -181,8 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.report is not None:
         print(result.report.format())
     if result.compact_model is not None and result.dense_model is not None:
-        before, after = _numel(result.dense_model), _numel(result.compact_model)
-        print(f"compact model: {before:,} → {after:,} parameters ({before / max(after, 1):.2f}x fewer)")
+        print(f"compact model: {_shrink(_numel(result.dense_model), _numel(result.compact_model))}")
     plots = _write_plots(result)
     print(f"run folder: {result.run_dir} ({_files(result.run_dir, plots)})")
     return 0
@@ -191,20 +195,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     from torchslim.deploy.serialize import save_compact
     from torchslim.surgery.compact import compact, verify
-    from torchslim.train.engine import example_inputs, load_phase_model
+    from torchslim.train.engine import check_compact_input, example_inputs, load_phase_model
     from torchslim.train.recipes import load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else None
+    check_compact_input(args.checkpoint)
     model, recipe = load_phase_model(args.checkpoint, recipe)
     x = example_inputs(recipe, batch=8)
     small = compact(model, x, shapes=args.shapes or recipe.compact.shapes,
                     channel_multiple=args.channel_multiple or recipe.compact.channel_multiple)
     report = verify(model, small, x)
     save_compact(small, args.out, arch=getattr(model, "arch", None))
-    before, after = _numel(model), _numel(small)
-    print(f"compacted {args.checkpoint} → {args.out}: {before:,} → {after:,} parameters "
-          f"({before / max(after, 1):.2f}x fewer); outputs {report}")
+    print(f"compacted {args.checkpoint} → {args.out}: {_shrink(_numel(model), _numel(small))}; outputs {report}")
     return 0
+
+
+def _shrink(before: int, after: int) -> str:
+    """``"61,706 → 20,146 parameters (3.06x fewer)"``, or "nothing to remove" when no group was all zero."""
+    if after >= before:
+        return f"nothing to remove: no group is all zero, the model keeps its {before:,} parameters"
+    return f"{before:,} → {after:,} parameters ({before / after:.2f}x fewer)"
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -329,3 +329,18 @@ def test_branch_errors_say_what_is_missing(tmp_path, finished_run):
     with pytest.raises(CheckpointError, match=r"not finished its ssl step \(sparse.pt missing\).*--stop-after ssl"):
         engine.run(tiny("compact.shapes=off"), run_dir=tmp_path / "a", progress=False, branch_from=tmp_path / "dense")
     assert (finished_run / "compact.pt").is_file()  # a refused branch removed nothing
+
+
+def test_an_ssl_phase_that_zeroed_nothing_warns_what_to_raise(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="torchslim.train.phases"):
+        engine.run(tiny("ssl.strength={channel: 0, shape: 0}"), run_dir=tmp_path, progress=False,
+                   stop_after="compact")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("SSL zeroed none" in w and "ssl.strength" in w and "ssl.epochs" in w for w in warnings), warnings
+    assert "compact: nothing to remove" in caplog.text and "compacted:" not in caplog.text
+
+
+def test_an_ssl_phase_that_zeroed_groups_does_not_warn(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="torchslim.train.phases"):
+        engine.run(tiny(), run_dir=tmp_path, progress=False, stop_after="ssl")
+    assert "zeroed none" not in caplog.text

@@ -26,12 +26,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
+from torchslim.deploy.serialize import FORMAT as COMPACT_FORMAT
 from torchslim.deploy.serialize import save_compact
-from torchslim.errors import ConfigError
+from torchslim.errors import CheckpointError, ConfigError
 from torchslim.structure.report import sparsity_report
 from torchslim.train.branch import branch, seed_branch, shared_steps
+from torchslim.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from torchslim.train.loop import Regularizers, evaluate, lr_at, optimizer_step, train_epoch
 from torchslim.train.phases import run_phases
 from torchslim.train.recipes import Recipe
@@ -58,6 +61,7 @@ __all__ = [
     "Regularizers",
     "RunResult",
     "build_model",
+    "check_compact_input",
     "evaluate",
     "example_inputs",
     "load_phase_model",
@@ -167,3 +171,58 @@ def _results(run: Run, model: nn.Module, finished: bool, seconds: float) -> RunR
 
 def _load_if_exists(path: Path, recipe: Recipe) -> nn.Module | None:
     return load_phase_model(path, recipe)[0].eval() if path.exists() else None
+
+
+_COMPACT_INPUTS = ("`torchslim compact` takes a run folder's sparse.pt or baseline.pt, its checkpoint.pt while "
+                   "the run is in the baseline or SSL phase, or a state dict saved with "
+                   "torch.save(model.state_dict()) together with --recipe")
+
+
+def check_compact_input(path: str | Path) -> None:
+    """Refuse, saying what ``path`` is, a file ``compact`` cannot take: no file, not a torch file, a compact
+    model file, or a torch file that is neither a torchslim checkpoint nor a state dict.
+
+    Raises:
+        CheckpointError: saying what the file is and what ``torchslim compact`` takes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"{path} {what}; {_COMPACT_INPUTS}")
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a torch.save zip, or a legacy pickle
+        raise CheckpointError(f"{path} is not a torchslim checkpoint, compact file or state dict: it is "
+                              f"{_what_file(head)}, not a file torch.save wrote. {_COMPACT_INPUTS}.")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError... here
+        raise CheckpointError(f"{path} looks like a torch file but torch.load(weights_only=True) cannot read it "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): it is truncated, "
+                              f"corrupt, or holds pickled Python objects. {_COMPACT_INPUTS}.") from exc
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt == COMPACT_FORMAT:
+        raise CheckpointError(f"{path} is already a compact model file: there are no zeros left to cut. Measure "
+                              f"it with `torchslim profile --compact {path}`, or compact the run's sparse.pt.")
+    plain = isinstance(raw, dict) and raw and all(isinstance(v, Tensor) for v in raw.values())
+    if fmt != CHECKPOINT_FORMAT and not plain:
+        raise CheckpointError(f"{path} is not a torchslim checkpoint, compact file or state dict: it is a torch "
+                              f"file holding {_what_object(raw)}. {_COMPACT_INPUTS}.")
+
+
+def _what_file(head: bytes) -> str:
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the 4 KiB read
+            return "a binary file"
+    return "a text file"
+
+
+def _what_object(raw: object) -> str:
+    if isinstance(raw, dict):
+        keys = ", ".join(repr(k) for k in list(raw)[:5])
+        return f"a dict with keys {keys}{', ...' if len(raw) > 5 else ''}" if raw else "an empty dict"
+    return f"a {type(raw).__name__}"

@@ -105,6 +105,21 @@ def run_phase(run: Run, phase: str, model: nn.Module, *, resumed_phase: str | No
     finally:
         if regularizers.mask is not None:
             regularizers.mask.detach()
+    if phase == "ssl":
+        _warn_if_nothing_zeroed(run, groups)
+
+
+def _warn_if_nothing_zeroed(run: Run, groups: Sequence[Group]) -> None:
+    """Say so when SSL ended with no all-zero group: compaction will then remove nothing."""
+    counts = zero_counts(groups)
+    if any(zero for zero, _ in counts.values()):
+        return
+    spec = run.recipe.ssl
+    strengths = spec.strength if isinstance(spec.strength, dict) else {"": spec.strength}
+    larger = " ".join(f"--set ssl.strength{'.' + k if k else ''}={10 * v:g}" for k, v in strengths.items())
+    log.warning("SSL zeroed none of its %d groups (%s), so compaction will remove nothing. Raise ssl.strength "
+                "(now %s) or ssl.epochs (now %d), e.g. %s --set ssl.epochs=%d",
+                len(groups), ", ".join(counts), spec.strength, spec.epochs, larger, 2 * spec.epochs)
 
 
 def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -288,9 +303,12 @@ def compact_phase(run: Run, model: nn.Module) -> nn.Module:
     _record_test(run, "compact", small)
     _record_valid(run, "compact", small)
     save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
-    log.info("compacted: %d → %d parameters, test acc %.2f%%",
-             sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters()),
-             100 * run.accuracy["compact"])
+    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+    if after >= before:
+        log.info("compact: nothing to remove (no all-zero group); the model keeps its %d parameters, "
+                 "test acc %.2f%%", before, 100 * run.accuracy["compact"])
+    else:
+        log.info("compacted: %d → %d parameters, test acc %.2f%%", before, after, 100 * run.accuracy["compact"])
     small.train()
     save_run_checkpoint(run, "finetune", small, None)
     return small

@@ -117,7 +117,7 @@ def test_readme_terngrad_block_runs(quick_start, tmp_path):
 
 
 def test_readme_distributed_entry_is_a_module():
-    line = next(s for s in README.read_text().splitlines() if "torchrun" in s)
+    line = next(s for s in README.read_text().splitlines() if "torchrun" in s and " -m " in s)
     module = re.search(r"-m ([\w.]+)", line).group(1)
     assert importlib.util.find_spec(module) is not None and module == "torchslim.train.distributed"
 

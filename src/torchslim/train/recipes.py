@@ -263,9 +263,10 @@ def _check_name(name: str) -> None:
 
 
 def recipe_dirs() -> list[Path]:
-    """Folders searched for a recipe given by bare name: the repository's, then the package's."""
-    package = Path(__file__).resolve().parents[1]
-    return [d for d in (package.parents[1] / "recipes", package / "recipes") if d.is_dir()]
+    """Folders searched for a recipe given by bare name: the package's (``torchslim/recipes``, installed with it;
+    the repository's ``recipes/`` links to it)."""
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    return [folder] if folder.is_dir() else []
 
 
 def available_recipes() -> list[str]:

@@ -34,21 +34,28 @@ def interrupted(tmp_path_factory):
     """A run folder whose checkpoint was taken after baseline epoch 1 of 2 (with the optimizer's state)."""
     path, threads = tmp_path_factory.mktemp("interrupted"), torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        interrupt(tiny(), path, "baseline 2/")
+    finally:
+        torch.set_num_threads(threads)
+    return path
+
+
+def interrupt(recipe, run_dir, epoch: str) -> None:
+    """Run ``recipe`` in ``run_dir`` until the epoch whose description starts with ``epoch`` ("ssl 2/"), killed."""
     real = tasks.train_epoch
 
-    def stops_in_epoch_2(*args, **kwargs):
-        if kwargs["desc"].startswith("baseline 2/"):
+    def stops_there(*args, **kwargs):
+        if kwargs["desc"].startswith(epoch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    tasks.train_epoch = stops_in_epoch_2
+    tasks.train_epoch = stops_there
     try:
         with pytest.raises(KeyboardInterrupt):
-            engine.run(tiny(), run_dir=path, progress=False)
+            engine.run(recipe, run_dir=run_dir, progress=False)
     finally:
         tasks.train_epoch = real
-        torch.set_num_threads(threads)
-    return path
 
 
 @pytest.fixture
@@ -81,20 +88,8 @@ def test_values_no_finished_epoch_used_may_change(run_dir):
 
 def test_allowed_changes_are_recorded_per_epoch_in_results_json(tmp_path):
     """ssl.strength changes after ssl epoch 1 of 2: results.json says which epoch ran with which λ."""
-    run_dir, recipe = tmp_path, tiny("baseline.epochs=1")
-    real = tasks.train_epoch
-
-    def stops_in_ssl_epoch_2(*args, **kwargs):
-        if kwargs["desc"].startswith("ssl 2/"):
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    tasks.train_epoch = stops_in_ssl_epoch_2
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            engine.run(recipe, run_dir=run_dir, progress=False)
-    finally:
-        tasks.train_epoch = real
+    run_dir = tmp_path
+    interrupt(tiny("baseline.epochs=1"), run_dir, "ssl 2/")
     stronger = tiny("baseline.epochs=1", "ssl.strength={channel: 0.08, shape: 0.08}")
     with pytest.raises(ConfigError, match=r"ssl\.strength"):
         engine.run(stronger, run_dir=run_dir, progress=False, resume=True)

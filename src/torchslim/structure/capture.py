@@ -196,6 +196,12 @@ def tensor_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
     return None
 
 
+def module_ops(graph: fx.Graph, path: str) -> set[fx.Node]:
+    """The calls with a tensor output that run in the module ``path`` itself (not in its submodules)."""
+    return {n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+            and module_path(n) == path and tensor_shape(n) is not None}
+
+
 def module_path(node: fx.Node) -> str:
     """The attribute path of the module a node runs in: its own for a module call, the caller's otherwise.
 

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.structure.capture import module_path, tensor_shape
+from torchslim.structure.capture import module_ops, module_path
 from torchslim.structure.graph import StdConvSite
 from torchslim.structure.op import Op
 
@@ -219,8 +219,7 @@ def _std_site(op: Op, weight: fx.Node, name: str, bias: str | None) -> StdConvSi
             scale = scale / gain.args[1] if gain.target is operator.truediv else scale * gain.args[1]
         gain = gain.args[0]
     eps = _kw(bn, 7, "eps")
-    mine = {n for n in op.walk.gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
-            and module_path(n) == path and tensor_shape(n) is not None}
+    mine = module_ops(op.walk.gm.graph, path)
     args = [call_arg(op, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
     if not path or name != f"{path}.weight" or _kw(bn, 4, "bias") is not None or mine != chain \
             or module_path(op.input) == path or not isinstance(scale, (int, float)):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.layers import padded_layer_norm
-from torchslim.structure.capture import module_path, tensor_shape
+from torchslim.structure.capture import module_ops, module_path
 from torchslim.structure.conv_rules import call_arg, param_name
 from torchslim.structure.graph import NormSite
 from torchslim.structure.layout import Channels
@@ -166,9 +166,7 @@ def _module_dim(op: Op, weight: str | None, bias: str | None) -> int | None:
     if not path or weight not in (None, f"{path}.weight") or bias not in (None, f"{path}.bias"):
         return None
     inp, users = node.args[0], list(node.users)
-    mine = {n for n in op.walk.gm.graph.nodes
-            if n.op in ("call_function", "call_method", "call_module") and module_path(n) == path
-            and tensor_shape(n) is not None}
+    mine = module_ops(op.walk.gm.graph, path)
     if not _inside(inp, path):
         dim, steps = -1, {node}
     elif _is_permute(inp, (0, 2, 3, 1)) and not _inside(inp.args[0], path) and len(users) == 1 \

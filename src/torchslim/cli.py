@@ -335,14 +335,14 @@ def _structure_rows(result) -> list[tuple[str, str, str, str]]:
         small = (w.shape[0], w.shape[1], w.flatten(1).shape[1]) if w is not None and w.dim() == 4 else \
             (w.shape[0], None, w.shape[1]) if w is not None else (None, None, None)
         if conv:
-            rows.append((f"{layer.name} filters", str(layer.filters_total), str(layer.filters_alive), _s(small[0])))
-            rows.append((f"{layer.name} channels", str(layer.channels_total), str(layer.channels_alive),
-                         _s(small[1] if small[1] is not None else layer.channels_alive)))
-            rows.append((f"{layer.name} filter size (C·kh·kw)", str(layer.shape_total), str(layer.shape_alive),
-                         _s(small[2])))
+            rows.append((f"{layer.name} filters", _n(layer.filters_total), _n(layer.filters_alive), _n(small[0])))
+            rows.append((f"{layer.name} channels", _n(layer.channels_total), _n(layer.channels_alive),
+                         _n(small[1] if small[1] is not None else layer.channels_alive)))
+            rows.append((f"{layer.name} filter size (C·kh·kw)", _n(layer.shape_total), _n(layer.shape_alive),
+                         _n(small[2])))
         else:
-            rows.append((f"{layer.name} neurons", str(layer.filters_total), str(layer.filters_alive), _s(small[0])))
-            rows.append((f"{layer.name} inputs", str(layer.channels_total), str(layer.channels_alive), _s(small[2])))
+            rows.append((f"{layer.name} neurons", _n(layer.filters_total), _n(layer.filters_alive), _n(small[0])))
+            rows.append((f"{layer.name} inputs", _n(layer.channels_total), _n(layer.channels_alive), _n(small[2])))
     return rows
 
 
@@ -354,9 +354,9 @@ def _demo_table(result, m: _Measured) -> str:
     rows.append(("test accuracy", _pct(acc.get("baseline")), _pct(acc.get("ssl")), _pct(acc.get("finetune")),
                  _pts(acc.get("finetune"), acc.get("baseline"))))
     rows += [r + ("",) for r in _structure_rows(result)]
-    rows.append(("MACs per image", _si(m.macs["dense"]), _si(m.macs["ssl"]), _si(m.macs["compact"]),
+    rows.append(("MACs per image", _n(m.macs["dense"]), _n(m.macs["ssl"]), _n(m.macs["compact"]),
                  _ratio(m.macs["dense"], m.macs["compact"], "fewer")))
-    rows.append(("parameters", _si(m.params["dense"]), _si(m.params["ssl"]) + " nz", _si(m.params["compact"]),
+    rows.append(("parameters", _n(m.params["dense"]), _n(m.params["ssl"]) + " nz", _n(m.params["compact"]),
                  _ratio(m.params["dense"], m.params["compact"], "fewer")))
     for b, (d, c) in m.latency_ms.items():
         rows.append((f"CPU latency, batch {b}", _ms(d), "= dense", _ms(c), _ratio(d, c, "speedup")))
@@ -364,8 +364,8 @@ def _demo_table(result, m: _Measured) -> str:
     rule = "  ".join("-" * w for w in widths)
     lines = [
         f"torchslim demo: {result.recipe.model.name} on {result.recipe.data.name}, recipe {result.recipe.name} "
-        f"(epochs: baseline {epochs['baseline']}, SSL {epochs['ssl']}, fine-tune {epochs['finetune']}; "
-        f"training {_duration(sum(r.seconds for r in result.history))}, this run {_duration(result.seconds)})",
+        f"(epochs: baseline {epochs['baseline']}, SSL {epochs['ssl']}, fine-tune {epochs['finetune']}), "
+        f"took {_duration(result.seconds)}",
         rule,
     ]
     for i, r in enumerate(rows):
@@ -376,7 +376,9 @@ def _demo_table(result, m: _Measured) -> str:
     lines.append(
         "SSL: the model after group Lasso, before compaction: non-zero rows/columns of each layer (it still "
         "runs dense).\ncompact+FT: the physically smaller model after fine-tuning; compaction also cuts a "
-        "filter whose channel the next layer no longer reads.\n"
+        "filter whose channel the next layer no longer reads. A filter size can exceed SSL's count: the "
+        "kernel is cropped to the smallest rectangle that holds every non-zero position, and zero positions "
+        "inside it stay.\n"
         f"Accuracy of the compact model before fine-tuning: {_pct(acc.get('compact'))}. Latency: median "
         f"forward time on {m.cpu}, {m.threads} thread{'s' if m.threads != 1 else ''}, torch {torch.__version__}."
     )
@@ -387,8 +389,9 @@ def _demo_table(result, m: _Measured) -> str:
 # small helpers
 
 
-def _s(v: int | None) -> str:
-    return "-" if v is None else str(v)
+def _n(v: int | None) -> str:
+    """An integer with thousands separators, as ``torchslim profile`` prints it."""
+    return "-" if v is None else f"{v:,}"
 
 
 def _pct(v: float | None) -> str:
@@ -399,19 +402,14 @@ def _pts(new: float | None, old: float | None) -> str:
     return "" if new is None or old is None else f"{100 * (new - old):+.2f} pts"
 
 
-def _si(n: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f} ms"
 
 
 def _ratio(dense: float | None, small: float | None, word: str) -> str:
-    return "" if not dense or not small else f"{dense / small:.2f}x {word}"
+    if not dense or not small:
+        return ""
+    return "none removed" if word == "fewer" and dense == small else f"{dense / small:.2f}x {word}"
 
 
 def _duration(seconds: float) -> str:

@@ -161,6 +161,10 @@ def _fmt_ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.3f}" if num is not None and den else "-"
 
 
+def _fmt_int(n: int | None) -> str:
+    return f"{n:,}" if n is not None else "-"
+
+
 def _fmt_ms(ms: float | None) -> str:
     return f"{ms:.3f}" if ms is not None else "-"
 
@@ -183,12 +187,12 @@ def compare(dense: Profile, compact: Profile) -> str:
         d, c = dense_macs.get(name), compact_macs.get(name, 0)
         if not d and not c:
             continue
-        rows.append(f"{name:<{width}}  {d if d is not None else '-':>14}  {c:>14}  {_fmt_ratio(c, d):>7}")
+        rows.append(f"{name:<{width}}  {_fmt_int(d):>14}  {_fmt_int(c):>14}  {_fmt_ratio(c, d):>7}")
     rows.append("")
     rows.append(f"{'total':<{width}}  {'dense':>14}  {'compact':>14}  {'ratio':>7}")
     totals = [
-        ("params", dense.params, compact.params, str),
-        ("MACs", dense.macs, compact.macs, str),
+        ("params", dense.params, compact.params, _fmt_int),
+        ("MACs", dense.macs, compact.macs, _fmt_int),
         ("latency ms", dense.latency_ms, compact.latency_ms, _fmt_ms),
     ]
     for label, d, c, fmt in totals:

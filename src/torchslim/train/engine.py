@@ -100,7 +100,8 @@ def run(
         run_dir: the run folder (default ``runs/<recipe.name>``).
         resume: continue from ``run_dir/checkpoint.pt`` if it exists; finished epochs are not redone.
         stop_after: ``"baseline"``, ``"ssl"`` or ``"compact"`` to stop after that step.
-        progress: progress bars on stderr: ``None`` on a terminal only, ``True`` always, ``False`` never.
+        progress: on stderr: ``None`` a bar on a terminal and a line every ~30 s elsewhere, ``True`` a bar,
+            ``False`` nothing.
         branch_from: another run's folder: start after the steps it trained as ``recipe`` would (say, the
             same dense baseline, or the same SSL before another fine-tuning), copying their files. Ignored
             when ``resume`` finds a checkpoint in ``run_dir``.

@@ -14,11 +14,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from torchslim.data import bptt_batches
 from torchslim.errors import ConfigError
-from torchslim.train.loop import Regularizers, bar_disabled, optimizer_step, set_lr
+from torchslim.train.loop import Regularizers, optimizer_step, set_lr
+from torchslim.train.progress import progress_bar
 
 __all__ = ["LM_DEFAULT", "evaluate_lm", "evaluate_lm_loss", "train_lm_epoch"]
 
@@ -52,7 +52,7 @@ def train_lm_epoch(
     cross-entropy or, with ``regularizers.teacher`` (its own state carried), on
     :func:`torchslim.train.distill.distill_loss`. The default ``regularizers`` only clip the gradient norm at
     0.25; pass ``Regularizers(grad_clip=0.25, ...)`` to keep that clipping beside others.
-    ``progress``: a bar on stderr (``None``: on a terminal only).
+    ``progress``: a bar on stderr (``None``: on a terminal, lines every ~30 s elsewhere).
 
     Raises:
         ConfigError: ``data`` is not ``(T, B)`` with ``T >= 2``.
@@ -63,8 +63,7 @@ def train_lm_epoch(
     teacher = regularizers.teacher
     state, teacher_state, total, correct, tokens = None, None, 0.0, 0, 0
     chunks = math.ceil((len(data) - 1) / bptt)
-    bar = tqdm(bptt_batches(data, bptt), total=chunks, desc=desc, leave=False, unit="chunk",
-               disable=bar_disabled(progress))
+    bar = progress_bar(bptt_batches(data, bptt), total=chunks, desc=desc, unit="chunk", progress=progress)
     for i, (x, y) in enumerate(bar):
         rate = lr(i)
         set_lr(optimizer, rate)

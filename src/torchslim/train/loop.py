@@ -15,7 +15,6 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from torchslim.data import batches
 from torchslim.errors import ConfigError, DivergenceError
@@ -23,10 +22,11 @@ from torchslim.regularize.force import ForceRegularizer
 from torchslim.regularize.lasso import L1, GroupLasso
 from torchslim.regularize.masking import ZeroMask
 from torchslim.train.distill import Teacher
+from torchslim.train.progress import progress_bar
 from torchslim.train.recipes import PhaseSpec
 
 __all__ = [
-    "NO_REGULARIZERS", "Regularizers", "bar_disabled", "evaluate", "lr_at", "optimizer_step", "set_lr", "sgd",
+    "NO_REGULARIZERS", "Regularizers", "evaluate", "lr_at", "optimizer_step", "set_lr", "sgd",
     "train_epoch",
 ]
 
@@ -73,11 +73,6 @@ def sgd(model: nn.Module, spec: PhaseSpec) -> torch.optim.Optimizer:
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-
-
-def bar_disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable`` for ``progress``: ``None`` shows bars only on a terminal."""
-    return None if progress is None else not progress
 
 
 def optimizer_step(
@@ -143,7 +138,7 @@ def train_epoch(
 
     Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``, on the
     cross-entropy or, with ``regularizers.teacher``, on :func:`torchslim.train.distill.distill_loss`.
-    ``steps`` sizes the progress bar.
+    ``steps`` sizes the progress bar; ``progress``: see :func:`torchslim.train.progress.progress_bar`.
 
     Raises:
         ConfigError: ``data`` is empty.
@@ -152,7 +147,7 @@ def train_epoch(
     model.train()
     teacher = regularizers.teacher
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(data, total=steps, desc=desc, leave=False, disable=bar_disabled(progress), unit="batch")
+    bar = progress_bar(data, total=steps, desc=desc, unit="batch", progress=progress)
     for i, (x, y) in enumerate(bar):
         rate = lr(i)
         set_lr(optimizer, rate)

@@ -2,8 +2,8 @@
 
 * :func:`plot_structure`: (a) per conv/linear layer, the fraction of all-zero filters (rows of the
   lowered weight ``W: (N, C·kh·kw)``), input channels (column blocks) and shape fibers (columns);
-  (b) conv1's surviving filters as the SSL paper draws them: one ``kh × kw`` kernel per filter,
-  zero weights blank.
+  (b) conv1's surviving filters as the SSL paper draws them: one ``kh × kw`` kernel per filter, on one
+  symmetric colour scale with a colour bar, exact zeros grey.
 * :func:`plot_history`: test accuracy and sparsity per epoch over the phases of a run.
 
 Figures are drawn without pyplot (no global backend, no windows), so this works on headless machines.
@@ -79,24 +79,28 @@ def _first_conv(model: nn.Module) -> tuple[str, Tensor] | None:
 
 
 def _plot_zero_bars(ax: Any, zeros: Sequence[LayerZeros]) -> None:
+    """Grouped bars per layer; every bar is labelled, "0" for none zero and "n/a" where a kind does not apply
+    (shape fibers of Linear and 1×1 layers), so an absent bar is never ambiguous."""
     names = [z.name for z in zeros]
     x = np.arange(len(zeros))
     width = 0.27
     series = [
         ("filters / rows", [z.filters for z in zeros], "#4c72b0"),
         ("channels / columns", [z.channels for z in zeros], "#dd8452"),
-        ("shape fibers", [z.shapes if z.shapes is not None else 0.0 for z in zeros], "#55a868"),
+        ("shape fibers", [z.shapes for z in zeros], "#55a868"),
     ]
     for i, (label, values, color) in enumerate(series):
-        bars = ax.bar(x + (i - 1) * width, [100 * v for v in values], width, label=label, color=color)
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        bars = ax.bar(x + (i - 1) * width, heights, width, label=label, color=color)
         for bar, v in zip(bars, values):
-            if v > 0:
-                ax.annotate(f"{100 * v:.0f}", (bar.get_x() + bar.get_width() / 2, 100 * v),
-                            ha="center", va="bottom", fontsize=7)
+            text = "n/a" if v is None else f"{100 * v:.0f}"
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7, color="#888888" if v is None else "black")
     ax.set_xticks(x, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 112)  # room for the labels and the legend above 100 %
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("all-zero (%)")
-    ax.set_title("(a) learned structured sparsity per layer")
+    ax.set_title("(a) learned structured sparsity per layer (n/a: the kind does not apply)")
     ax.legend(loc="upper left", fontsize=8, ncols=3)
     ax.grid(axis="y", alpha=0.3)
 
@@ -143,37 +147,55 @@ def _mosaic(images: Sequence[np.ndarray], cols: int, gap: int = 1) -> np.ndarray
     return out
 
 
-def _plot_filters(ax: Any, name: str, w: Tensor, removed: set[int]) -> None:
-    """conv1's remaining filters as a mosaic of kernels; zero weights and gaps are white."""
+_ZERO_COLOR = "#7f7f7f"  # exact zeros: grey, apart from the near-white of small weights
+
+
+def _plot_filters(fig: Figure, ax: Any, name: str, w: Tensor, removed: set[int]) -> None:
+    """conv1's remaining filters as a mosaic of kernels on one symmetric colour scale with a colour bar;
+    exact zeros grey, gaps white."""
     images, kept = _filter_images(w, removed)
     unread = sum(1 for n in removed if bool(w[n].any()))  # non-zero filters whose channel nothing reads
     gone = f" (incl. {unread} non-zero: nothing reads their channel)" if unread else ""
-    title = f"(b) {name}: {len(kept)} of {w.shape[0]} filters remain, {w.shape[0] - len(kept)} cut{gone}; " \
-            "zero weights blank"
+    title = f"(b) {name}: {len(kept)} of {w.shape[0]} filters remain, {w.shape[0] - len(kept)} cut{gone}"
     if w.shape[1] > 1:
         title += f"; strongest of {w.shape[1]} input channels shown"
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
     if not images:
         ax.text(0.5, 0.5, "all filters are zero", ha="center", va="center", transform=ax.transAxes)
         return
     kh, kw = images[0].shape
-    cols = min(len(images), 10)
+    cols = min(len(images), _MOSAIC_COLS)
     mosaic = _mosaic(images, cols)
     vmax = float(np.nanmax(np.abs(mosaic))) or 1.0
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
-    ax.imshow(np.ma.masked_where(~np.isfinite(mosaic) | (mosaic == 0), mosaic), cmap=cmap,
-              vmin=-vmax, vmax=vmax, interpolation="nearest")
+    gaps = ~np.isfinite(mosaic)
+    ax.imshow(np.where(gaps, 1.0, 0.0), cmap=matplotlib.colors.ListedColormap(["white", "white"]),
+              interpolation="nearest")
+    ax.imshow(np.ma.masked_where(gaps | (mosaic != 0), np.zeros_like(mosaic)),
+              cmap=matplotlib.colors.ListedColormap([_ZERO_COLOR]), interpolation="nearest")
+    shown = ax.imshow(np.ma.masked_where(gaps | (mosaic == 0), mosaic), cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                      interpolation="nearest")
+    height, width = mosaic.shape
+    # the colour bar and the zero swatch sit right of the kernels, inside this panel, so the panel above
+    # keeps the full width
+    bar = fig.colorbar(shown, cax=ax.inset_axes((width + 1, -0.5, 0.8, height), transform=ax.transData))
+    bar.set_label("weight", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    ax.add_patch(Rectangle((width + 6, -0.5), 1, 1, color=_ZERO_COLOR, clip_on=False))
+    ax.text(width + 7.5, 0, "exactly 0", va="center", fontsize=7)
     for i, n in enumerate(kept):
         r, c = divmod(i, cols)
         x0, y0 = c * (kw + 1) - 0.5, r * (kh + 1) - 0.5
         ax.add_patch(Rectangle((x0, y0), kw, kh, fill=False, lw=0.8, ec="#666666"))
         ax.text(x0 + kw / 2, y0 + kh + 0.05, f"#{n}", ha="center", va="top", fontsize=7)
-    ax.set_xlim(-1, mosaic.shape[1])  # a margin so the outer frames are not clipped
-    ax.set_ylim(mosaic.shape[0] + 0.8, -1)  # image rows downwards, room for the labels
-    for side in ax.spines.values():
-        side.set_visible(False)
+    ax.set_xlim(-1, width + 14)  # a margin so the outer frames are not clipped; the colour bar's room
+    ax.set_ylim(height + 0.8, -1)  # image rows downwards, room for the labels
+
+
+_MOSAIC_COLS = 10
 
 
 def plot_structure(
@@ -192,6 +214,10 @@ def plot_structure(
     Raises:
         ConfigError: ``model`` has no Conv2d or Linear layer.
     """
+    return _save(_structure_figure(model, title, example_inputs), path)
+
+
+def _structure_figure(model: nn.Module, title: str | None, example_inputs: Tensor | None) -> Figure:
     zeros = layer_zeros(model)
     if not zeros:
         raise ConfigError(f"{type(model).__name__} has no Conv2d or Linear layer to plot")
@@ -199,17 +225,21 @@ def plot_structure(
     width = min(14.0, max(8.0, 0.5 * len(zeros) + 4))
     if conv is None:
         fig = Figure(figsize=(width, 4.5), layout="constrained")
-        bar_ax = fig.subplots()
+        _plot_zero_bars(fig.subplots(), zeros)
     else:
         removed = removed_channels(model, example_inputs, conv[0]) if example_inputs is not None else set()
-        rows = math.ceil(max(1, len(_filter_images(conv[1], removed)[0])) / 10)
-        fig = Figure(figsize=(width, 5.5 + 1.1 * rows), layout="constrained")
-        bar_ax, filter_ax = fig.subplots(2, 1, height_ratios=[4, 1.1 * rows + 0.4])
-        _plot_filters(filter_ax, conv[0], conv[1], removed)
-    _plot_zero_bars(bar_ax, zeros)
+        shown = max(1, len(_filter_images(conv[1], removed)[0]))
+        kh, kw = conv[1].shape[2:]
+        rows, cols = math.ceil(shown / _MOSAIC_COLS), min(shown, _MOSAIC_COLS)
+        # the mosaic's own aspect sizes its panel, so no band of empty figure is left below it
+        mosaic_h = min(0.8 * width * rows * (kh + 1.4) / (cols * (kw + 1) + 15), 0.45 * width) + 0.5
+        fig = Figure(figsize=(width, 4.2 + mosaic_h), layout="constrained")
+        bar_ax, filter_ax = fig.subplots(2, 1, height_ratios=[4.2, mosaic_h])
+        _plot_zero_bars(bar_ax, zeros)
+        _plot_filters(fig, filter_ax, conv[0], conv[1], removed)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
 def _records(history: Sequence[Any]) -> list[Mapping[str, Any]]:

@@ -178,3 +178,26 @@ def test_compact_help_lists_only_the_inputs_it_accepts(capsys):
     # compact.pt and compacted.pt are already compact, and checkpoint.pt only before fine-tuning
     assert set(re.findall(r"\b\w+\.pt\b", out)) == {"sparse.pt", "baseline.pt", "checkpoint.pt"}
     assert "engine checkpoint" not in out and "baseline or SSL phase" in out
+
+
+@needs_fashion_mnist
+def test_the_train_help_example_removes_most_weights(tmp_path, capsys):
+    """The example `torchslim train --help` shows, run as printed (about a minute): SSL must visibly work."""
+    import shlex
+
+    import torch
+
+    torch.set_num_threads(2)  # a minute of full batches: the one_thread fixture restores the count after
+    assert main(["train", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    example = help_text.split("example,", 1)[1].split(":\n", 1)[1].replace("\\\n", " ")
+    argv = shlex.split(example)
+    assert argv[:2] == ["torchslim", "train"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "quick")
+    assert main(argv[1:] + ["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("compact model:"))
+    before, after = (int(n.replace(",", "")) for n in line.split(":")[1].split("parameters")[0].split("→"))
+    assert after < before / 2, line
+    acc = json.loads((tmp_path / "quick" / "results.json").read_text())["accuracy"]
+    assert acc["finetune"] > 0.78  # still a working classifier (dense: ~86% after its one epoch)

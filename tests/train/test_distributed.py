@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from torchslim.train import distributed
 from torchslim.train.checkpoint import load_checkpoint, save_checkpoint
 
 RUN_TIMEOUT_S = 180
+ROOT = Path(__file__).parents[2]
 # small buckets: DDP's rebuild after a (re)start's first step moves parameters between several buckets
 COMMON = ["--model", "lenet", "--grad", "terngrad", "--batch-size", "32", "--train-limit", "1000",
           "--test-limit", "500", "--checkpoint-every", "3", "--log-every", "1", "--bucket-cap-mb", "0.05"]
@@ -59,7 +61,8 @@ def test_summary_reports_accuracy_speed_and_bytes(first_run):
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["steps_per_second"] > 0
     assert summary["terngrad"]["step"] == 8
     assert summary["bytes_sent_per_step"] == summary["bytes_received_per_step"] > 0
-    assert summary["bits_per_element"] < 4                        # 1.6-bit codes, fp32 logits layer
+    quoted = re.search(r"reports (\d\.\d+) bits per element", (ROOT / "README.md").read_text())
+    assert summary["bits_per_element"] == pytest.approx(float(quoted[1]), abs=0.005)  # 1.6-bit codes, fp32 fc2
     assert summary["run_changes"] == []
     saved = load_checkpoint(tmp / "ckpt.pt")
     assert saved["run"]["lr"] == 0.01 and saved["run"]["world_size"] == 2 and saved["run"]["seed"] == 0
@@ -152,3 +155,15 @@ def test_old_or_damaged_run_records(tmp_path, caplog):
     save_checkpoint(path, {**saved, "run": [1, 2]})
     with pytest.raises(CheckpointError, match="'run' entry is damaged"):
         _resume(path, _args())
+
+
+def test_help_is_plain_text_with_every_default(capsys):
+    with pytest.raises(SystemExit):
+        distributed.main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "::" not in out and ":class:" not in out  # no reST
+    options = out.split("options:", 1)[1]
+    blocks = [b for b in re.split(r"\n  (?=--)", options)[1:]]  # one block per option, -h excluded
+    assert len(blocks) >= 20
+    for block in blocks:
+        assert "(default:" in " ".join(block.split()), block

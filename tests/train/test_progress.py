@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from support import needs_fashion_mnist
 
 from torchslim.cli import main

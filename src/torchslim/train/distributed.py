@@ -76,23 +76,46 @@ class _Shard:
         return self.images[idx], self.labels[idx]
 
 
+_DESCRIPTION = """\
+Data-parallel training of a Fashion-MNIST model with TernGrad, fp16 or fp32 gradients, under torchrun:
+
+  torchrun --standalone --nproc-per-node 4 -m torchslim.train.distributed --grad terngrad --steps 2000
+
+Each worker trains on its own shard; rank 0 checkpoints every --checkpoint-every steps and, started again
+(torchrun --max-restarts 1), every worker resumes from that checkpoint. At the end rank 0 evaluates on the
+test set and writes a JSON summary (accuracy, seconds, bytes and bits per element on the wire) to --out."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default after its help (unless the help says it); the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        shown = "off" if action.default is False else "none" if action.default == [] else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m torchslim.train.distributed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="lenet", help="a torchslim.models name (default: lenet)")
+    p = argparse.ArgumentParser(prog="python -m torchslim.train.distributed", description=_DESCRIPTION,
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--model", default="lenet", help="a torchslim.models name (lenet, fcnet)")
     p.add_argument("--grad", choices=GRADS, default="terngrad", help="how gradients are averaged")
     p.add_argument("--steps", type=int, default=1000, help="total iterations, counting resumed ones")
     p.add_argument("--batch-size", type=int, default=64, help="examples per worker per step")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and TernGrad streams")
     p.add_argument("--data-dir", help="Fashion-MNIST folder (default: $TORCHSLIM_DATA, then the system one)")
-    p.add_argument("--train-limit", type=int, help="use only the first N training examples")
-    p.add_argument("--test-limit", type=int, help="evaluate on only the first N test examples")
-    p.add_argument("--checkpoint", help="checkpoint file: resumed from if present, written by rank 0")
+    p.add_argument("--train-limit", type=int, help="use only the first N training examples (default: all)")
+    p.add_argument("--test-limit", type=int, help="evaluate on only the first N test examples (default: all)")
+    p.add_argument("--checkpoint", help="checkpoint file: resumed from if present, written by rank 0 "
+                                        "(default: none, no checkpoints)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--out", help="JSON summary written by rank 0 at the end")
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
+    p.add_argument("--out", help="JSON summary written by rank 0 at the end (default: none)")
+    p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size in MiB")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss logs on rank 0")
     p.add_argument("--allow-changed", nargs="+", default=[], metavar="NAME",
                    help="resume although these arguments differ from the checkpoint's (e.g. lr batch-size)")
@@ -103,13 +126,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_terngrad_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TernGrad (--grad terngrad)")
-    g.add_argument("--scheme", default="base3", help="code packing: base3 (1.6 bits) or 2bit")
+    g.add_argument("--scheme", default="base3", choices=("base3", "2bit"),
+                   help="code packing: base3 (5 codes a byte, 1.6 bits) or 2bit")
     g.add_argument("--clip-sigma", type=float, default=2.5, help="s = min(max|g|, c·std); inf disables")
     g.add_argument("--min-numel", type=int, default=1, help="layers with fewer elements stay fp32")
     g.add_argument("--warmup-steps", type=int, default=0, help="first K steps with fp32 gradients")
-    g.add_argument("--reduce", default="auto",
-                   help="auto (exact, fewer bytes), allgather, allreduce, or twophase (fewest bytes, rounds twice)")
-    g.add_argument("--quantize-last", action="store_true", help="ternarize the last layer too (default: fp32)")
+    g.add_argument("--reduce", default="auto", choices=("auto", "allgather", "allreduce", "twophase"),
+                   help="auto: exact, whichever sends fewer bytes; twophase: fewest bytes, rounds twice")
+    g.add_argument("--quantize-last", action="store_true",
+                   help="ternarize the last layer too (it stays fp32 otherwise, as in the paper)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

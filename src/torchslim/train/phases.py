@@ -305,10 +305,11 @@ def compact_phase(run: Run, model: nn.Module) -> nn.Module:
     save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
     before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
     if after >= before:
-        log.info("compact: nothing to remove (no all-zero group); the model keeps its %d parameters, "
-                 "test acc %.2f%%", before, 100 * run.accuracy["compact"])
+        log.info("compact: nothing to remove (no all-zero group); the model keeps its %s parameters, "
+                 "test acc %.2f%%", f"{before:,}", 100 * run.accuracy["compact"])
     else:
-        log.info("compacted: %d → %d parameters, test acc %.2f%%", before, after, 100 * run.accuracy["compact"])
+        log.info("compacted: %s → %s parameters, test acc %.2f%%", f"{before:,}", f"{after:,}",
+                 100 * run.accuracy["compact"])
     small.train()
     save_run_checkpoint(run, "finetune", small, None)
     return small

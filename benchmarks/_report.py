@@ -166,6 +166,13 @@ class ZooExactness(Record):
     rows: list
 
 
+class FirstContact(Record):
+    commit: str
+    cores: int
+    make_demo: dict
+    install: dict
+
+
 class ZooTimmHF(Record):
     settings: dict
     summary: dict

@@ -12,8 +12,11 @@ import re
 from pathlib import Path
 
 from _report import (
+    CaptureSpeed,
     Codec,
+    FirstContact,
     ForceSeeds,
+    GPTRun,
     ISSAlternatives,
     LMControl,
     LMRun,
@@ -26,8 +29,6 @@ from _report import (
     TernGradWire,
     ZooExactness,
     ZooSpeed,
-    CaptureSpeed,
-    GPTRun,
     ZooTimmHF,
     load,
     machine_line,
@@ -35,8 +36,14 @@ from _report import (
 )
 from terngrad_report import terngrad_sections
 from transformer_report import capture_speed_section, gpt_section
-from wen_report import (iss_alternatives_section, iss_lm_overview, iss_lm_section, lowrank_sections, rank_table_section,
-                        readme_rows)
+from wen_report import (
+    iss_alternatives_section,
+    iss_lm_overview,
+    iss_lm_section,
+    lowrank_sections,
+    rank_table_section,
+    readme_rows,
+)
 from zoo_report import exactness_section, timm_hf_section, zoo_section
 
 ROOT = Path(__file__).parent.parent
@@ -169,6 +176,38 @@ def codec_section(d: dict) -> list[str]:
     return lines + table(["device", "threads", "scheme", "encode", "decode", "decode into bucket"], rows) + [""]
 
 
+def first_contact_section(d: dict) -> list[str]:
+    demo, install = d["make_demo"], d["install"]
+    acc = demo["accuracy"]
+    return [
+        "### First contact: `make demo` and the Install section on a fresh clone", "",
+        f"`benchmarks/first_contact.py` on commit {d['commit']}: a `git clone`, then `make setup` and `make demo` "
+        f"timed apart, then README's Install block run word for word in a fresh venv; {machine_line(d)}.", "",
+        *table(["step", "wall time", "disk"], [
+            ["`make setup` (venv, pinned torch, torchslim)", _minutes(demo["setup_seconds"]),
+             f"{demo['venv_gb']:.1f} GB"],
+            ["`make demo` (`torchslim demo`, data present)", _minutes(demo["demo_seconds"]), ""],
+            ["Install section: " + "; ".join(f"`{c.split('#')[0].strip()}`" for c in install["commands"]),
+             _minutes(install["seconds"]), f"{install['venv_gb']:.1f} GB"],
+        ]), "",
+        f"The demo reached {100 * acc['baseline']:.2f}% dense → {100 * acc['finetune']:.2f}% compact and "
+        f"fine-tuned; `torchslim --version` printed `{install['version']}`.", "",
+        "```", *demo["table"].splitlines(), "```", "",
+    ]
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def demo_promise(d: dict) -> str:
+    """The README's words for how long `make demo` takes, from the measurement (rounded up to a minute)."""
+    demo = d["make_demo"]
+    return (f"in about {-(-round(demo['demo_seconds']) // 60)} minutes on {d['cores']} cores after "
+            f"{-(-round(demo['setup_seconds']) // 60)} minutes of setup")
+
+
 def _terngrad_rows(wire: dict | None, speed: dict | None, conv: dict | None) -> list[str]:
     """README rows for TernGrad: bytes on the wire, speed over a 1 Gbit/s link, accuracy vs fp32."""
     rows = []
@@ -267,12 +306,18 @@ def main() -> None:
     out += capture_speed_section(speed) if (speed := _load("capture_speed", CaptureSpeed)) is not None else []
     for path in sorted(RESULTS.glob("gpt_*.json")):
         out += gpt_section(load(path, GPTRun))
+    first = _load("first_contact", FirstContact)
+    out += first_contact_section(first) if first is not None else []
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "RESULTS.md").write_text("\n".join(out))
     readme = (ROOT / "README.md").read_text()
     table = readme_table(lenet, mlp, overhead, rowlstm)
     readme = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
                     lambda _: f"<!-- results:start -->\n{table}\n<!-- results:end -->", readme, flags=re.S)
+    if first is not None:
+        readme = re.sub(r"<!-- demo-time:start -->.*?<!-- demo-time:end -->",
+                        lambda _: f"<!-- demo-time:start -->{demo_promise(first)}<!-- demo-time:end -->", readme,
+                        flags=re.S)
     (args.out / "README.md").write_text(readme)
     print(f"wrote RESULTS.md and README.md's results table in {args.out}")
 

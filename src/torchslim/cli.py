@@ -73,6 +73,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        epilog=TRAIN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe name (e.g. lenet_ssl) or path to a YAML file")
     _add_run_options(p)
+    p.add_argument("--grad", choices=("fp32", "fp16", "bf16", "powersgd", "terngrad"),
+                   help="under torchrun: how the processes exchange gradients (default: the recipe's "
+                        "distributed.grad, fp32)")
     p.add_argument("--stop-after", choices=("baseline", "ssl", "compact"), help="stop after this step")
     p.add_argument("--from", dest="branch_from", metavar="RUN_DIR",
                    help="start after the steps another run's recipe trains alike (its dense baseline, its SSL, ...), "
@@ -167,12 +170,13 @@ def _train(args: argparse.Namespace, recipe_name: str):
     from torchslim.train.engine import run
     from torchslim.train.recipes import load_recipe
 
-    recipe = load_recipe(recipe_name, overrides=args.overrides)
+    grad = getattr(args, "grad", None)
+    recipe = load_recipe(recipe_name, overrides=[*args.overrides, *([f"distributed.grad={grad}"] if grad else [])])
     out = Path(args.out) if args.out else None
     return run(recipe, data_dir=args.data_dir, run_dir=out, resume=args.resume,
                stop_after=getattr(args, "stop_after", None), progress=_progress(args),
                branch_from=getattr(args, "branch_from", None), overwrite=args.overwrite,
-               allow_changed=getattr(args, "allow_changed", []))
+               allow_changed=getattr(args, "allow_changed", []), world=args.world)
 
 
 def _write_plots(result) -> list[Path]:
@@ -191,6 +195,8 @@ def _write_plots(result) -> list[Path]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     result = _train(args, args.recipe)
+    if not args.world.is_main:  # rank 0 reports and draws
+        return 0
     print(_accuracy_line(result.accuracy))
     if result.report is not None:
         print(result.report.format())
@@ -474,15 +480,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse has already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    from torchslim.train.world import SOLO, join, leave
+
+    args.world = join() if args.func is cmd_train else SOLO  # torchrun's processes, or this one
     _setup_logging(args.verbose, args.quiet)
+    if not args.world.is_main:  # rank 0 tells the run's story; the others would repeat it
+        for name in ("torchslim", *_RUN_LOGS):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    ok = False
     try:
-        return args.func(args)
+        status = args.func(args)
+        ok = True
+        return status
     except TorchSlimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = f"rank {args.world.rank}: " if args.world.distributed else ""
+        print(f"error: {rank}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted; the last finished epoch is checkpointed: run again with --resume", file=sys.stderr)
         return 130
+    finally:
+        leave(args.world, clean=ok)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,8 +21,10 @@ stand below it, each on the ones before: :mod:`~torchslim.train.loop` (one SGD s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +54,7 @@ from torchslim.train.rundir import (
     write_results,
 )
 from torchslim.train.tasks import load_task, random_inputs
+from torchslim.train.world import SOLO, World, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ def run(
     branch_from: str | Path | None = None,
     overwrite: bool = False,
     allow_changed: Sequence[str] = (),
+    world: World = SOLO,
 ) -> RunResult:
     """Train ``recipe`` through baseline → SSL → compact → fine-tune.
 
@@ -108,6 +112,9 @@ def run(
         overwrite: a fresh run (no ``resume``) may delete the results of an earlier run in ``run_dir``.
         allow_changed: with ``resume``, recipe keys (``ssl.strength``, or a section: ``ssl``) that may differ
             from the values the finished epochs used; ``results.json`` records which epochs ran with which.
+        world: the processes that train this run together (:func:`torchslim.train.world.join` under torchrun):
+            each takes its part of every batch, DDP averages the gradients with ``recipe.distributed.grad``, and
+            rank 0 alone writes the run folder, which every rank must see at ``run_dir`` to resume.
     Raises:
         DatasetNotFound: the data is missing (the message says how to get it).
         CheckpointError: ``resume`` with a corrupt or hand-edited checkpoint (the message names the field), or
@@ -124,14 +131,17 @@ def run(
     if allow_changed and not resume:
         raise ConfigError("--allow-changed lets a resumed run continue with changed values; add --resume")
     started = time.perf_counter()
+    world.same_everywhere(json.dumps(recipe.to_dict(), sort_keys=True), "recipe")
+    check_batch(world, recipe.batch_size)
     task = load_task(recipe, data_dir)
     model = build_model(recipe)
     run_ = Run(
         recipe=recipe, run_dir=Path(run_dir) if run_dir is not None else Path("runs") / recipe.name,
         task=task, dense_numel=sum(p.numel() for p in model.parameters()),
-        progress=progress,
+        progress=progress if world.is_main else False, world=world,
     )
-    with hold_run_dir(run_.run_dir):  # one run at a time in a folder; the lock goes on any exit
+    # one run at a time in a folder, held by rank 0; the lock goes on any exit
+    with hold_run_dir(run_.run_dir) if world.is_main else nullcontext():
         phase = "baseline"
         if resume and (run_.run_dir / "checkpoint.pt").exists():
             state, changes = resume_state(run_, allow_changed)
@@ -141,9 +151,12 @@ def run(
             if resume and branch_from is None:
                 log.info("no checkpoint in %s: starting %s from scratch", run_.run_dir, recipe.name)
             branched = branch(run_, Path(branch_from)) if branch_from is not None else None  # checked before clearing
-            clear_run_dir(run_.run_dir, overwrite=overwrite or resume)
+            if world.is_main:
+                clear_run_dir(run_.run_dir, overwrite=overwrite or resume)
+                if branched is not None:
+                    seed_branch(run_, Path(branch_from), *branched)
+            world.barrier()  # the others read what rank 0 cleared and copied
             if branched is not None:
-                seed_branch(run_, Path(branch_from), *branched)
                 model, phase = restore(run_, model)
         model, finished = run_phases(run_, model, phase, stop_after)
         return _results(run_, model, finished, time.perf_counter() - started)
@@ -154,7 +167,7 @@ def _results(run: Run, model: nn.Module, finished: bool, seconds: float) -> RunR
     dense = _load_if_exists(run.run_dir / "baseline.pt", run.recipe)
     sparse = _load_if_exists(run.run_dir / "sparse.pt", run.recipe)
     compact_model = model.eval() if "compact" in run.accuracy else None
-    if finished and compact_model is not None:
+    if finished and compact_model is not None and run.world.is_main:
         save_compact(compact_model, run.run_dir / "compact.pt", arch=getattr(sparse, "arch", None))
     result = RunResult(
         recipe=run.recipe, run_dir=run.run_dir, accuracy=dict(run.accuracy),
@@ -165,8 +178,12 @@ def _results(run: Run, model: nn.Module, finished: bool, seconds: float) -> RunR
         report=sparsity_report(sparse, run.task.example) if sparse is not None else None,
         example=run.task.example, seconds=seconds, finished=finished,
     )
-    write_results(result, {"recipe_changes": changed_values(run.recipe_changes, run.history)}
-                  if run.recipe_changes else None)
+    extra = {"recipe_changes": changed_values(run.recipe_changes, run.history)} if run.recipe_changes else {}
+    if run.world.distributed:  # each epoch ended with World.check_replicas, which raises on any difference
+        extra["distributed"] = {"processes": run.world.size, "grad": run.recipe.distributed.grad,
+                                "replicas_agreed_epochs": sum(run.trained.values())}
+    if run.world.is_main:
+        write_results(result, extra or None)
     return result
 
 

@@ -19,6 +19,7 @@ from torchslim.data import bptt_batches
 from torchslim.errors import ConfigError
 from torchslim.train.loop import Regularizers, optimizer_step, set_lr
 from torchslim.train.progress import progress_bar
+from torchslim.train.world import SOLO, World
 
 __all__ = ["LM_DEFAULT", "evaluate_lm", "evaluate_lm_loss", "train_lm_epoch"]
 
@@ -45,8 +46,13 @@ def train_lm_epoch(
     regularizers: Regularizers = LM_DEFAULT,
     desc: str = "train",
     progress: bool | None = False,
+    world: World = SOLO,
 ) -> tuple[float, float]:
     """One pass over ``data (T, B)``; returns ``(mean cross-entropy per token in nats, next-word accuracy)``.
+
+    In a :class:`~torchslim.train.world.World` of N processes each trains ``model`` (its DDP wrapper, see
+    :meth:`~torchslim.train.world.World.wrap`) on its B/N columns with its own hidden state; the returned means
+    are over all columns.
 
     Each chunk is :func:`torchslim.train.loop.optimizer_step` at rate ``lr(i)`` for chunk ``i``, on the
     cross-entropy or, with ``regularizers.teacher`` (its own state carried), on
@@ -59,6 +65,7 @@ def train_lm_epoch(
     """
     if data.dim() != 2 or data.shape[0] < 2:
         raise ConfigError(f"data must be (T, B) token columns with T >= 2, got shape {tuple(data.shape)}")
+    data = data[:, world.part(data.shape[1])]  # equal parts: World's batch check wants N to divide B
     model.train()
     teacher = regularizers.teacher
     state, teacher_state, total, correct, tokens = None, None, 0.0, 0, 0
@@ -80,6 +87,7 @@ def train_lm_epoch(
         tokens += y.numel()
         if i % 50 == 0:
             bar.set_postfix(ppl=f"{math.exp(total / tokens):.1f}")
+    total, correct, tokens = world.sum([total, correct, tokens])
     return total / tokens, correct / tokens
 
 

@@ -24,6 +24,7 @@ from torchslim.regularize.masking import ZeroMask
 from torchslim.train.distill import Teacher
 from torchslim.train.progress import progress_bar
 from torchslim.train.recipes import PhaseSpec
+from torchslim.train.world import SOLO, World
 
 __all__ = [
     "NO_REGULARIZERS", "Regularizers", "evaluate", "lr_at", "optimizer_step", "set_lr", "sgd",
@@ -132,9 +133,13 @@ def train_epoch(
     regularizers: Regularizers = NO_REGULARIZERS,
     desc: str = "train",
     progress: bool | None = None,
+    world: World = SOLO,
 ) -> tuple[float, float]:
     """One pass of momentum SGD over ``data`` (``x (B, ...)``, ``y (B,)``); returns ``(mean cross-entropy,
     accuracy)``.
+
+    In a :class:`~torchslim.train.world.World` of N processes ``data`` holds the global batches, each process
+    trains ``model`` (its DDP wrapper) on its part, and the returned means are over all processes' examples.
 
     Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``, on the
     cross-entropy or, with ``regularizers.teacher``, on :func:`torchslim.train.distill.distill_loss`.
@@ -151,18 +156,26 @@ def train_epoch(
     for i, (x, y) in enumerate(bar):
         rate = lr(i)
         set_lr(optimizer, rate)
+        weight = 1.0
+        if world.distributed:
+            part = world.part(len(y))
+            weight = world.loss_weight(part.stop - part.start, len(y))
+            x, y = x[part], y[part]
         logits = model(x)  # (B, classes)
-        loss = objective = F.cross_entropy(logits, y)
+        loss = objective = F.cross_entropy(logits, y) if len(y) else logits.sum() * 0.0
         if teacher is not None:
             with torch.no_grad():
                 soft = teacher.model(x)  # (B, classes)
             objective = teacher.loss(logits, soft, y, hard=loss)
+        if weight != 1.0:
+            objective = objective * weight
         optimizer_step(model, optimizer, objective, rate=rate, regularizers=regularizers)
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
-        if i % 20 == 0:
+        if i % 20 == 0 and seen:
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    total_loss, correct, seen = world.sum([total_loss, correct, seen])
     if seen == 0:
         raise ConfigError("the training set is empty; check data.train_limit")
     return total_loss / seen, correct / seen

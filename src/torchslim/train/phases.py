@@ -98,10 +98,11 @@ def run_phase(run: Run, phase: str, model: nn.Module, *, resumed_phase: str | No
         load_optimizer_state_checked(optimizer, run.optimizer_state, f"{run.run_dir / 'checkpoint.pt'}: optimizer")
     regularizers, groups = _regularizers(run, phase, model, spec)
     without_force = dataclasses.replace(regularizers, force=None)
+    trained = run.world.wrap(model, run.recipe.distributed, seed=run.recipe.seed).module  # DDP under torchrun
     try:
         for epoch in range(run.done[phase], spec.epochs):
             on = spec.force.epochs is None or epoch < spec.force.epochs
-            _one_epoch(run, phase, model, optimizer, epoch, regularizers if on else without_force, groups)
+            _one_epoch(run, phase, model, optimizer, epoch, regularizers if on else without_force, groups, trained)
     finally:
         if regularizers.mask is not None:
             regularizers.mask.detach()
@@ -123,17 +124,18 @@ def _warn_if_nothing_zeroed(run: Run, groups: Sequence[Group]) -> None:
 
 
 def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-               regularizers: Regularizers, groups: Sequence[Group]) -> None:
-    """Train epoch ``epoch`` (0-based) of ``phase``, evaluate, record it in the history and checkpoint."""
+               regularizers: Regularizers, groups: Sequence[Group], trained: nn.Module) -> None:
+    """Train epoch ``epoch`` (0-based) of ``phase`` through ``trained`` (``model``, or its DDP wrapper), check that
+    the processes' replicas agree, evaluate, record it in the history and checkpoint."""
     spec: PhaseSpec = getattr(run.recipe, phase)
     steps = run.task.steps_per_epoch()
     start = time.perf_counter()
     rates = _Rates(spec, epoch, steps)
     try:
         train_loss, train_acc = run.task.train_epoch(
-            model, optimizer, lr=rates,
+            trained, optimizer, lr=rates,
             seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
-            regularizers=regularizers, desc=f"{phase} {epoch + 1}/{spec.epochs}", progress=run.progress,
+            regularizers=regularizers, desc=_desc(run, phase, epoch), progress=run.progress, world=run.world,
         )
     except DivergenceError as exc:
         what = str(exc).partition(": training diverged")[0]  # "the training loss is nan", from loop._check_finite
@@ -141,6 +143,7 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
     bad = nonfinite_params(model)
     if bad:  # a last step that left the weights non-finite: no later loss to show it
         raise _diverged(run, phase, epoch, f"step {steps}/{steps}", f"the weights {', '.join(bad[:5])} are not finite")
+    run.world.check_replicas(model, f"{phase} epoch {epoch + 1}")
     lasso = regularizers.lasso
     if lasso is not None and epoch + 1 == spec.epochs:
         cut = lasso.meet_budget_()
@@ -194,6 +197,12 @@ def _diverged(run: Run, phase: str, epoch: int, step: str, what: str) -> Diverge
         f"{phase} diverged in epoch {epoch + 1}/{spec.epochs}, {step}: {what}. {kept}. Lower the learning rate "
         f"({phase}.lr, now {spec.lr:g}: e.g. --set {phase}.lr={spec.lr / 10:g}) or clip the gradient norm "
         f"({phase}.grad_clip, now {spec.grad_clip}: e.g. --set {phase}.grad_clip={clip}), then continue with {again}")
+
+
+def _desc(run: Run, phase: str, epoch: int) -> str:
+    """The progress bar's label: ``ssl 2/3``, with the number of processes under torchrun."""
+    world = f" ×{run.world.size} processes" if run.world.distributed else ""
+    return f"{phase} {epoch + 1}/{getattr(run.recipe, phase).epochs}{world}"
 
 
 def _log_epoch(record: EpochRecord, epochs: int) -> None:
@@ -302,7 +311,8 @@ def compact_phase(run: Run, model: nn.Module) -> nn.Module:
         log.info("low rank:\n%s", result.format())
     _record_test(run, "compact", small)
     _record_valid(run, "compact", small)
-    save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
+    if run.world.is_main:
+        save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
     before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
     if after >= before:
         log.info("compact: nothing to remove (no all-zero group); the model keeps its %s parameters, "

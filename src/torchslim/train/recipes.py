@@ -26,7 +26,7 @@ import yaml
 from torchslim.errors import ConfigError
 from torchslim.train._typed import _build, _check_min, _check_positive, _check_range, _FieldError, _suggest
 
-__all__ = ["CompactSpec", "DataSpec", "DistillSpec", "ForceSpec", "LowRankSpec", "ModelSpec", "PhaseSpec", "Recipe",
+__all__ = ["CompactSpec", "DataSpec", "DistillSpec", "DistributedSpec", "ForceSpec", "LowRankSpec", "ModelSpec", "PhaseSpec", "Recipe",
            "SSLSpec", "apply_overrides", "available_recipes", "load_recipe", "recipe_from_dict", "recipe_dirs"]
 
 Schedule = Literal["cosine", "constant", "step"]
@@ -214,6 +214,51 @@ class LowRankSpec:
 
 
 @dataclass
+class TernGradSpec:
+    """TernGrad's options (Wen et al., NIPS 2017; :class:`torchslim.comm.TernGradState`)."""
+
+    scheme: Literal["base3", "2bit"] = "base3"  # code packing: 5 codes a byte (1.6 bits) or 4 (2 bits)
+    reduce: Literal["auto", "allgather", "allreduce", "twophase"] = "auto"  # twophase: fewest bytes, two roundings
+    clip_sigma: float = 2.5  # s = min(max|g|, c·σ) per layer, the paper's gradient clipping; inf: none
+    min_numel: int = 1  # layers with fewer elements stay fp32
+    warmup_steps: int = 0  # the first K steps of each phase send fp32 gradients
+    quantize_last: bool = False  # ternarize the last layer too (the paper keeps it fp32)
+
+    def __post_init__(self) -> None:
+        _check_positive("clip_sigma", self.clip_sigma)
+        _check_min("min_numel", self.min_numel, 1)
+        _check_min("warmup_steps", self.warmup_steps, 0)
+
+
+@dataclass
+class PowerSGDSpec:
+    """PyTorch's PowerSGD hook (Vogels et al., 2019; ``torch.distributed.algorithms.ddp_comm_hooks``)."""
+
+    rank: int = 1  # matrix_approximation_rank
+    warmup_steps: int = 10  # start_powerSGD_iter: fp32 all-reduce before it (PyTorch needs 2 at least)
+    min_compression_rate: float = 2.0  # smaller tensors go uncompressed
+
+    def __post_init__(self) -> None:
+        _check_min("rank", self.rank, 1)
+        _check_min("warmup_steps", self.warmup_steps, 2)
+        _check_positive("min_compression_rate", self.min_compression_rate)
+
+
+@dataclass
+class DistributedSpec:
+    """How gradients travel when the run is started by torchrun with several processes (ignored in one)."""
+
+    grad: Literal["fp32", "fp16", "bf16", "powersgd", "terngrad"] = "fp32"  # --grad overrides it
+    terngrad: TernGradSpec = field(default_factory=TernGradSpec)
+    powersgd: PowerSGDSpec = field(default_factory=PowerSGDSpec)
+    bucket_cap_mb: float = 25.0  # DDP's gradient bucket size
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (nn.SyncBatchNorm)
+
+    def __post_init__(self) -> None:
+        _check_positive("bucket_cap_mb", self.bucket_cap_mb)
+
+
+@dataclass
 class Recipe:
     """A whole experiment: baseline → SSL → compact → fine-tune."""
 
@@ -228,6 +273,7 @@ class Recipe:
     finetune: PhaseSpec = field(default_factory=lambda: PhaseSpec(epochs=1, lr=0.001))
     compact: CompactSpec = field(default_factory=CompactSpec)
     lowrank: LowRankSpec = field(default_factory=LowRankSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)  # under torchrun only
 
     def __post_init__(self) -> None:
         _check_name(self.name)

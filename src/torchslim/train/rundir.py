@@ -51,6 +51,7 @@ from torchslim.train.checkpoint import (
 )
 from torchslim.train.recipes import Recipe, recipe_from_dict
 from torchslim.train.tasks import Task, is_text
+from torchslim.train.world import SOLO, World
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Run:
     done: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     trained: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     optimizer_state: dict[str, Any] | None = None  # from a checkpoint, for the phase it was taken in
+    world: World = SOLO  # the processes training this run; rank 0 alone writes its files
     recipe_changes: list[dict[str, Any]] = field(default_factory=list)  # resumes with --allow-changed (train.resume)
 
 
@@ -149,11 +151,14 @@ def phase_file(run: Run, phase: str) -> Path:
 
 
 def save_phase_model(run: Run, phase: str, model: nn.Module) -> None:
-    """The model at the end of ``phase`` (baseline or ssl), loadable by :func:`load_phase_model`."""
-    save_checkpoint(phase_file(run, phase), {
-        "engine_format": CHECKPOINT_FORMAT, "kind": "phase_model", "phase": phase,
-        "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None), "model": model.state_dict(),
-    })
+    """The model at the end of ``phase`` (baseline or ssl), loadable by :func:`load_phase_model`; written by
+    rank 0, and every rank returns once it is there (a later phase's teacher reads it)."""
+    if run.world.is_main:
+        save_checkpoint(phase_file(run, phase), {
+            "engine_format": CHECKPOINT_FORMAT, "kind": "phase_model", "phase": phase,
+            "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None), "model": model.state_dict(),
+        })
+    run.world.barrier()
 
 
 def load_phase_model(path: str | Path, recipe: Recipe | None = None) -> tuple[nn.Module, Recipe]:
@@ -226,7 +231,10 @@ def load_model_file(path: Path, recipe: Recipe) -> nn.Module:
 
 
 def save_run_checkpoint(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """``checkpoint.pt``: ``run``'s progress in ``phase``, ``model`` and the optimizer's state (None between phases)."""
+    """``checkpoint.pt``: ``run``'s progress in ``phase``, ``model`` and the optimizer's state (None between phases);
+    rank 0 writes it."""
+    if not run.world.is_main:
+        return
     save_checkpoint(run.run_dir / "checkpoint.pt", {
         "engine_format": CHECKPOINT_FORMAT, "kind": "engine", "phase": phase, "compacted": phase == "finetune",
         "recipe": run.recipe.to_dict(), "arch": getattr(model, "arch", None),

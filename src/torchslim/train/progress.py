@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["HEARTBEAT_SECONDS", "progress_bar"]
+__all__ = ["HEARTBEAT_SECONDS", "duration", "progress_bar"]
 
 HEARTBEAT_SECONDS = 30.0  # work between two progress lines when stderr is not a terminal
 
@@ -43,8 +43,8 @@ class _Lines:
     def _line(self, step: int, elapsed: float) -> str:
         values = "".join(f", {k} {v}" for k, v in self._postfix.items())
         eta = elapsed / step * (self._total - step)
-        return (f"{self._desc}: step {step}/{self._total}{values}, elapsed {_clock(elapsed)}, "
-                f"ETA {_clock(eta)}")
+        return (f"{self._desc}: step {step}/{self._total}{values}, elapsed {duration(elapsed)}, "
+                f"ETA {duration(eta)}")
 
 
 class _Silent:
@@ -82,7 +82,8 @@ def _is_terminal() -> bool:
         return False
 
 
-def _clock(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``42s``, ``3m07s``, ``1h02m00s``."""
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"

@@ -172,7 +172,10 @@ def _train(args: argparse.Namespace, recipe_name: str):
     grad = getattr(args, "grad", None)
     recipe = load_recipe(recipe_name, overrides=[*args.overrides, *([f"distributed.grad={grad}"] if grad else [])])
     out = Path(args.out) if args.out else None
-    return run(recipe, data_dir=args.data_dir, run_dir=out, resume=args.resume,
+    from torchslim.train.world import restarted
+
+    # a worker torchrun restarted (--max-restarts) continues from the run's last checkpoint
+    return run(recipe, data_dir=args.data_dir, run_dir=out, resume=args.resume or restarted(),
                stop_after=getattr(args, "stop_after", None), progress=_progress(args),
                branch_from=getattr(args, "branch_from", None), overwrite=args.overwrite,
                allow_changed=getattr(args, "allow_changed", []), world=args.world)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from support import needs_fashion_mnist
 
+from torchslim.train.checkpoint import load_checkpoint
 from torchslim.train.rundir import load_phase_model
 from torchslim.train.world import SOLO, World
 
@@ -23,23 +26,31 @@ TINY = ["--set", "data.train_limit=256", "--set", "data.test_limit=128", "--set"
         "--set", "ssl.strength={channel: 0.04, shape: 0.04}", "--set", "finetune.epochs=1", "--no-progress"]
 
 
-def _train(out: Path, *args: str, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def _launch(out: Path, *args: str, processes: int = 2, max_restarts: int = 0) -> subprocess.Popen:
     """``torchrun --nproc-per-node N -m torchslim train lenet_ssl`` (N = 1: plain ``python -m torchslim``)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] \
-        if processes > 1 else [sys.executable]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+              "--max-restarts", str(max_restarts)] if processes > 1 else [sys.executable]
     cmd = [*launch, "-m", "torchslim", "train", "lenet_ssl", "--out", str(out), *TINY, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own group: workers die with it
+
+
+def _wait(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = " ".join(proc.args)
     try:
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-4000:]}")
+        pytest.fail(f"{cmd} did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-4000:]}")
     if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _train(out: Path, *args: str, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    return _wait(_launch(out, *args, processes=processes), check=check)
 
 
 def test_parts_of_a_batch_cover_it_once_and_weigh_to_its_mean():
@@ -95,3 +106,70 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_training(tmp_path)
     assert done.returncode != 0
     assert "batch_size 63 is the global batch, shared by 2 processes" in done.stderr
     assert not (tmp_path / "odd" / "checkpoint.pt").exists()
+
+
+@needs_fashion_mnist
+def test_a_worker_killed_inside_an_epoch_restarts_and_the_run_ends_as_if_never_stopped(tmp_path):
+    args = ["--set", "data.train_limit=4096", "--set", "checkpoint_every_steps=4", "--stop-after", "ssl"]
+    _train(tmp_path / "straight", *args)
+    proc = _launch(tmp_path / "killed", *args, max_restarts=1)
+    checkpoint, deadline = tmp_path / "killed" / "checkpoint.pt", time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:  # the first checkpoint inside the baseline's epoch
+        if checkpoint.is_file() and (load_checkpoint(checkpoint).get("partial") or {}).get("phase") == "baseline":
+            break
+        time.sleep(0.05)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    done = _wait(proc)
+    assert "resuming lenet_ssl" in done.stderr  # torchrun restarted the workers, which took up the checkpoint
+    straight, killed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "killed"))
+    for key in ("accuracy", "loss"):
+        assert killed[key] == straight[key]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in killed["history"]] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in straight["history"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(out: Path, per_rank: list[list[str]], timeout_s: float = 90) -> list[subprocess.CompletedProcess]:
+    """Two ranks started by hand (torchrun's environment, no agent to stop the others), each with its own
+    arguments; every one must exit by itself within ``timeout_s``."""
+    port, procs = _free_port(), []
+    for rank, extra in enumerate(per_rank):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(len(per_rank))}
+        cmd = [sys.executable, "-m", "torchslim", "train", "lenet_ssl", "--out", str(out), *TINY, *extra]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      start_new_session=True))
+    done, deadline = [], time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"rank {len(done)} still ran after {timeout_s} s: an error left it waiting")
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
+@needs_fashion_mnist
+def test_data_missing_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    ranks = _ranks(tmp_path / "run", [[], ["--data-dir", str(tmp_path / "nowhere")]])
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert "error: rank 1: " in ranks[1].stderr and "fashion-mnist" in ranks[1].stderr.lower()
+    assert "error: rank 0: rank 1 cannot start: DatasetNotFound" in ranks[0].stderr
+
+
+@needs_fashion_mnist
+def test_ranks_started_with_different_recipes_are_refused(tmp_path):
+    ranks = _ranks(tmp_path / "run", [[], ["--set", "ssl.lr=0.02"]])
+    assert [r.returncode for r in ranks] == [2, 2]
+    for r in ranks:
+        assert "were started with another recipe than rank 0" in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from torchslim.deploy.serialize import FORMAT as COMPACT_FORMAT
 from torchslim.deploy.serialize import save_compact
-from torchslim.errors import CheckpointError, ConfigError
+from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
 from torchslim.structure.report import sparsity_report
 from torchslim.train.branch import branch, seed_branch, shared_steps
 from torchslim.train.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -133,7 +133,12 @@ def run(
     started = time.perf_counter()
     world.same_everywhere(json.dumps(recipe.to_dict(), sort_keys=True), "recipe")
     check_batch(world, recipe.batch_size)
-    task = load_task(recipe, data_dir)
+    task, failed = None, None
+    try:
+        task = load_task(recipe, data_dir)
+    except TorchSlimError as exc:  # under torchrun every rank stops with it (data missing on one machine)
+        failed = exc
+    world.agree(failed)
     model = build_model(recipe)
     run_ = Run(
         recipe=recipe, run_dir=Path(run_dir) if run_dir is not None else Path("runs") / recipe.name,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from torchslim.data import bptt_batches
 from torchslim.errors import ConfigError
-from torchslim.train.loop import Regularizers, optimizer_step, set_lr
+from torchslim.train.loop import NO_CHECKPOINTS, Checkpointing, EpochProgress, Regularizers, optimizer_step, set_lr
 from torchslim.train.progress import progress_bar
 from torchslim.train.world import SOLO, World
 
@@ -47,12 +47,14 @@ def train_lm_epoch(
     desc: str = "train",
     progress: bool | None = False,
     world: World = SOLO,
+    checkpointing: Checkpointing = NO_CHECKPOINTS,
 ) -> tuple[float, float]:
     """One pass over ``data (T, B)``; returns ``(mean cross-entropy per token in nats, next-word accuracy)``.
 
     In a :class:`~torchslim.train.world.World` of N processes each trains ``model`` (its DDP wrapper, see
     :meth:`~torchslim.train.world.World.wrap`) on its B/N columns with its own hidden state; the returned means
-    are over all columns.
+    are over all columns. ``checkpointing``: as :func:`torchslim.train.loop.train_epoch`'s; the saved progress
+    carries the hidden states of all columns, so a resumed epoch goes on with them.
 
     Each chunk is :func:`torchslim.train.loop.optimizer_step` at rate ``lr(i)`` for chunk ``i``, on the
     cross-entropy or, with ``regularizers.teacher`` (its own state carried), on
@@ -68,10 +70,15 @@ def train_lm_epoch(
     data = data[:, world.part(data.shape[1])]  # equal parts: World's batch check wants N to divide B
     model.train()
     teacher = regularizers.teacher
-    state, teacher_state, total, correct, tokens = None, None, 0.0, 0, 0
+    start = checkpointing.resume
+    state, teacher_state = world.take_columns(start.carry) if start.carry is not None else (None, None)
+    # the sums so far are all processes': rank 0 carries them, the others start from 0
+    total, correct, tokens = (start.loss_sum, start.correct, start.seen) if world.is_main else (0.0, 0, 0)
     chunks = math.ceil((len(data) - 1) / bptt)
     bar = progress_bar(bptt_batches(data, bptt), total=chunks, desc=desc, unit="chunk", progress=progress)
     for i, (x, y) in enumerate(bar):
+        if i < start.step:
+            continue
         rate = lr(i)
         set_lr(optimizer, rate)
         logits, state = model.step(x, state)  # (t, B, V)
@@ -85,8 +92,12 @@ def train_lm_epoch(
         total += float(loss.detach()) * y.numel()
         correct += int((logits.detach().argmax(-1) == y).sum())
         tokens += y.numel()
-        if i % 50 == 0:
+        if i % 50 == 0 and tokens:
             bar.set_postfix(ppl=f"{math.exp(total / tokens):.1f}")
+        if checkpointing.due(i + 1, chunks):
+            sums = world.sum([total, correct, tokens])
+            carry = world.gather_columns((_detach(state), _detach(teacher_state)))
+            checkpointing.save(EpochProgress(i + 1, sums[0], int(sums[1]), int(sums[2]), carry))
     total, correct, tokens = world.sum([total, correct, tokens])
     return total / tokens, correct / tokens
 

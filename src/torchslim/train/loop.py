@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from torchslim.train.recipes import PhaseSpec
 from torchslim.train.world import SOLO, World
 
 __all__ = [
-    "NO_REGULARIZERS", "Regularizers", "evaluate", "lr_at", "optimizer_step", "set_lr", "sgd",
-    "train_epoch",
+    "NO_CHECKPOINTS", "NO_REGULARIZERS", "Checkpointing", "EpochProgress", "Regularizers", "evaluate", "lr_at",
+    "optimizer_step", "set_lr", "sgd", "train_epoch",
 ]
 
 
@@ -53,6 +53,35 @@ class Regularizers:
 
 
 NO_REGULARIZERS = Regularizers()  # plain SGD: the default of the loops
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """Where an epoch stands after its first ``step`` steps: the sums of all processes that its means come from,
+    and a word LM's hidden states ``carry`` into the next chunk (all batch columns). A checkpoint inside an epoch
+    holds one; the resumed epoch starts from it."""
+
+    step: int = 0
+    loss_sum: float = 0.0  # Σ cross-entropy over the examples (tokens) seen
+    correct: int = 0
+    seen: int = 0
+    carry: Any = None  # (model state, teacher state) of a word LM; None for images
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Inside an epoch, call ``save(progress)`` after every ``every`` steps (not after the last: the epoch's end
+    checkpoints); ``resume``: where a checkpointed epoch stood."""
+
+    every: int | None = None
+    save: Callable[[EpochProgress], None] | None = None
+    resume: EpochProgress = EpochProgress()
+
+    def due(self, step: int, steps: int) -> bool:
+        return self.every is not None and self.save is not None and step % self.every == 0 and step < steps
+
+
+NO_CHECKPOINTS = Checkpointing()
 
 
 def lr_at(spec: PhaseSpec, step: int, total_steps: int) -> float:
@@ -134,12 +163,15 @@ def train_epoch(
     desc: str = "train",
     progress: bool | None = None,
     world: World = SOLO,
+    checkpointing: Checkpointing = NO_CHECKPOINTS,
 ) -> tuple[float, float]:
     """One pass of momentum SGD over ``data`` (``x (B, ...)``, ``y (B,)``); returns ``(mean cross-entropy,
     accuracy)``.
 
     In a :class:`~torchslim.train.world.World` of N processes ``data`` holds the global batches, each process
     trains ``model`` (its DDP wrapper) on its part, and the returned means are over all processes' examples.
+    ``checkpointing``: save the epoch's progress every few steps, or continue from a saved one (the batches it
+    trained are drawn and skipped, so the rest come in the uninterrupted order).
 
     Each step is :func:`optimizer_step` at rate ``lr(i)`` for the epoch's step ``i``, on the
     cross-entropy or, with ``regularizers.teacher``, on :func:`torchslim.train.distill.distill_loss`.
@@ -151,9 +183,13 @@ def train_epoch(
     """
     model.train()
     teacher = regularizers.teacher
-    total_loss, correct, seen = 0.0, 0, 0
+    start = checkpointing.resume
+    # the sums so far are all processes': rank 0 carries them, the others start from 0
+    total_loss, correct, seen = (start.loss_sum, start.correct, start.seen) if world.is_main else (0.0, 0, 0)
     bar = progress_bar(data, total=steps, desc=desc, unit="batch", progress=progress)
     for i, (x, y) in enumerate(bar):
+        if i < start.step:
+            continue
         rate = lr(i)
         set_lr(optimizer, rate)
         weight = 1.0
@@ -175,6 +211,9 @@ def train_epoch(
         seen += len(y)
         if i % 20 == 0 and seen:
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if checkpointing.due(i + 1, steps):
+            sums = world.sum([total_loss, correct, seen])
+            checkpointing.save(EpochProgress(i + 1, sums[0], int(sums[1]), int(sums[2])))
     total_loss, correct, seen = world.sum([total_loss, correct, seen])
     if seen == 0:
         raise ConfigError("the training set is empty; check data.train_limit")

@@ -31,7 +31,7 @@ from torchslim.surgery.lowrank import lowrank
 from torchslim.surgery.verify import nonfinite_params
 from torchslim.train.checkpoint import load_optimizer_state_checked
 from torchslim.train.distill import Teacher
-from torchslim.train.loop import Regularizers, lr_at, sgd
+from torchslim.train.loop import Checkpointing, EpochProgress, Regularizers, lr_at, sgd
 from torchslim.train.recipes import PhaseSpec
 from torchslim.train.rundir import (
     PHASES,
@@ -42,6 +42,7 @@ from torchslim.train.rundir import (
     save_phase_model,
     save_run_checkpoint,
 )
+from torchslim.train.world import Wrapped
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,13 @@ def run_phase(run: Run, phase: str, model: nn.Module, *, resumed_phase: str | No
         load_optimizer_state_checked(optimizer, run.optimizer_state, f"{run.run_dir / 'checkpoint.pt'}: optimizer")
     regularizers, groups = _regularizers(run, phase, model, spec)
     without_force = dataclasses.replace(regularizers, force=None)
-    trained = run.world.wrap(model, run.recipe.distributed, seed=run.recipe.seed).module  # DDP under torchrun
+    wrapped = run.world.wrap(model, run.recipe.distributed, seed=run.recipe.seed)  # DDP under torchrun
+    if resumed_phase == phase:
+        wrapped.load_state_dict(run.hook_state)
     try:
         for epoch in range(run.done[phase], spec.epochs):
             on = spec.force.epochs is None or epoch < spec.force.epochs
-            _one_epoch(run, phase, model, optimizer, epoch, regularizers if on else without_force, groups, trained)
+            _one_epoch(run, phase, model, optimizer, epoch, regularizers if on else without_force, groups, wrapped)
     finally:
         if regularizers.mask is not None:
             regularizers.mask.detach()
@@ -124,18 +127,23 @@ def _warn_if_nothing_zeroed(run: Run, groups: Sequence[Group]) -> None:
 
 
 def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-               regularizers: Regularizers, groups: Sequence[Group], trained: nn.Module) -> None:
-    """Train epoch ``epoch`` (0-based) of ``phase`` through ``trained`` (``model``, or its DDP wrapper), check that
-    the processes' replicas agree, evaluate, record it in the history and checkpoint."""
+               regularizers: Regularizers, groups: Sequence[Group], wrapped: Wrapped) -> None:
+    """Train epoch ``epoch`` (0-based) of ``phase`` through ``wrapped`` (``model``, or its DDP wrapper), from where a
+    checkpoint inside it stood; check that the processes' replicas agree, evaluate, record it in the history and
+    checkpoint."""
     spec: PhaseSpec = getattr(run.recipe, phase)
     steps = run.task.steps_per_epoch()
     start = time.perf_counter()
     rates = _Rates(spec, epoch, steps)
+    checkpointing = _checkpointing(run, phase, epoch, model, optimizer, wrapped)
+    if regularizers.lasso is not None and checkpointing.resume.step:  # where the size budget's ramp stands
+        regularizers.lasso.steps = epoch * steps + checkpointing.resume.step
     try:
         train_loss, train_acc = run.task.train_epoch(
-            trained, optimizer, lr=rates,
+            wrapped.module, optimizer, lr=rates,
             seed=run.recipe.seed * 1_000_003 + PHASES.index(phase) * 10_007 + epoch,
             regularizers=regularizers, desc=_desc(run, phase, epoch), progress=run.progress, world=run.world,
+            checkpointing=checkpointing,
         )
     except DivergenceError as exc:
         what = str(exc).partition(": training diverged")[0]  # "the training loss is nan", from loop._check_finite
@@ -143,6 +151,7 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
     bad = nonfinite_params(model)
     if bad:  # a last step that left the weights non-finite: no later loss to show it
         raise _diverged(run, phase, epoch, f"step {steps}/{steps}", f"the weights {', '.join(bad[:5])} are not finite")
+    run.world.share_buffers(model)
     run.world.check_replicas(model, f"{phase} epoch {epoch + 1}")
     lasso = regularizers.lasso
     if lasso is not None and epoch + 1 == spec.epochs:
@@ -164,7 +173,23 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
     run.done[phase] = epoch + 1
     run.trained[phase] += 1
     _log_epoch(record, spec.epochs)
-    save_run_checkpoint(run, phase, model, optimizer)
+    save_run_checkpoint(run, phase, model, optimizer, hook=wrapped.state_dict())
+
+
+def _checkpointing(run: Run, phase: str, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   wrapped: Wrapped) -> Checkpointing:
+    """Checkpoints inside epoch ``epoch`` of ``phase`` every ``recipe.checkpoint_every_steps``, and where the
+    run's checkpoint left this epoch (taken once: later epochs start at step 0)."""
+    partial, run.partial = run.partial, None
+    resume = EpochProgress(**partial["progress"]) if partial and (partial["phase"], partial["epoch"]) == \
+        (phase, epoch) else EpochProgress()
+
+    def save(progress: EpochProgress) -> None:
+        save_run_checkpoint(run, phase, model, optimizer, hook=wrapped.state_dict(),
+                            partial={"phase": phase, "epoch": epoch, "progress": dataclasses.asdict(progress)})
+        log.debug("checkpointed %s epoch %d at step %d", phase, epoch + 1, progress.step)
+
+    return Checkpointing(run.recipe.checkpoint_every_steps, save, resume)
 
 
 @dataclasses.dataclass

@@ -252,7 +252,6 @@ class DistributedSpec:
     terngrad: TernGradSpec = field(default_factory=TernGradSpec)
     powersgd: PowerSGDSpec = field(default_factory=PowerSGDSpec)
     bucket_cap_mb: float = 25.0  # DDP's gradient bucket size
-    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (nn.SyncBatchNorm)
 
     def __post_init__(self) -> None:
         _check_positive("bucket_cap_mb", self.bucket_cap_mb)
@@ -268,6 +267,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     batch_size: int = 64  # Caffe's LeNet batch size
     eval_batch_size: int = 1000  # evaluation only: larger is faster, same result
+    checkpoint_every_steps: int | None = None  # also checkpoint inside an epoch, every N steps; None: at its end
     baseline: PhaseSpec = field(default_factory=lambda: PhaseSpec(epochs=2, lr=0.01))
     ssl: SSLSpec = field(default_factory=SSLSpec)
     finetune: PhaseSpec = field(default_factory=lambda: PhaseSpec(epochs=1, lr=0.001))
@@ -279,6 +279,8 @@ class Recipe:
         _check_name(self.name)
         _check_min("batch_size", self.batch_size, 1)
         _check_min("eval_batch_size", self.eval_batch_size, 1)
+        if self.checkpoint_every_steps is not None:
+            _check_min("checkpoint_every_steps", self.checkpoint_every_steps, 1)
         if self.baseline.distill.alpha and self.baseline.distill.teacher is None:
             raise ConfigError("baseline.distill needs baseline.distill.teacher, a trained model file: the run's own "
                               "dense model is what the baseline phase trains")

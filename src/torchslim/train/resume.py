@@ -22,6 +22,7 @@ from torch import Tensor
 
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.train.checkpoint import load_checkpoint
+from torchslim.train.loop import EpochProgress
 from torchslim.train.rundir import PHASES, EpochRecord, Run, changed_keys, with_defaults
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ __all__ = ["changed_values", "check_engine_state", "resume_state"]
 
 # What every step's batches and updates depend on (the model is checked apart: another model cannot continue,
 # and eval_batch_size changes no result). A step's own sections follow, as branch.shared_steps reads them.
-_RUN_KEYS = ("seed", "data", "batch_size")
+_RUN_KEYS = ("seed", "data", "batch_size", "distributed")
 _STEP_SECTIONS = {"baseline": ("baseline",), "ssl": ("ssl",), "compact": ("compact", "lowrank"),
                   "finetune": ("finetune",)}
 _NUMBER = (int, float)
 _RECORD_FIELDS = {f.name: f for f in dataclasses.fields(EpochRecord)}
+_PROGRESS_FIELDS = {f.name for f in dataclasses.fields(EpochProgress)}
 
 
 def resume_state(run: Run, allow_changed: Sequence[str] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -72,7 +74,9 @@ def resume_state(run: Run, allow_changed: Sequence[str] = ()) -> tuple[dict[str,
 def _used_sections(state: Mapping[str, Any]) -> set[str]:
     """The recipe's top-level keys that the checkpoint's finished steps read."""
     done = state["done"]
-    steps = [p for p in PHASES if done[p] > 0] + (["compact"] if state.get("compacted") else [])
+    partial = state.get("partial") or {}  # a phase stopped inside its first epoch read its section too
+    steps = [p for p in PHASES if done[p] > 0 or p == partial.get("phase")] + \
+        (["compact"] if state.get("compacted") else [])
     sections = {s for step in steps for s in _STEP_SECTIONS[step]}
     return sections | set(_RUN_KEYS) if steps else sections
 
@@ -170,6 +174,15 @@ def check_engine_state(path: Path, state: Mapping[str, Any]) -> None:
     _need(path, "optimizer", optimizer is None or (isinstance(optimizer, Mapping) and isinstance(
         optimizer.get("state"), Mapping) and isinstance(optimizer.get("param_groups"), list)),
           "None or an optimizer's state_dict() ({'state': ..., 'param_groups': [...]})")
+    partial = state.get("partial")
+    if partial is not None:
+        progress = partial.get("progress") if isinstance(partial, Mapping) else None
+        _need(path, "partial", isinstance(progress, Mapping) and partial.get("phase") == state["phase"]
+              and partial.get("epoch") == done[state["phase"]] and set(progress) == _PROGRESS_FIELDS
+              and all(type(progress[k]) is int and progress[k] >= 0 for k in ("step", "correct", "seen"))
+              and _is_number(progress["loss_sum"]),
+              f"None or where the unfinished epoch {done[state['phase']] + 1} of {state['phase']!r} stands "
+              f"({{'phase', 'epoch', 'progress': {{{', '.join(sorted(_PROGRESS_FIELDS))}}}}})")
 
 
 def _check_record(path: Path, where: str, record: Any) -> None:

@@ -131,6 +131,8 @@ class Run:
     trained: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     optimizer_state: dict[str, Any] | None = None  # from a checkpoint, for the phase it was taken in
     world: World = SOLO  # the processes training this run; rank 0 alone writes its files
+    partial: dict[str, Any] | None = None  # from a checkpoint inside an epoch: {"phase", "epoch", "progress"}
+    hook_state: dict[str, Any] | None = None  # from a checkpoint: the gradient hook's state in its phase
     recipe_changes: list[dict[str, Any]] = field(default_factory=list)  # resumes with --allow-changed (train.resume)
 
 
@@ -230,9 +232,11 @@ def load_model_file(path: Path, recipe: Recipe) -> nn.Module:
 # the checkpoint: save after each epoch, restore on --resume
 
 
-def save_run_checkpoint(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def save_run_checkpoint(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                        partial: Mapping[str, Any] | None = None, hook: Mapping[str, Any] | None = None) -> None:
     """``checkpoint.pt``: ``run``'s progress in ``phase``, ``model`` and the optimizer's state (None between phases);
-    rank 0 writes it."""
+    rank 0 writes it. ``partial``: where an unfinished epoch stands (``{"phase", "epoch", "progress"}``, the last a
+    :class:`~torchslim.train.loop.EpochProgress` as a dict); ``hook``: the gradient hook's state under torchrun."""
     if not run.world.is_main:
         return
     save_checkpoint(run.run_dir / "checkpoint.pt", {
@@ -243,7 +247,7 @@ def save_run_checkpoint(run: Run, phase: str, model: nn.Module, optimizer: torch
         "lowrank": list(run.lowrank), "recipe_changes": list(run.recipe_changes),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "rng": rng_state(),
+        "rng": rng_state(), "partial": dict(partial) if partial is not None else None, "hook": hook,
     })
 
 
@@ -274,6 +278,7 @@ def restore(run: Run, model: nn.Module, state: Mapping[str, Any] | None = None) 
     run.lowrank = list(state.get("lowrank", []))
     run.recipe_changes = list(state.get("recipe_changes", []))
     run.optimizer_state = state.get("optimizer")
+    run.partial, run.hook_state = state.get("partial"), state.get("hook")
     if state.get("rng") is not None:
         set_rng_state(state["rng"])
     log.info("resuming %s from %s: phase %s, epochs done %s", run.recipe.name, path, phase, run.done)

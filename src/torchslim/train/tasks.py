@@ -24,7 +24,7 @@ from torchslim.data import batches, batchify, load_corpus, load_dataset
 from torchslim.data.text import CORPORA
 from torchslim.errors import ConfigError
 from torchslim.train.lm import evaluate_lm_loss, train_lm_epoch
-from torchslim.train.loop import NO_REGULARIZERS, Regularizers, evaluate, train_epoch
+from torchslim.train.loop import NO_CHECKPOINTS, NO_REGULARIZERS, Checkpointing, Regularizers, evaluate, train_epoch
 from torchslim.train.recipes import Recipe
 from torchslim.train.world import SOLO, World
 
@@ -42,10 +42,11 @@ class Task(Protocol):
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
                     seed: int, regularizers: Regularizers = NO_REGULARIZERS, desc: str = "train",
-                    progress: bool | None = None, world: World = SOLO) -> tuple[float, float]:
+                    progress: bool | None = None, world: World = SOLO,
+                    checkpointing: Checkpointing = NO_CHECKPOINTS) -> tuple[float, float]:
         """One epoch of SGD (``lr(i)`` at step ``i``; ``seed`` orders its batches; ``regularizers`` act on every
         step, :func:`torchslim.train.loop.optimizer_step`; ``world``: this process's part of each batch, ``model``
-        its DDP wrapper); ``(mean cross-entropy, accuracy)``."""
+        its DDP wrapper; ``checkpointing``: inside the epoch); ``(mean cross-entropy, accuracy)``."""
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
         """``(mean cross-entropy, top-1 accuracy)`` on ``split`` ("train", "valid", "test"), eval mode."""
@@ -106,12 +107,14 @@ class ImageTask:
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
                     seed: int, regularizers: Regularizers = NO_REGULARIZERS, desc: str = "train",
-                    progress: bool | None = None, world: World = SOLO) -> tuple[float, float]:
+                    progress: bool | None = None, world: World = SOLO,
+                    checkpointing: Checkpointing = NO_CHECKPOINTS) -> tuple[float, float]:
         images, labels = self.splits["train"]
         gen = torch.Generator().manual_seed(seed)
         return train_epoch(
             model, optimizer, batches(images, labels, self.recipe.batch_size, shuffle=True, generator=gen),
             lr=lr, steps=self.steps_per_epoch(), regularizers=regularizers, desc=desc, progress=progress, world=world,
+            checkpointing=checkpointing,
         )
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
@@ -156,9 +159,11 @@ class TextTask:
 
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, lr: Callable[[int], float],
                     seed: int, regularizers: Regularizers = NO_REGULARIZERS, desc: str = "train",
-                    progress: bool | None = None, world: World = SOLO) -> tuple[float, float]:
+                    progress: bool | None = None, world: World = SOLO,
+                    checkpointing: Checkpointing = NO_CHECKPOINTS) -> tuple[float, float]:
         return train_lm_epoch(model, optimizer, self.columns["train"], bptt=self.recipe.data.bptt, lr=lr,
-                              regularizers=regularizers, desc=desc, progress=progress, world=world)
+                              regularizers=regularizers, desc=desc, progress=progress, world=world,
+                              checkpointing=checkpointing)
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[float, float]:
         return evaluate_lm_loss(model, self.columns[split], bptt=self.recipe.data.bptt)

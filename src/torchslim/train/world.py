@@ -36,7 +36,8 @@ from torchslim.train.recipes import DistributedSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOLO", "ReplicaMismatch", "World", "Wrapped", "check_batch", "join", "leave", "under_torchrun"]
+__all__ = ["SOLO", "ReplicaMismatch", "World", "Wrapped", "check_batch", "join", "leave", "restarted",
+           "under_torchrun"]
 
 
 class ReplicaMismatch(TorchSlimError):
@@ -95,6 +96,13 @@ class World:
             ddp.register_comm_hook(None, hook)  # None: the default process group
         return Wrapped(_StepThrough(ddp) if stepped else ddp, state)
 
+    def share_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics), as DDP does before each forward:
+        without SyncBatchNorm each rank's last step updated them from its own part of the batch."""
+        if self.distributed:
+            for t in model.buffers():
+                dist.broadcast(t.data, src=0)
+
     def barrier(self) -> None:
         """Wait until every rank is here (e.g. until rank 0 has written a file the others read)."""
         if self.distributed:
@@ -107,6 +115,25 @@ class World:
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def gather_columns(self, state: Any) -> Any:
+        """A word LM's hidden states (tensors ``(layers, B/N, H)``, in tuples and lists) with every rank's columns:
+        ``(layers, B, H)`` in rank order; ``state`` itself in one process."""
+        if not self.distributed or state is None:
+            return state
+        if isinstance(state, (tuple, list)):
+            return type(state)(self.gather_columns(s) for s in state)
+        parts = [torch.empty_like(state) for _ in range(self.size)]
+        dist.all_gather(parts, state.contiguous())
+        return torch.cat(parts, dim=1)
+
+    def take_columns(self, state: Any) -> Any:
+        """This rank's columns of hidden states that :meth:`gather_columns` joined."""
+        if not self.distributed or state is None:
+            return state
+        if isinstance(state, (tuple, list)):
+            return type(state)(self.take_columns(s) for s in state)
+        return state[:, self.part(state.shape[1])].contiguous()
 
     def check_replicas(self, model: nn.Module, what: str) -> None:
         """Compare the ranks' parameters and buffers by checksum (one all-gather of two numbers per tensor).
@@ -134,6 +161,25 @@ class World:
                     "Check that every process runs the same torchslim and torch versions and the same recipe; "
                     "resume with --resume from the last checkpoint")
 
+    def agree(self, error: TorchSlimError | None) -> None:
+        """Raise on every rank when some rank met ``error`` (e.g. its data is missing), naming that rank: all stop
+        together instead of the others waiting in their next collective.
+
+        Raises:
+            TorchSlimError: this rank's own error, or a :class:`ConfigError` with the first failing rank's message.
+        """
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        messages: list[Any] = [None] * self.size
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = next((r for r, m in enumerate(messages) if m is not None), None)
+        if failed is not None:
+            raise ConfigError(f"rank {failed} cannot start: {messages[failed]}")
+
     def same_everywhere(self, text: str, what: str) -> None:
         """Refuse to start when ranks disagree on ``text`` (e.g. the recipe), compared by hash.
 
@@ -157,6 +203,14 @@ class Wrapped:
 
     module: nn.Module
     hook_state: Any = None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of the hook: TernGrad's counters (its random streams follow from them)."""
+        return self.hook_state.state_dict() if isinstance(self.hook_state, TernGradState) else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is not None and isinstance(self.hook_state, TernGradState):
+            self.hook_state.load_state_dict(state)
 
 
 class _StepAsForward(nn.Module):
@@ -182,6 +236,11 @@ class _StepThrough(nn.Module):
 
 
 SOLO = World()  # one process: no process group, nothing wrapped
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this process after a worker failed (``--max-restarts``): the run resumes."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def under_torchrun() -> bool:

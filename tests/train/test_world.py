@@ -173,3 +173,24 @@ def test_ranks_started_with_different_recipes_are_refused(tmp_path):
     for r in ranks:
         assert "were started with another recipe than rank 0" in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_word_lm_trains_on_two_processes_as_on_one(tmp_path):
+    """Each process takes half the token columns with its own hidden state; the update is the one-process one."""
+    from test_tasks import LM, _ptb
+
+    data = _ptb(tmp_path / "ptb", lines=300)
+    argv = ["train", "kjv_lm_iss", "--data-dir", str(data), "--no-progress", "--stop-after", "ssl",
+            *[a for o in [*LM, "baseline.epochs=1", "ssl.epochs=1"] for a in ("--set", o)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
+            if n == 2 else [sys.executable]
+        done = subprocess.run([*launch, "-m", "torchslim", *argv, "--out", str(tmp_path / str(n))], env=env,
+                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        assert done.returncode == 0, done.stderr[-4000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("1", "2"))
+    assert two["distributed"]["processes"] == 2
+    for phase in ("baseline", "ssl"):
+        assert two["perplexity"][phase] == pytest.approx(one["perplexity"][phase], rel=1e-3)
+    assert two["history"][-1]["alive"] == one["history"][-1]["alive"]  # the same hidden units left

@@ -116,10 +116,10 @@ def test_readme_terngrad_block_runs(quick_start, tmp_path):
         dist.destroy_process_group()
 
 
-def test_readme_distributed_entry_is_a_module():
-    line = next(s for s in README.read_text().splitlines() if "torchrun" in s and " -m " in s)
-    module = re.search(r"-m ([\w.]+)", line).group(1)
-    assert importlib.util.find_spec(module) is not None and module == "torchslim.train.distributed"
+def test_readme_launches_recipes_with_torchrun_through_the_torchslim_command():
+    lines = [s for s in README.read_text().splitlines() if s.startswith("torchrun ")]
+    assert lines and all(" -m torchslim train " in s for s in lines)
+    assert importlib.util.find_spec("torchslim.__main__") is not None
 
 
 def test_readme_links_point_at_files_or_folders_that_exist_or_are_being_written():

@@ -166,6 +166,15 @@ class ZooExactness(Record):
     rows: list
 
 
+class DDPRecipe(Record):
+    recipe: dict
+    workers: int
+    rate: str
+    rows: dict
+    scaling: dict
+    cores: int
+
+
 class FirstContact(Record):
     commit: str
     cores: int

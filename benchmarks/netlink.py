@@ -215,15 +215,25 @@ def _torchrun_once(ns: Netns, nproc: int, args: Sequence[str], timeout: float, t
         if "--out" not in args:
             args += ["--out", str(Path(tmp) / "summary.json")]
         out = Path(args[args.index("--out") + 1])
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-        command = ns.argv([str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc),
-                           "-m", "torchslim.train.distributed", *args])
-        before, began = ns.lo_bytes(), time.perf_counter()
-        stderr = _run_in(ns, command, env, timeout)
-        wall, after = time.perf_counter() - began, ns.lo_bytes()
+        stderr, wall, lo = launch_in(ns, ["--standalone", "--nproc-per-node", str(nproc)],
+                                     ["-m", "torchslim.train.distributed", *args], timeout, threads)
         summary = json.loads(out.read_text())
-    return TorchrunResult(summary, after - before, step_log(stderr), wall, stderr)
+    return TorchrunResult(summary, lo, step_log(stderr), wall, stderr)
+
+
+def launch_in(ns: Netns, torchrun_args: Sequence[str], program: Sequence[str], timeout: float,
+              threads: int = 1) -> tuple[str, float, LoBytes]:
+    """``torchrun torchrun_args program`` inside ``ns`` (``program``: ``-m module args``), workers at
+    ``OMP_NUM_THREADS=threads`` on ``lo``; its stderr, wall seconds and ``lo``'s byte delta.
+
+    Raises:
+        RuntimeError: it failed or ran past ``timeout`` seconds (then it is stopped).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    before, began = ns.lo_bytes(), time.perf_counter()
+    stderr = _run_in(ns, ns.argv([str(TORCHRUN), *torchrun_args, *program]), env, timeout)
+    return stderr, time.perf_counter() - began, ns.lo_bytes() - before
 
 
 def _run_in(ns: Netns, command: list[str], env: dict[str, str], timeout: float) -> str:

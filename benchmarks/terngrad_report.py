@@ -1,4 +1,5 @@
-"""RESULTS.md sections for the TernGrad benchmarks: wire bytes, convergence, end-to-end speed.
+"""RESULTS.md sections for the TernGrad benchmarks: wire bytes, convergence, end-to-end speed, and recipes
+trained data-parallel through the engine (``ddp_recipe.py``).
 
 ``make_results.py`` adds ``out += terngrad_sections(RESULTS)``; every number comes from the JSON files
 that ``terngrad_wire.py``, ``terngrad_convergence.py`` and ``terngrad_speed.py`` write. A missing file
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from _report import TernGradConvergence, TernGradSpeed, TernGradWire, load, machine_line, table
+from _report import DDPRecipe, TernGradConvergence, TernGradSpeed, TernGradWire, load, machine_line, table
 
 __all__ = ["terngrad_sections"]
 
@@ -30,6 +31,40 @@ def terngrad_sections(results_dir: str | Path) -> list[str]:
         path = results_dir / f"{name}.json"
         if path.exists():
             lines += section(load(path, schema))
+    for path in sorted(results_dir.glob("ddp_*.json")):
+        if not path.stem.endswith("_smoke"):
+            lines += ddp_section(load(path, DDPRecipe))
+    return lines
+
+
+def ddp_section(d: dict[str, Any]) -> list[str]:
+    """A recipe trained by N processes per gradient mode over a capped link, beside one process."""
+    name, metric = d["recipe"]["name"], "perplexity" if "perplexity" in d["rows"]["one process"] else "accuracy"
+    one = d["rows"]["one process"]
+
+    def quality(row: dict[str, Any], phase: str = "finetune") -> str:
+        v = row[metric][phase]
+        return f"{v:.2f}" if metric == "perplexity" else f"{100 * v:.2f}%"
+
+    def cells(label: str, row: dict[str, Any]) -> list[Any]:
+        per_step = row["lo_bytes_per_step"]
+        return [label, f"{row['epoch_s_median']:.1f}", quality(row), f"{row['compact_macs']:,}",
+                f"{row['compact_macs'] / one['compact_macs']:.2f}", f"{per_step / 1e6:.3f}" if per_step else "-"]
+
+    lines = [f"### {name} data-parallel: {d['workers']} processes over a {d['rate']} link", "",
+             f"`benchmarks/ddp_recipe.py --recipe {name}`: `torchrun -m torchslim train {name} --grad G` with "
+             f"{d['workers']} gloo workers, one thread each, in a network namespace whose loopback is capped at "
+             f"{d['rate']}; the reference is one process at 2 threads. Seconds per epoch: median over the run's "
+             f"epochs. MB per step: all bytes that crossed the link over the training steps. "
+             f"{machine_line(d, sentence=True)}", "",
+             *table(["run", "s / epoch", f"compact {metric}", "compact MACs", "MACs vs one process",
+                     "MB / step on the link"], [cells(label, row) for label, row in d["rows"].items()]), ""]
+    if d.get("scaling"):
+        most = max(map(int, d["scaling"]))
+        over = f", so {most} workers oversubscribe them (and share one memory bus)" if most > d["cores"] else ""
+        lines += [f"Scaling, fp32, link uncapped, one thread per worker: {d['cores']} cores{over}.", "",
+                  *table(["workers", "s / epoch", f"compact {metric}"],
+                         [[n, f"{row['epoch_s_median']:.1f}", quality(row)] for n, row in d["scaling"].items()]), ""]
     return lines
 
 

@@ -84,7 +84,7 @@ def test_two_processes_train_what_one_does(one_and_two):
     small_a, small_b = (torch.load(d / "compact.pt", weights_only=False) for d in (one, two))
     assert small_a["arch"] == small_b["arch"]  # the same compact widths
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (one, two))
-    assert rb["distributed"] == {"processes": 2, "grad": "fp32", "replicas_agreed_epochs": 3}
+    assert rb["distributed"] == {"processes": 2, "grad": "fp32", "replicas_agreed_epochs": 3, "steps_per_epoch": 4}
     assert "distributed" not in ra
     for phase in ("baseline", "ssl", "finetune"):
         assert rb["accuracy"][phase] == pytest.approx(ra["accuracy"][phase], abs=1 / 128)

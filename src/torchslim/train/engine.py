@@ -186,7 +186,8 @@ def _results(run: Run, model: nn.Module, finished: bool, seconds: float) -> RunR
     extra = {"recipe_changes": changed_values(run.recipe_changes, run.history)} if run.recipe_changes else {}
     if run.world.distributed:  # each epoch ended with World.check_replicas, which raises on any difference
         extra["distributed"] = {"processes": run.world.size, "grad": run.recipe.distributed.grad,
-                                "replicas_agreed_epochs": sum(run.trained.values())}
+                                "replicas_agreed_epochs": sum(run.trained.values()),
+                                "steps_per_epoch": run.task.steps_per_epoch()}
     if run.world.is_main:
         write_results(result, extra or None)
     return result

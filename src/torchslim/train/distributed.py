@@ -44,6 +44,7 @@ from torchslim.data import batches, load_dataset
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
 from torchslim.models import create_model
 from torchslim.train.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from torchslim.train.world import attempt_store
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _init_process_group() -> torch.device:
     """NCCL on this worker's GPU where CUDA is available, else gloo on CPU."""
-    store = _attempt_store()
+    store = attempt_store()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -165,23 +166,6 @@ def _init_process_group() -> torch.device:
         return device
     dist.init_process_group("gloo", **store)
     return torch.device("cpu")
-
-
-def _attempt_store() -> dict[str, Any]:
-    """After a torchrun restart: its store with keys prefixed by the attempt, as init arguments.
-
-    torchrun's agent keeps one store across restarts, so the workers of attempt k can read the
-    addresses the dead workers of attempt k-1 published under the same keys, and gloo then waits
-    forever to connect to them (seen under load). The first attempt uses the plain ``env://`` init.
-    """
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt == 0:
-        return {}
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=not agent_hosts_it and rank == 0)
-    return {"store": dist.PrefixStore(f"torchslim/attempt{attempt}", store), "rank": rank, "world_size": world}
 
 
 def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any] | None:

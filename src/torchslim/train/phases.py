@@ -107,6 +107,7 @@ def run_phase(run: Run, phase: str, model: nn.Module, *, resumed_phase: str | No
             on = spec.force.epochs is None or epoch < spec.force.epochs
             _one_epoch(run, phase, model, optimizer, epoch, regularizers if on else without_force, groups, wrapped)
     finally:
+        wrapped.release()
         if regularizers.mask is not None:
             regularizers.mask.detach()
     if phase == "ssl":

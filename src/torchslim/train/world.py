@@ -1,8 +1,8 @@
 """The processes a run trains on: this one, or N started by torchrun (``torch.distributed``, DDP).
 
 A :class:`World` says which of N processes this is. ``torchrun --nproc-per-node N -m torchslim train RECIPE``
-starts N copies of the run; :func:`join` makes each one's World from torchrun's environment (NCCL with one
-GPU per process where CUDA is available, gloo on CPU), and :meth:`World.wrap` puts a phase's model in
+starts N copies of the run; :func:`join` makes each one's World from torchrun's environment (gloo: the engine
+trains on CPUs), and :meth:`World.wrap` puts a phase's model in
 :class:`~torch.nn.parallel.DistributedDataParallel` with the recipe's gradient mode (``distributed.grad``):
 fp32 all-reduce, PyTorch's fp16/bf16 compression and PowerSGD hooks, or TernGrad's
 (:func:`torchslim.comm.terngrad_hook`).
@@ -36,8 +36,8 @@ from torchslim.train.recipes import DistributedSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOLO", "ReplicaMismatch", "World", "Wrapped", "check_batch", "join", "leave", "restarted",
-           "under_torchrun"]
+__all__ = ["SOLO", "ReplicaMismatch", "World", "Wrapped", "attempt_store", "check_batch", "join", "leave",
+           "restarted", "under_torchrun"]
 
 
 class ReplicaMismatch(TorchSlimError):
@@ -94,7 +94,7 @@ class World:
         elif spec.grad in ("fp16", "bf16"):
             hook = default_hooks.fp16_compress_hook if spec.grad == "fp16" else default_hooks.bf16_compress_hook
             ddp.register_comm_hook(None, hook)  # None: the default process group
-        return Wrapped(_StepThrough(ddp) if stepped else ddp, state)
+        return Wrapped(_StepThrough(ddp) if stepped else ddp, state, ddp)
 
     def share_buffers(self, model: nn.Module) -> None:
         """Give every rank rank 0's buffers (BatchNorm's running statistics), as DDP does before each forward:
@@ -203,6 +203,13 @@ class Wrapped:
 
     module: nn.Module
     hook_state: Any = None
+    ddp: DistributedDataParallel | None = None
+
+    def release(self) -> None:
+        """Detach the DDP from the model's parameters at the end of a phase, so that its reducer's autograd hooks
+        never fire in a later phase's backward (they would until the garbage collector freed it)."""
+        if self.ddp is not None and hasattr(self.ddp, "_remove_autograd_hooks"):
+            self.ddp._remove_autograd_hooks()
 
     def state_dict(self) -> dict[str, Any] | None:
         """What a checkpoint keeps of the hook: TernGrad's counters (its random streams follow from them)."""
@@ -255,7 +262,7 @@ def join(timeout_s: float = 600.0) -> World:
         return SOLO
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), _device())
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s), **_attempt_store())
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s), **attempt_store())
     world = World(dist.get_rank(), dist.get_world_size(), _device())
     log.debug("rank %d of %d on %s", world.rank, world.size, world.device)
     return world
@@ -276,7 +283,7 @@ def _device() -> torch.device:
     return torch.device("cpu")  # the engine trains on the CPU; NCCL on GPUs comes with device placement
 
 
-def _attempt_store() -> dict[str, Any]:
+def attempt_store() -> dict[str, Any]:
     """After a torchrun restart: its store with keys prefixed by the attempt, as init arguments.
 
     torchrun's agent keeps one store across restarts, so the workers of attempt k can read the addresses the

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from torchslim.data import bptt_batches
 from torchslim.errors import ConfigError
-from torchslim.train.loop import NO_CHECKPOINTS, Checkpointing, EpochProgress, Regularizers, optimizer_step, set_lr
+from torchslim.train.loop import NO_CHECKPOINTS, Checkpointing, Regularizers, optimizer_step, set_lr
 from torchslim.train.progress import progress_bar
 from torchslim.train.world import SOLO, World
 
@@ -72,8 +72,7 @@ def train_lm_epoch(
     teacher = regularizers.teacher
     start = checkpointing.resume
     state, teacher_state = world.take_columns(start.carry) if start.carry is not None else (None, None)
-    # the sums so far are all processes': rank 0 carries them, the others start from 0
-    total, correct, tokens = (start.loss_sum, start.correct, start.seen) if world.is_main else (0.0, 0, 0)
+    total, correct, tokens = checkpointing.start(world)
     chunks = math.ceil((len(data) - 1) / bptt)
     bar = progress_bar(bptt_batches(data, bptt), total=chunks, desc=desc, unit="chunk", progress=progress)
     for i, (x, y) in enumerate(bar):
@@ -94,10 +93,8 @@ def train_lm_epoch(
         tokens += y.numel()
         if i % 50 == 0 and tokens:
             bar.set_postfix(ppl=f"{math.exp(total / tokens):.1f}")
-        if checkpointing.due(i + 1, chunks):
-            sums = world.sum([total, correct, tokens])
-            carry = world.gather_columns((_detach(state), _detach(teacher_state)))
-            checkpointing.save(EpochProgress(i + 1, sums[0], int(sums[1]), int(sums[2]), carry))
+        checkpointing.after(i + 1, chunks, world, (total, correct, tokens),
+                            carry=lambda: world.gather_columns((state, teacher_state)))
     total, correct, tokens = world.sum([total, correct, tokens])
     return total / tokens, correct / tokens
 

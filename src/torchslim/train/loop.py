@@ -77,8 +77,19 @@ class Checkpointing:
     save: Callable[[EpochProgress], None] | None = None
     resume: EpochProgress = EpochProgress()
 
-    def due(self, step: int, steps: int) -> bool:
-        return self.every is not None and self.save is not None and step % self.every == 0 and step < steps
+    def start(self, world: World) -> tuple[float, int, int]:
+        """The epoch's sums to start from: the resumed ones on rank 0 and zeros elsewhere, so the ranks' add up."""
+        r = self.resume
+        return (r.loss_sum, r.correct, r.seen) if world.is_main else (0.0, 0, 0)
+
+    def after(self, step: int, steps: int, world: World, sums: tuple[float, int, int],
+              carry: Callable[[], Any] | None = None) -> None:
+        """Save the progress after ``step`` of ``steps`` if it is due: the ranks' ``sums`` added (every rank calls
+        this, as it is a collective), ``carry()`` the state to carry on."""
+        if self.every is None or self.save is None or step % self.every or step >= steps:
+            return
+        loss_sum, correct, seen = world.sum(sums)
+        self.save(EpochProgress(step, loss_sum, int(correct), int(seen), carry() if carry is not None else None))
 
 
 NO_CHECKPOINTS = Checkpointing()
@@ -183,12 +194,10 @@ def train_epoch(
     """
     model.train()
     teacher = regularizers.teacher
-    start = checkpointing.resume
-    # the sums so far are all processes': rank 0 carries them, the others start from 0
-    total_loss, correct, seen = (start.loss_sum, start.correct, start.seen) if world.is_main else (0.0, 0, 0)
+    total_loss, correct, seen = checkpointing.start(world)
     bar = progress_bar(data, total=steps, desc=desc, unit="batch", progress=progress)
     for i, (x, y) in enumerate(bar):
-        if i < start.step:
+        if i < checkpointing.resume.step:
             continue
         rate = lr(i)
         set_lr(optimizer, rate)
@@ -211,9 +220,7 @@ def train_epoch(
         seen += len(y)
         if i % 20 == 0 and seen:
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-        if checkpointing.due(i + 1, steps):
-            sums = world.sum([total_loss, correct, seen])
-            checkpointing.save(EpochProgress(i + 1, sums[0], int(sums[1]), int(sums[2])))
+        checkpointing.after(i + 1, steps, world, (total_loss, correct, seen))
     total_loss, correct, seen = world.sum([total_loss, correct, seen])
     if seen == 0:
         raise ConfigError("the training set is empty; check data.train_limit")

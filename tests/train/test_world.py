@@ -194,3 +194,16 @@ def test_a_word_lm_trains_on_two_processes_as_on_one(tmp_path):
     for phase in ("baseline", "ssl"):
         assert two["perplexity"][phase] == pytest.approx(one["perplexity"][phase], rel=1e-3)
     assert two["history"][-1]["alive"] == one["history"][-1]["alive"]  # the same hidden units left
+
+
+@needs_fashion_mnist
+def test_force_budget_low_rank_rank_lasso_and_distillation_train_on_two_processes_as_on_one(tmp_path):
+    every = ["--set", "ssl.force.strength=1e-4", "--set", "ssl.keep=0.5", "--set", "lowrank.energy=0.9",
+             "--set", "lowrank.lasso=1e-3", "--set", "finetune.distill.alpha=0.5"]
+    _train(tmp_path / "one", *every, processes=1)
+    _train(tmp_path / "two", *every)
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert [r.get("rank_final") for r in two["lowrank"]] == [r.get("rank_final") for r in one["lowrank"]]
+    assert two["params"] == one["params"]
+    for phase in ("baseline", "ssl", "compact", "finetune"):
+        assert two["accuracy"][phase] == pytest.approx(one["accuracy"][phase], abs=1 / 128)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from torchslim import __version__
@@ -199,11 +198,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = _train(args, args.recipe)
     if not args.world.is_main:  # rank 0 reports and draws
         return 0
+    from torchslim.train.phases import shrinkage
+
     print(_accuracy_line(result.accuracy))
     if result.report is not None:
         print(result.report.format())
     if result.compact_model is not None and result.dense_model is not None:
-        print(f"compact model: {_shrink(_numel(result.dense_model), _numel(result.compact_model))}")
+        print(f"compact model: {shrinkage(result.dense_model, result.compact_model)}")
     plots = _write_plots(result)
     print(f"run folder: {result.run_dir} ({_files(result.run_dir, plots)})")
     return 0
@@ -213,6 +214,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from torchslim.deploy.serialize import save_compact
     from torchslim.surgery.compact import compact, verify
     from torchslim.train.engine import check_compact_input, example_inputs, load_phase_model
+    from torchslim.train.phases import shrinkage
     from torchslim.train.recipes import load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else None
@@ -223,15 +225,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
                     channel_multiple=args.channel_multiple or recipe.compact.channel_multiple)
     report = verify(model, small, x)
     save_compact(small, args.out, arch=getattr(model, "arch", None))
-    print(f"compacted {args.checkpoint} → {args.out}: {_shrink(_numel(model), _numel(small))}; outputs {report}")
+    print(f"compacted {args.checkpoint} → {args.out}: {shrinkage(model, small)}; outputs {report}")
     return 0
-
-
-def _shrink(before: int, after: int) -> str:
-    """``"61,706 → 20,146 parameters (3.06x fewer)"``, or "nothing to remove" when no group was all zero."""
-    if after >= before:
-        return f"nothing to remove: no group is all zero, the model keeps its {before:,} parameters"
-    return f"{before:,} → {after:,} parameters ({before / after:.2f}x fewer)"
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -290,10 +285,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for p in plots:
         print(f"wrote {p}")
     return 0
-
-
-def _numel(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _accuracy_line(acc: dict[str, float]) -> str:

@@ -46,7 +46,7 @@ from torchslim.train.world import Wrapped
 
 log = logging.getLogger(__name__)
 
-__all__ = ["alive_members", "run_phase", "run_phases", "zero_fractions"]
+__all__ = ["alive_members", "run_phase", "run_phases", "shrinkage", "zero_fractions"]
 
 
 @torch.no_grad()
@@ -325,6 +325,14 @@ def _teacher(run: Run, phase: str) -> Teacher | None:
 # compaction between SSL and fine-tuning
 
 
+def shrinkage(dense: nn.Module, small: nn.Module) -> str:
+    """``"61,706 → 20,146 parameters (3.06x fewer)"``, or "nothing to remove" when no group was all zero."""
+    before, after = sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in small.parameters())
+    if after >= before:
+        return f"nothing to remove: no group is all zero, the model keeps its {before:,} parameters"
+    return f"{before:,} → {after:,} parameters ({before / after:.2f}x fewer)"
+
+
 def compact_phase(run: Run, model: nn.Module) -> nn.Module:
     """Cut the zeros out; the result is checked against ``model`` and saved as ``compacted.pt``."""
     small = _compact(run, model)
@@ -339,13 +347,7 @@ def compact_phase(run: Run, model: nn.Module) -> nn.Module:
     _record_valid(run, "compact", small)
     if run.world.is_main:
         save_compact(small, run.run_dir / "compacted.pt", arch=getattr(model, "arch", None))
-    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
-    if after >= before:
-        log.info("compact: nothing to remove (no all-zero group); the model keeps its %s parameters, "
-                 "test acc %.2f%%", f"{before:,}", 100 * run.accuracy["compact"])
-    else:
-        log.info("compacted: %s → %s parameters, test acc %.2f%%", f"{before:,}", f"{after:,}",
-                 100 * run.accuracy["compact"])
+    log.info("compact: %s, test acc %.2f%%", shrinkage(model, small), 100 * run.accuracy["compact"])
     small.train()
     save_run_checkpoint(run, "finetune", small, None)
     return small

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from torchslim import __version__
 from torchslim.errors import CheckpointError, ConfigError, TorchSlimError
+from torchslim.train.recipes import GradMode
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh, deleting an earlier run's results there")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set ssl.epochs=6 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (nor the lines printed instead when stderr is not a terminal)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (nor the lines printed instead when stderr is not a terminal)")
 
 
 # one epoch per phase on all of Fashion-MNIST, with λ 2x the demo's as SSL has a third of its steps
@@ -71,7 +74,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        epilog=TRAIN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe name (e.g. lenet_ssl) or path to a YAML file")
     _add_run_options(p)
-    p.add_argument("--grad", choices=("fp32", "fp16", "bf16", "powersgd", "terngrad"),
+    p.add_argument("--grad", choices=typing.get_args(GradMode),
                    help="under torchrun: how the processes exchange gradients (default: the recipe's "
                         "distributed.grad, fp32)")
     p.add_argument("--stop-after", choices=("baseline", "ssl", "compact"), help="stop after this step")

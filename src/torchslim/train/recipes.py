@@ -26,10 +26,12 @@ import yaml
 from torchslim.errors import ConfigError
 from torchslim.train._typed import _build, _check_min, _check_positive, _check_range, _FieldError, _suggest
 
-__all__ = ["CompactSpec", "DataSpec", "DistillSpec", "DistributedSpec", "ForceSpec", "LowRankSpec", "ModelSpec", "PhaseSpec", "Recipe",
-           "SSLSpec", "apply_overrides", "available_recipes", "load_recipe", "recipe_from_dict", "recipe_dirs"]
+__all__ = ["CompactSpec", "DataSpec", "DistillSpec", "DistributedSpec", "ForceSpec", "GradMode", "LowRankSpec",
+           "ModelSpec", "PhaseSpec", "Recipe", "SSLSpec", "apply_overrides", "available_recipes", "load_recipe",
+           "recipe_from_dict", "recipe_dirs"]
 
 Schedule = Literal["cosine", "constant", "step"]
+GradMode = Literal["fp32", "fp16", "bf16", "powersgd", "terngrad"]  # how processes under torchrun share gradients
 GroupKind = Literal["channel", "neuron", "filter", "in_channel", "shape", "depth", "hidden", "hidden_row",
                     "hidden_col", "rank", "head", "embed"]
 
@@ -248,7 +250,7 @@ class PowerSGDSpec:
 class DistributedSpec:
     """How gradients travel when the run is started by torchrun with several processes (ignored in one)."""
 
-    grad: Literal["fp32", "fp16", "bf16", "powersgd", "terngrad"] = "fp32"  # --grad overrides it
+    grad: GradMode = "fp32"  # --grad overrides it
     terngrad: TernGradSpec = field(default_factory=TernGradSpec)
     powersgd: PowerSGDSpec = field(default_factory=PowerSGDSpec)
     bucket_cap_mb: float = 25.0  # DDP's gradient bucket size

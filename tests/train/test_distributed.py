@@ -7,14 +7,13 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from support import needs_fashion_mnist
+from support import finish, needs_fashion_mnist
 
 from torchslim.errors import CheckpointError, ConfigError
 from torchslim.models import create_model
@@ -35,14 +34,7 @@ def _torchrun(tmp: Path, *args: str, max_restarts: int = 0) -> subprocess.Comple
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)                 # its own group: workers die with it
-    try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return finish(proc, RUN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import needs_fashion_mnist
+from support import finish, needs_fashion_mnist
 
 from torchslim.train.checkpoint import load_checkpoint
 from torchslim.train.rundir import load_phase_model
@@ -36,21 +36,8 @@ def _launch(out: Path, *args: str, processes: int = 2, max_restarts: int = 0) ->
                             start_new_session=True)  # its own group: workers die with it
 
 
-def _wait(proc: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = " ".join(proc.args)
-    try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{cmd} did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-4000:]}")
-    if check:
-        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{stdout}\n{stderr[-4000:]}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
 def _train(out: Path, *args: str, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    return _wait(_launch(out, *args, processes=processes), check=check)
+    return finish(_launch(out, *args, processes=processes), RUN_TIMEOUT_S, check=check)
 
 
 def test_parts_of_a_batch_cover_it_once_and_weigh_to_its_mean():
@@ -121,7 +108,7 @@ def test_a_worker_killed_inside_an_epoch_restarts_and_the_run_ends_as_if_never_s
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGKILL)
-    done = _wait(proc)
+    done = finish(proc, RUN_TIMEOUT_S)
     assert "resuming lenet_ssl" in done.stderr  # torchrun restarted the workers, which took up the checkpoint
     straight, killed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "killed"))
     for key in ("accuracy", "loss"):

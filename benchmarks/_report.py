@@ -132,13 +132,9 @@ class TernGradWire(Record):
 
 class TernGradConvergence(Record):
     configs: dict
+    recipe: dict
     world_size: int
     batch_size_per_worker: int
-    total_batch: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    steps: int
     seeds: list
     plot: NotRequired[str]
 
@@ -148,11 +144,10 @@ class TernGradSpeed(Record):
     world_size: int
     cores: int
     batch_size_per_worker: int
-    warmup: int
-    steps: int
-    compute_world1: dict
+    steps_per_epoch: int
+    epochs: int
     rates: dict
-    analytic: dict
+    analytic: dict | None
 
 
 class ZooSpeed(Record):
@@ -170,8 +165,8 @@ class DDPRecipe(Record):
     recipe: dict
     workers: int
     rate: str
-    rows: dict
-    scaling: dict
+    timing: dict | None
+    quality: dict
     cores: int
 
 

@@ -1,10 +1,10 @@
-"""Run ``torchrun -m torchslim.train.distributed`` inside a private network namespace and count its bytes.
+"""Run ``torchrun -m torchslim train`` inside a private network namespace and count its bytes.
 
-Shared by ``terngrad_wire.py``, ``terngrad_speed.py`` and ``terngrad_convergence.py``::
+Shared by ``terngrad_wire.py``, ``terngrad_speed.py``, ``terngrad_convergence.py`` and ``ddp_recipe.py``::
 
     with namespace("tsl-wire", rate="1gbit") as ns:        # lo up, tbf at 1 Gbit/s, deleted on exit
-        run = torchrun_in(ns, 4, ["--model", "fcnet", "--grad", "terngrad", "--steps", "10"], timeout=600)
-        run.summary["steps_per_second"], run.lo.tx          # rank 0's JSON summary, bytes through lo
+        run = train_in(ns, 4, "lenet_terngrad", ["--grad", "fp16", "--stop-after", "baseline"], timeout=600)
+        run.results["accuracy"], run.lo.tx                   # the run's results.json, bytes through lo
 
 Inside a fresh namespace the only interface is ``lo`` and the only traffic on it is ours: the workers'
 collectives, the gloo/torchrun stores and TCP's own headers and ACKs. On loopback every byte sent is also
@@ -17,7 +17,6 @@ keep all N links busy at once). Needs root and iproute2 (``ip``, ``tc``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -29,14 +28,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = Path(sys.executable)
 TORCHRUN = PYTHON.parent / "torchrun"
-_STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) rank0 step (\d+)/\d+ loss (\S+)\s*$", re.MULTILINE)
 
 
 class NetnsUnavailable(RuntimeError):
@@ -147,50 +144,31 @@ def rate_bits(rate: str) -> int:
 
 
 @dataclass(frozen=True)
-class StepLog:
-    """One ``step k/S loss L`` line of rank 0: when step ``k`` finished (seconds since the epoch)."""
+class TrainResult:
+    """What :func:`train_in` measured: the run's ``results.json``, ``lo``'s byte delta, the launch's wall time."""
 
-    step: int
-    time: float
-    loss: float
-
-
-@dataclass(frozen=True)
-class TorchrunResult:
-    """What :func:`torchrun_in` measured: rank 0's summary, ``lo``'s byte delta, rank 0's step log."""
-
-    summary: dict[str, Any]
+    results: dict[str, Any]
     lo: LoBytes
-    steps: tuple[StepLog, ...]
     wall_s: float
     stderr: str
     failed_attempts: tuple[str, ...] = ()   # the error of each launch that failed before this one
 
-
-def step_log(stderr: str) -> tuple[StepLog, ...]:
-    """Rank 0's ``step k/S loss L`` log lines (``--log-every``), with their millisecond timestamps."""
-    logs = []
-    for stamp, step, loss in _STEP_LINE.findall(stderr):
-        when = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        logs.append(StepLog(int(step), when, float(loss)))
-    return tuple(logs)
+    def train_seconds(self, skip: int = 1) -> list[float]:
+        """Seconds of the training steps of each epoch after the first ``skip`` (DDP's first step builds its
+        buckets), evaluation and checkpoints left out."""
+        return [r["train_seconds"] for r in self.results["history"][skip:]]
 
 
-def torchrun_in(ns: Netns, nproc: int, args: Sequence[str], timeout: float, *,
-                threads: int = 1, attempts: int = 3) -> TorchrunResult:
-    """Train with ``torchrun --standalone --nproc-per-node nproc -m torchslim.train.distributed args`` inside ``ns``.
+def train_in(ns: Netns, nproc: int, recipe: str, args: Sequence[str], timeout: float, *,
+             threads: int = 1, attempts: int = 3) -> TrainResult:
+    """``torchrun --standalone --nproc-per-node nproc -m torchslim train recipe args`` inside ``ns``, in a
+    temporary run folder (``--out``, ``--no-progress`` and ``--overwrite`` are added).
 
     Workers get ``OMP_NUM_THREADS=threads`` (4 workers on a 2-core machine must not each spin 2 threads)
-    and ``GLOO_SOCKET_IFNAME=lo``. ``--out`` is added (a temporary file) unless ``args`` has one.
+    and ``GLOO_SOCKET_IFNAME=lo``. A failed launch (rarely, with 4 workers on a loaded 2-core machine) is
+    retried up to ``attempts`` launches in all; the failures are kept in ``failed_attempts``, and the byte
+    counters cover the successful launch only.
 
-    A failed launch (about 1 in 20 with 4 workers on a loaded 2-core machine: a worker aborts with
-    "terminate called without an active exception" in destroy_process_group while rank 0 evaluates) is
-    retried up to ``attempts`` launches in all; the failures are kept in ``failed_attempts``, and the
-    byte counters cover the successful launch only. With ``--checkpoint`` a retry resumes.
-
-    Returns:
-        the summary rank 0 wrote, the ``lo`` bytes of the whole run (start-up and tear-down included),
-        rank 0's step log (pass ``--log-every 1`` for every step) and the wall time of the launch.
     Raises:
         RuntimeError: the last attempt failed or ran past ``timeout`` seconds (its process group is
             killed); the message ends with its stderr.
@@ -198,27 +176,18 @@ def torchrun_in(ns: Netns, nproc: int, args: Sequence[str], timeout: float, *,
     failures: list[str] = []
     while True:
         try:
-            result = _torchrun_once(ns, nproc, args, timeout, threads)
+            with tempfile.TemporaryDirectory(prefix="torchslim-netlink-") as tmp:
+                program = ["-m", "torchslim", "train", recipe, *args, "--no-progress", "--overwrite", "--out", tmp]
+                stderr, wall, lo = launch_in(ns, ["--standalone", "--nproc-per-node", str(nproc)], program,
+                                             timeout, threads)
+                results = json.loads((Path(tmp) / "results.json").read_text())
+            return TrainResult(results, lo, wall, stderr, tuple(failures))
         except RuntimeError as exc:
             failures.append(str(exc)[-2000:])
             if len(failures) >= attempts:
                 raise
             print(f"torchrun failed, retrying ({len(failures)}/{attempts - 1}):\n{failures[-1][-600:]}",
                   file=sys.stderr, flush=True)
-            continue
-        return dataclasses.replace(result, failed_attempts=tuple(failures))
-
-
-def _torchrun_once(ns: Netns, nproc: int, args: Sequence[str], timeout: float, threads: int) -> TorchrunResult:
-    with tempfile.TemporaryDirectory(prefix="torchslim-netlink-") as tmp:
-        args = list(args)
-        if "--out" not in args:
-            args += ["--out", str(Path(tmp) / "summary.json")]
-        out = Path(args[args.index("--out") + 1])
-        stderr, wall, lo = launch_in(ns, ["--standalone", "--nproc-per-node", str(nproc)],
-                                     ["-m", "torchslim.train.distributed", *args], timeout, threads)
-        summary = json.loads(out.read_text())
-    return TorchrunResult(summary, lo, step_log(stderr), wall, stderr)
 
 
 def launch_in(ns: Netns, torchrun_args: Sequence[str], program: Sequence[str], timeout: float,

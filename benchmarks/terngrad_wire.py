@@ -2,17 +2,16 @@
 
     python benchmarks/terngrad_wire.py [--models lenet fcnet] [--worlds 2 4] [--variants ...] [--smoke]
 
-For every model, world size and gradient variant, ``torchrun -m torchslim.train.distributed`` trains inside a
-fresh, unthrottled network namespace (netlink.py), whose ``lo`` carries only our traffic. Each
-configuration runs twice, for S and S' > S steps; start-up (rendezvous, DDP's broadcast of the weights)
-and tear-down are the same in both, so the bytes of one step, sent by one worker, are::
+For every model, world size and gradient variant, ``torchrun -m torchslim train lenet_terngrad --stop-after
+baseline`` (``--set model.name=fcnet`` for fcnet) trains inside a fresh, unthrottled network namespace
+(netlink.py), whose ``lo`` carries only our traffic. Each configuration runs twice, one epoch of S and of
+S' > S steps; start-up (rendezvous, DDP's broadcast of the weights), the end-of-epoch replica check and
+tear-down are the same in both, so the bytes of one step, sent by one worker, are::
 
     wire = (lo.tx(S') - lo.tx(S)) / (S' - S) / N          # lo.tx sums every worker's sends
 
 That is TCP payload plus TCP/IP headers and ACKs, i.e. what a NIC would carry. It is compared with
 
-* ``accounted``: the hook's own ring-model counter (``TernGradState.bytes_sent``), or for fp32/fp16 the
-  ring all-reduce volume ``2(N-1)/N · bytes`` that ``torchslim.train.distributed`` reports;
 * ``theory``: compression_anchors §8 in bits per gradient element, ``2(N-1)/N · 32`` (fp32),
   ``2(N-1)/N · 16`` (fp16), and for TernGrad ``(N-1) · b`` for the ternarized share (an all-gather of
   b = 1.6 or 2-bit codes; ``2(N-1)/N · b`` two-phase) plus ``2(N-1)/N · 32`` for the layers kept in fp32
@@ -29,20 +28,27 @@ import argparse
 import os
 
 from _common import write
-from netlink import exit_on_sigterm, namespace, torchrun_in
+from netlink import exit_on_sigterm, namespace, train_in
 
 from torchslim.comm import TernGradState
 from torchslim.comm.ternary import packed_numel
 from torchslim.models import create_model
 
-VARIANTS = {  # name: torchslim.train.distributed arguments
+RECIPE = "lenet_terngrad"
+
+
+def _terngrad(**keys: str) -> list[str]:
+    return ["--grad", "terngrad", *(a for k, v in keys.items() for a in ("--set", f"distributed.terngrad.{k}={v}"))]
+
+
+VARIANTS = {  # name: `torchslim train` arguments
     "fp32": ["--grad", "fp32"],
     "fp16": ["--grad", "fp16"],
-    "terngrad-base3": ["--grad", "terngrad", "--scheme", "base3"],
-    "terngrad-2bit": ["--grad", "terngrad", "--scheme", "2bit"],
-    "terngrad-base3-all": ["--grad", "terngrad", "--scheme", "base3", "--quantize-last"],  # logits too
-    "terngrad-twophase": ["--grad", "terngrad", "--scheme", "base3", "--reduce", "twophase"],
-    "terngrad-twophase-all": ["--grad", "terngrad", "--scheme", "base3", "--reduce", "twophase", "--quantize-last"],
+    "terngrad-base3": _terngrad(scheme="base3"),
+    "terngrad-2bit": _terngrad(scheme="2bit"),
+    "terngrad-base3-all": _terngrad(quantize_last="true"),  # logits too
+    "terngrad-twophase": _terngrad(reduce="twophase"),
+    "terngrad-twophase-all": _terngrad(reduce="twophase", quantize_last="true"),
 }
 STEPS = {"lenet": (10, 30), "fcnet": (3, 9)}     # (S, S'): per-step bytes are the difference
 SMOKE_STEPS = {"lenet": (1, 2), "fcnet": (1, 2)}
@@ -78,22 +84,26 @@ def main() -> None:
     })
 
 
+def train_args(model: str, world: int, variant: str, steps: int, batch_size: int, epochs: int = 1) -> list[str]:
+    """`torchslim train RECIPE` arguments: ``epochs`` epochs of ``steps`` steps of ``batch_size`` per worker."""
+    sets = [f"model.name={model}", f"batch_size={batch_size * world}", f"baseline.epochs={epochs}",
+            f"data.train_limit={steps * batch_size * world}", "data.test_limit=500"]
+    return [*VARIANTS[variant], "--stop-after", "baseline", *(a for s in sets for a in ("--set", s))]
+
+
 def _measure(ns, model: str, world: int, variant: str, steps: tuple[int, int], args) -> dict:
     """One configuration: two launches, S and S' steps; bytes per worker per step from their difference."""
-    common = ["--model", model, *VARIANTS[variant], "--batch-size", str(args.batch_size),
-              "--train-limit", str(max(4096, 2 * world * args.batch_size)), "--test-limit", "500",
-              "--log-every", "1000000"]
-    short, long = (torchrun_in(ns, world, [*common, "--steps", str(s)], args.timeout) for s in steps)
+    short, long = (train_in(ns, world, RECIPE, train_args(model, world, variant, s, args.batch_size), args.timeout)
+                   for s in steps)
     numel = sum(p.numel() for p in create_model(model).parameters())
     wire = (long.lo.tx - short.lo.tx) / (steps[1] - steps[0]) / world
-    accounted = long.summary["bytes_sent_per_step"]
+    theory = _theory_bits(model, world, variant)
     return {
         "model": model, "world_size": world, "variant": variant, "numel": numel,
-        "wire_bytes_per_step": wire, "accounted_bytes_per_step": accounted,
-        "wire_bits_per_element": 8 * wire / numel, "accounted_bits_per_element": 8 * accounted / numel,
-        "theory_bits_per_element": _theory_bits(model, world, variant),
+        "wire_bytes_per_step": wire, "wire_bits_per_element": 8 * wire / numel,
+        "theory_bits_per_element": theory, "theory_bytes_per_step": theory * numel / 8,
         "payload_bits_per_element": _payload_bits(model, variant),
-        "wire_over_accounted": wire / accounted,
+        "wire_over_theory": 8 * wire / numel / theory,
         "lo_tx_bytes": {"short": short.lo.tx, "long": long.lo.tx}, "lo_rx_equals_tx": long.lo.rx == long.lo.tx,
         "steps": list(steps), "failed_launches": [*short.failed_attempts, *long.failed_attempts],
     }
@@ -110,6 +120,11 @@ def _split(model: str, variant: str) -> tuple[int, int, float]:
     params = dict(net.named_parameters())
     full = sum(params[n].numel() for n in state.full_precision_names())
     return numel - full, full, 8 * packed_numel(numel - full, scheme) / max(numel - full, 1)
+
+
+def theory_bytes(model: str, world: int, variant: str) -> float:
+    """Bytes one worker sends per step by the ring formulas (:func:`_theory_bits`)."""
+    return _theory_bits(model, world, variant) * sum(p.numel() for p in create_model(model).parameters()) / 8
 
 
 def _theory_bits(model: str, world: int, variant: str) -> float:
@@ -139,7 +154,7 @@ def _add_ratios(rows: list[dict]) -> None:
 def _print_row(r: dict) -> None:
     print(f"{r['model']:6} N={r['world_size']} {r['variant']:19} wire {r['wire_bytes_per_step'] / 1e6:9.3f} MB/step "
           f"({r['wire_bits_per_element']:.3f} bits/elt; theory {r['theory_bits_per_element']:.3f}, "
-          f"accounted {r['accounted_bits_per_element']:.3f}, payload {r['payload_bits_per_element']:.3f})", flush=True)
+          f"payload {r['payload_bits_per_element']:.3f})", flush=True)
 
 
 if __name__ == "__main__":

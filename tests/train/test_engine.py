@@ -56,6 +56,7 @@ def test_run_goes_through_every_phase(tmp_path):
     assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())
     assert [(r.phase, r.epoch) for r in result.history] == [("baseline", 1), ("ssl", 1), ("finetune", 1)]
     assert result.epochs_trained == {"baseline": 1, "ssl": 1, "finetune": 1}
+    assert all(0 < r.train_seconds < r.seconds for r in result.history)  # the steps alone, evaluation left out
     # SSL zeroed whole groups, and compaction cut them out
     ssl_record = result.history[1]
     assert ssl_record.zero_fraction["channel"] > 0 and ssl_record.density < 1

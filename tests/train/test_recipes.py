@@ -284,6 +284,8 @@ def test_long_kd_is_long_with_a_distilled_finetuning():
     ("baseline.weight_decay=.nan", "baseline.weight_decay"),
     ("baseline.lr=.inf", "baseline.lr"),
     ("finetune.distill.temperature=.inf", "finetune.distill.temperature"),
+    ("distributed.terngrad.clip_sigma=0", "distributed.terngrad.clip_sigma"),
+    ("distributed.terngrad.clip_sigma=.nan", "distributed.terngrad.clip_sigma"),
 ])
 def test_bad_values_are_refused_at_load_naming_the_key_once(override, key):
     with pytest.raises(ConfigError) as info:
@@ -334,3 +336,8 @@ def test_force_strength_loads_exactly_when_the_force_accepts_it(value):
 @pytest.mark.parametrize("name", ["lenet_ssl-2.v1", ".hidden", "A"])
 def test_a_plain_recipe_name_loads(name):
     assert load_recipe("lenet_ssl", overrides=[f"name={name}"]).name == name
+
+
+def test_terngrad_without_clipping_is_clip_sigma_inf():
+    recipe = load_recipe("lenet_terngrad", overrides=["distributed.terngrad.clip_sigma=inf"])
+    assert recipe.distributed.terngrad.clip_sigma == float("inf")

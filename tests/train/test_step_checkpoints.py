@@ -44,7 +44,7 @@ def _killed_at(recipe, run_dir, phase: str, epoch: int, step: int, **kwargs) -> 
 
 def _numbers(run_dir) -> dict:
     saved = json.loads((run_dir / "results.json").read_text())
-    history = [{k: v for k, v in r.items() if k != "seconds"} for r in saved["history"]]
+    history = [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in saved["history"]]
     return {"history": history, "accuracy": saved["accuracy"], "loss": saved["loss"]}
 
 

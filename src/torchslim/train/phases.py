@@ -152,6 +152,7 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
     bad = nonfinite_params(model)
     if bad:  # a last step that left the weights non-finite: no later loss to show it
         raise _diverged(run, phase, epoch, f"step {steps}/{steps}", f"the weights {', '.join(bad[:5])} are not finite")
+    trained = time.perf_counter() - start
     run.world.share_buffers(model)
     run.world.check_replicas(model, f"{phase} epoch {epoch + 1}")
     lasso = regularizers.lasso
@@ -168,7 +169,7 @@ def _one_epoch(run: Run, phase: str, model: nn.Module, optimizer: torch.optim.Op
         density=_nonzero(model) / run.dense_numel,
         zero_fraction=zero_fractions(groups) if tracked else {},
         alive=alive_members(groups) if tracked else {},
-        seconds=time.perf_counter() - start, valid_acc=valid_acc, valid_loss=valid_loss,
+        seconds=time.perf_counter() - start, valid_acc=valid_acc, valid_loss=valid_loss, train_seconds=trained,
     )
     run.history.append(dataclasses.asdict(record))
     run.done[phase] = epoch + 1

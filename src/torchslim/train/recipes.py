@@ -227,7 +227,8 @@ class TernGradSpec:
     quantize_last: bool = False  # ternarize the last layer too (the paper keeps it fp32)
 
     def __post_init__(self) -> None:
-        _check_positive("clip_sigma", self.clip_sigma)
+        if not self.clip_sigma > 0:  # nan too; inf is allowed: no clipping
+            raise _FieldError("clip_sigma", f"must be > 0 (inf: no clipping), got {self.clip_sigma}")
         _check_min("min_numel", self.min_numel, 1)
         _check_min("warmup_steps", self.warmup_steps, 0)
 

@@ -197,7 +197,7 @@ def _check_record(path: Path, where: str, record: Any) -> None:
     _need(path, f"{where}['epoch']", type(record["epoch"]) is int and record["epoch"] >= 1, "an integer >= 1")
     for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "density", "seconds"):
         _need(path, f"{where}[{key!r}]", _is_number(record[key]), "a number")
-    for key in ("valid_acc", "valid_loss"):
+    for key in ("valid_acc", "valid_loss", "train_seconds"):
         _need(path, f"{where}[{key!r}]", record.get(key) is None or _is_number(record[key]), "a number or None")
     for key in ("zero_fraction", "alive"):
         value = record.get(key, {})

@@ -87,6 +87,7 @@ class EpochRecord:
     valid_acc: float | None = None  # on the held-out training images, when ``data.valid_size`` > 0
     valid_loss: float | None = None
     alive: dict[str, int] = field(default_factory=dict)  # non-zero groups per "layer:kind" (ISS units alive...)
+    train_seconds: float | None = None  # the training steps alone: ``seconds`` less evaluation and checkpoint
 
 
 @dataclass

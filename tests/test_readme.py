@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import torchslim
+from torchslim.comm.ternary import packed_numel
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -111,7 +112,14 @@ def test_readme_terngrad_block_runs(quick_start, tmp_path):
         ns = _run(_block("TernGrad"), quick_start)
         xb, yb = quick_start["loader"][0]
         torch.nn.functional.cross_entropy(ns["ddp"](xb), yb).backward()
-        assert ns["state"].numel_reduced == sum(p.numel() for p in quick_start["model"].parameters())
+        numel = sum(p.numel() for p in quick_start["model"].parameters())
+        assert ns["state"].numel_reduced == numel
+        # what each worker sends (the all-gather's payload at 2 workers): packed codes, the last layer in fp32
+        params = dict(ns["ddp"].named_parameters())
+        full = sum(params[n].numel() for n in ns["state"].full_precision_names())
+        bits = (8 * packed_numel(numel - full, "base3") + 32 * full) / numel
+        quoted = re.search(r"sends (\d\.\d+) bits per element", README.read_text())
+        assert bits == pytest.approx(float(quoted[1]), abs=0.005)
     finally:
         dist.destroy_process_group()
 

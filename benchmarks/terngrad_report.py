@@ -173,6 +173,8 @@ def _speed_section(d: dict[str, Any]) -> list[str]:
               *table(["link", *(_NAMES.get(v, v) for v in variants)]),
               "| c (compute) | " + " | ".join(f"{a['compute_s'][v] * 1e3:.0f}" for v in variants) + " |"]
     for rate, per in a["predicted"].items():
+        if rate == "none":
+            continue  # c comes from these runs: predicted = measured
         lines.append(f"| {rate} | " + " | ".join(
             f"{per[v]['predicted_step_s'] * 1e3:.0f} / {per[v]['measured_step_s'] * 1e3:.0f}" if v in per else ""
             for v in variants) + " |")

@@ -77,7 +77,8 @@ class World:
         if not self.distributed:
             return Wrapped(model)
         stepped = callable(getattr(model, "step", None))  # a word LM: trained through step(x, state)
-        ddp = DistributedDataParallel(_StepAsForward(model) if stepped else model, bucket_cap_mb=spec.bucket_cap_mb)
+        ddp = DistributedDataParallel(_StepAsForward(model) if stepped else model,
+                                      bucket_cap_mb=_bucket_cap_mb(model, spec))
         state: Any = None
         if spec.grad == "terngrad":
             t = spec.terngrad
@@ -243,6 +244,22 @@ class _StepThrough(nn.Module):
 
 
 SOLO = World()  # one process: no process group, nothing wrapped
+
+
+def _bucket_cap_mb(model: nn.Module, spec: DistributedSpec) -> float:
+    """DDP's bucket size: the recipe's, except PowerSGD on gloo, which needs every gradient in one bucket.
+
+    PowerSGD's hook chains two all-reduces per bucket (P, then Q); on gloo the chains of several buckets reach
+    the wire in different orders on different ranks, and gloo aborts ("Received data size doesn't match").
+    """
+    if spec.grad != "powersgd" or dist.get_backend() != "gloo":
+        return spec.bucket_cap_mb
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    if size <= spec.bucket_cap_mb:
+        return spec.bucket_cap_mb
+    log.info("PowerSGD on gloo: one DDP bucket of %.0f MiB for all gradients (bucket_cap_mb %g would split them, "
+             "and gloo cannot order the hook's all-reduces across buckets)", size + 1, spec.bucket_cap_mb)
+    return float(int(size) + 1)
 
 
 def restarted() -> bool:

@@ -115,7 +115,7 @@ def test_readme_terngrad_block_runs(quick_start, tmp_path):
         numel = sum(p.numel() for p in quick_start["model"].parameters())
         assert ns["state"].numel_reduced == numel
         # what each worker sends (the all-gather's payload at 2 workers): packed codes, the last layer in fp32
-        params = dict(ns["ddp"].named_parameters())
+        params = dict(quick_start["model"].named_parameters())
         full = sum(params[n].numel() for n in ns["state"].full_precision_names())
         bits = (8 * packed_numel(numel - full, "base3") + 32 * full) / numel
         quoted = re.search(r"sends (\d\.\d+) bits per element", README.read_text())

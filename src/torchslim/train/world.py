@@ -36,7 +36,7 @@ from torchslim.train.recipes import DistributedSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOLO", "ReplicaMismatch", "World", "Wrapped", "attempt_store", "check_batch", "join", "leave",
+__all__ = ["SOLO", "ReplicaMismatch", "World", "Wrapped", "check_batch", "join", "leave",
            "restarted", "under_torchrun"]
 
 
@@ -279,7 +279,7 @@ def join(timeout_s: float = 600.0) -> World:
         return SOLO
     if dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), _device())
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s), **attempt_store())
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s), **_attempt_store())
     world = World(dist.get_rank(), dist.get_world_size(), _device())
     log.debug("rank %d of %d on %s", world.rank, world.size, world.device)
     return world
@@ -300,7 +300,7 @@ def _device() -> torch.device:
     return torch.device("cpu")  # the engine trains on the CPU; NCCL on GPUs comes with device placement
 
 
-def attempt_store() -> dict[str, Any]:
+def _attempt_store() -> dict[str, Any]:
     """After a torchrun restart: its store with keys prefixed by the attempt, as init arguments.
 
     torchrun's agent keeps one store across restarts, so the workers of attempt k can read the addresses the

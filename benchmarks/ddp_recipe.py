@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 from _common import RESULTS, RUNS, write
-from netlink import exit_on_sigterm, launch_in, namespace
+from netlink import exit_on_sigterm, launch_in, namespace, train_in
 
 from torchslim import load_compact, profile
 from torchslim.deploy.profile import machine_info
@@ -85,8 +85,7 @@ def main() -> None:
     data: dict[str, Any] = {"recipe": recipe.to_dict(), "workers": args.workers, "rate": args.rate,
                             "cores": os.cpu_count(), "smoke": args.smoke, "timing": previous.get("timing"),
                             "quality": previous.get("quality") or {}}
-    train = ["-m", "torchslim", "train", args.recipe, "--no-progress", "--overwrite",
-             *(a for o in args.overrides for a in ("--set", o))]
+    train = [args.recipe, *(a for o in args.overrides for a in ("--set", o))]  # `torchslim train` args, recipe first
     out = RUNS / stem
     if "timing" in args.passes:
         data["timing"] = _timing(recipe, train, out / "timing", args)
@@ -143,22 +142,26 @@ def _timing(recipe: Recipe, train: list[str], out: Path, args: argparse.Namespac
 
 
 def _torchrun(ns, recipe: Recipe, train: list[str], folder: Path, workers: int, grad: str) -> dict[str, Any]:
-    stderr, wall, lo = launch_in(ns, ["--standalone", "--nproc-per-node", str(workers)],
-                                 [*train, "--grad", grad, "--out", str(folder)], TIMEOUT_S)
-    return _row(recipe, folder, wall, lo.tx)
+    run = train_in(ns, workers, train[0], [*train[1:], "--grad", grad], TIMEOUT_S, out=folder)
+    return _row(recipe, folder, run.wall_s, run.lo.tx)
+
+
+def _program(train: list[str], folder: Path) -> list[str]:
+    """``python -m torchslim train ...`` arguments writing to ``folder``, as :func:`netlink.train_in` builds them."""
+    return ["-m", "torchslim", "train", *train, "--no-progress", "--overwrite", "--out", str(folder)]
 
 
 def _one_process(recipe: Recipe, train: list[str], folder: Path, threads: int) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     began = time.perf_counter()
-    subprocess.run([sys.executable, *train, "--out", str(folder)], check=True, env=env)
+    subprocess.run([sys.executable, *_program(train, folder)], check=True, env=env)
     return _row(recipe, folder, time.perf_counter() - began, 0)
 
 
 def _two_launches(ns, recipe: Recipe, train: list[str], folder: Path) -> dict[str, Any]:
     """Two torchrun launches, node ranks 0 and 1, one worker each: two "machines" sharing the capped link."""
     rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29517"]
-    program = [*train, "--grad", "terngrad", "--out", str(folder)]
+    program = [*_program(train, folder), "--grad", "terngrad"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     began = time.perf_counter()
     second = subprocess.Popen(ns.argv([str(Path(sys.executable).parent / "torchrun"), *rdzv, "--node-rank", "1",

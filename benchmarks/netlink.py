@@ -160,9 +160,9 @@ class TrainResult:
 
 
 def train_in(ns: Netns, nproc: int, recipe: str, args: Sequence[str], timeout: float, *,
-             threads: int = 1, attempts: int = 3) -> TrainResult:
-    """``torchrun --standalone --nproc-per-node nproc -m torchslim train recipe args`` inside ``ns``, in a
-    temporary run folder (``--out``, ``--no-progress`` and ``--overwrite`` are added).
+             threads: int = 1, attempts: int = 3, out: Path | None = None) -> TrainResult:
+    """``torchrun --standalone --nproc-per-node nproc -m torchslim train recipe args`` inside ``ns``, in the run
+    folder ``out`` (default: a temporary one; ``--out``, ``--no-progress`` and ``--overwrite`` are added).
 
     Workers get ``OMP_NUM_THREADS=threads`` (4 workers on a 2-core machine must not each spin 2 threads)
     and ``GLOO_SOCKET_IFNAME=lo``. A failed launch (rarely, with 4 workers on a loaded 2-core machine) is
@@ -177,10 +177,12 @@ def train_in(ns: Netns, nproc: int, recipe: str, args: Sequence[str], timeout: f
     while True:
         try:
             with tempfile.TemporaryDirectory(prefix="torchslim-netlink-") as tmp:
-                program = ["-m", "torchslim", "train", recipe, *args, "--no-progress", "--overwrite", "--out", tmp]
+                folder = Path(out or tmp)
+                program = ["-m", "torchslim", "train", recipe, *args, "--no-progress", "--overwrite",
+                           "--out", str(folder)]
                 stderr, wall, lo = launch_in(ns, ["--standalone", "--nproc-per-node", str(nproc)], program,
                                              timeout, threads)
-                results = json.loads((Path(tmp) / "results.json").read_text())
+                results = json.loads((folder / "results.json").read_text())
             return TrainResult(results, lo, wall, stderr, tuple(failures))
         except RuntimeError as exc:
             failures.append(str(exc)[-2000:])
